@@ -1,0 +1,3 @@
+from cl_runner.cli import main
+
+main()

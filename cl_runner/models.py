@@ -1,0 +1,135 @@
+"""Load any Hugging Face causal LM and its tokenizer (hub id or local directory), or build one from a config.
+
+Built models get a byte-level BPE tokenizer trained on the tasks' own text, so the default run needs no
+download. Loading never executes repository code unless ``model.trust_remote_code`` is true.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from cl_runner.errors import ModelError
+from cl_runner.schema import ModelConfig
+
+log = logging.getLogger(__name__)
+EOS = "<|endoftext|>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A GPT-2-style byte-level BPE trained on ``texts``; deterministic for the same texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                   unk_token=EOS)
+
+
+def load_tokenizer(cfg: ModelConfig, texts: list[str]):
+    """The configured tokenizer, or one trained on ``texts`` for a model built from ``arch``."""
+    source = cfg.tokenizer or cfg.name_or_path
+    if source is None:
+        return train_tokenizer(texts, cfg.tokenizer_vocab_size)
+    from transformers import AutoTokenizer
+
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    if _looks_local(source) and not Path(source).expanduser().is_dir():
+        raise ModelError(f"{key}: directory not found: {source}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(Path(source).expanduser()) if _looks_local(source) else source,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except Exception as exc:
+        where = "no tokenizer files in that directory" if _looks_local(source) else _first_line(exc)
+        raise ModelError(f"{key}: cannot load a tokenizer from {source!r} ({where}); set model.tokenizer") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"{key}: the tokenizer of {source!r} has no EOS token; targets need one to end")
+    if tokenizer.pad_token_id is None:
+        log.info("tokenizer has no pad token: using EOS (%s) for padding (padding is masked)", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
+    """The causal LM: ``from_pretrained`` for a hub id or directory, ``from_config`` (seeded) for ``arch``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.name_or_path is None:
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type")
+        try:
+            config = AutoConfig.for_model(
+                model_type,
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **arch,
+            )
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"model.arch: cannot build a {model_type!r} config: {_first_line(exc)}") from None
+        torch.manual_seed(seed)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError as exc:
+            if "Unrecognized configuration class" in str(exc):
+                raise ModelError(f"model.arch.model_type: {model_type!r} is not a causal LM") from None
+            raise ModelError(f"model.arch: cannot build the model: {_first_line(exc)}") from None
+        except (RuntimeError, TypeError, ZeroDivisionError) as exc:
+            raise ModelError(f"model.arch: cannot build the model: {_first_line(exc)}") from None
+        return model
+    source = cfg.name_or_path
+    local = _looks_local(source)
+    path = str(Path(source).expanduser()) if local else source
+    if local and not Path(path).is_dir():
+        raise ModelError(f"model.name_or_path: directory not found: {source}")
+    try:
+        model_config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"model.name_or_path: cannot read a model config from {source!r} ({_first_line(exc)})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=model_config, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise ModelError(
+                f"model.name_or_path: {source!r} is a {model_config.model_type!r} model, not a causal LM"
+            ) from None
+        raise ModelError(f"model.name_or_path: cannot load {source!r} ({_first_line(exc)})") from None
+    except OSError as exc:
+        raise ModelError(f"model.name_or_path: cannot load weights from {source!r} ({_first_line(exc)})") from None
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}

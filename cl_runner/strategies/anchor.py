@@ -1,0 +1,153 @@
+"""Quadratic anchor penalties ``lam/2 * sum_k sum_i F_k,i (theta_i - theta_k,i)^2`` (EWC; L2 has F = 1).
+
+Several per-task quadratics are pre-summed into one: ``sum_k F_k (x - m_k)^2 = F (x - m)^2 + C`` with
+``F = sum_k F_k``, ``m = sum_k F_k m_k / F`` (any value where F = 0) and a constant C >= 0, so the state
+is two copies of the penalised parameters (F and m; L2 keeps only m and a scalar F) whatever the number of
+tasks.
+Merging two: ``a (x - p)^2 + b (x - q)^2 = (a + b)(x - (a p + b q)/(a + b))^2 + ab/(a + b) (p - q)^2``.
+The gradient ``lam * F * (theta - m)`` is added to ``.grad`` with fused ``torch._foreach_*`` ops after the
+backward pass, outside autograd: no graph, no extra activation memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cl_runner.strategies.base import Context, Strategy
+from cl_runner.strategies.common import selected_parameters, tensor_bytes
+
+LOG_EVERY = 10  # optimizer steps between penalty values written to ctx.extras (each costs a device sync)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def merge_quadratics(f1: torch.Tensor, m1: torch.Tensor, f2: torch.Tensor, m2: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``f1 (x - m1)^2 + f2 (x - m2)^2 = f (x - m)^2 + c``: returns f, m and the summed constant c (fp32)."""
+    f1, m1, f2, m2 = f1.float(), m1.float(), f2.float(), m2.float()
+    f = f1 + f2
+    safe = torch.where(f > 0, f, torch.ones_like(f))
+    m = torch.where(f > 0, (f1 * m1 + f2 * m2) / safe, m2)
+    c = (f1 * f2 / safe * (m1 - m2).square()).sum()
+    return f, m, c
+
+
+@torch.no_grad()
+def add_penalty_grad_(params: list[torch.Tensor], anchor: list[torch.Tensor],
+                      fisher: list[torch.Tensor] | None, scale: float) -> None:
+    """``p.grad += scale * F * (p - anchor)`` for every p (F = 1 when ``fisher`` is None).
+
+    Missing grads (a parameter unused by this step's batches) are created as zeros first.
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    diff = torch._foreach_sub([p.detach() for p in params], anchor)
+    if fisher is not None:
+        torch._foreach_mul_(diff, fisher)
+    torch._foreach_add_([p.grad for p in params], diff, alpha=scale)
+
+
+@torch.no_grad()
+def quadratic_sum(params: list[torch.Tensor], anchor: list[torch.Tensor],
+                  fisher: list[torch.Tensor] | None) -> torch.Tensor:
+    """``sum F (p - anchor)^2`` over all tensors, as a 0-dim fp32 tensor (no host sync)."""
+    diff = torch._foreach_sub([p.detach().float() for p in params], anchor)
+    torch._foreach_mul_(diff, diff)
+    if fisher is not None:
+        torch._foreach_mul_(diff, fisher)
+    return torch.stack(torch._foreach_norm(diff, 1)).sum()  # the terms are >= 0: L1 norm = sum
+
+
+class AnchorPenalty(Strategy):
+    """Shared by EWC and L2: keeps the merged quadratic and applies its gradient in ``after_backward``.
+
+    Subclasses set ``lam`` and implement ``importance`` (the finished task's F, or None for F = 1).
+    With ``online`` the merge is online EWC's instead: ``F = gamma * F_old + F_new`` and ``m = theta_new``.
+    """
+
+    online = False
+    gamma = 1.0
+
+    def __init__(self, cfg: Any, lam: float) -> None:
+        super().__init__(cfg)
+        self.lam, self.dtype = lam, DTYPES[cfg.state_dtype]
+        self.names: list[str] | None = None  # the penalised parameters, fixed at the first after_task
+        self.anchor: list[torch.Tensor] | None = None  # m
+        self.fisher: list[torch.Tensor] | None = None  # F (None: a scalar F = self.weight everywhere)
+        self.weight = 0.0  # scalar multiplying F (L2: the number of tasks merged; EWC: 1)
+        self.const = 0.0  # C / weight (the constant of the merged quadratic)
+        self._params: tuple[int, list[torch.Tensor]] | None = None  # cached (id(model), parameters)
+
+    def importance(self, ctx: Context, names: list[str]) -> list[torch.Tensor] | None:
+        raise NotImplementedError
+
+    def parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        if self._params is None or self._params[0] != id(model):
+            named = dict(model.named_parameters())
+            self._params = (id(model), [named[n] for n in self.names or []])
+        return self._params[1]
+
+    def after_task(self, ctx: Context) -> None:
+        if self.names is None:
+            self.names = [n for n, _ in selected_parameters(ctx.model, self.cfg.ewc_params)]
+        theta = [p.detach() for p in self.parameters(ctx.model)]
+        self._move_to(theta[0].device)  # state loaded from a checkpoint may sit on the CPU
+        new = self.importance(ctx, self.names)
+        if self.anchor is None or (self.online and new is not None):
+            old = self.fisher if self.anchor is not None else None
+            if old is not None:
+                new = [self.gamma * a.float() + b for a, b in zip(old, new, strict=True)]
+            self.fisher = new
+            self.anchor, self.weight, self.const = [t.clone() for t in theta], 1.0, 0.0
+        else:  # pre-sum: merge the new task's quadratic into the stored one
+            uniform = new is None
+            anchor, fisher, const = [], [], self.weight * self.const  # C in absolute units while merging
+            for i, t in enumerate(theta):
+                f_old = torch.full_like(t, self.weight) if self.fisher is None else self.fisher[i]
+                f_new = torch.ones_like(t) if uniform else new[i]
+                f, m, c = merge_quadratics(f_old, self.anchor[i], f_new, t)
+                anchor.append(m.to(self.dtype))  # cast tensor by tensor: no full fp32 copy of the state
+                fisher.append(f.to(self.dtype))
+                const += float(c)
+            self.weight = 1.0
+            self.anchor, self.fisher, self.const = anchor, None if uniform else fisher, const / self.weight
+        self.anchor = [m.to(self.dtype) for m in self.anchor]
+        self.fisher = None if self.fisher is None else [f.to(self.dtype) for f in self.fisher]
+
+    def after_backward(self, ctx: Context) -> None:
+        if self.anchor is None or self.lam == 0:
+            return
+        params = self.parameters(ctx.model)
+        self._move_to(params[0].device)
+        if ctx.step % LOG_EVERY == 0:
+            ctx.extras[f"{self.name}_penalty"] = self.penalty(ctx.model)
+        add_penalty_grad_(params, self.anchor, self.fisher, self.lam * self.weight)
+
+    def penalty(self, model: torch.nn.Module) -> float:
+        """The penalty value ``lam/2 * weight * (sum F (theta - m)^2 + C)`` (syncs with the device)."""
+        if self.anchor is None:
+            return 0.0
+        params = self.parameters(model)
+        self._move_to(params[0].device)
+        total = quadratic_sum(params, self.anchor, self.fisher)
+        return 0.5 * self.lam * self.weight * (float(total) + self.const)
+
+    def _move_to(self, device: torch.device) -> None:
+        if self.anchor is not None and self.anchor[0].device != device:
+            self.anchor = [t.to(device) for t in self.anchor]
+            self.fisher = None if self.fisher is None else [t.to(device) for t in self.fisher]
+
+    def accounting(self) -> dict[str, Any]:
+        state = (self.anchor or []) + (self.fisher or [])
+        return {f"{self.name}_state_bytes": tensor_bytes(state),
+                f"{self.name}_parameters": sum(t.numel() for t in self.anchor or [])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"names": self.names, "anchor": self.anchor, "fisher": self.fisher, "weight": self.weight,
+                "const": self.const}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.names, self.anchor, self.fisher = state["names"], state["anchor"], state["fisher"]
+        self.weight, self.const, self._params = float(state["weight"]), float(state["const"]), None

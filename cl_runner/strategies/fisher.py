@@ -1,0 +1,123 @@
+"""Diagonal Fisher of a causal LM: a batched per-example-gradient estimator and its brute-force reference.
+
+Both return, for every selected parameter, ``F = 1/N * sum_n g_n**2`` with ``g_n`` the gradient of example n's
+*mean* target-token NLL (the per-example analogue of the training loss, so F has the scale of the squared
+gradients the optimizer sees and does not grow with the target length). Examples without target tokens count
+in N with a zero gradient. The model is put in eval mode (no dropout) and run under ``ctx.autocast()``.
+
+``mode="empirical"`` uses the data's labels. ``mode="sampled"`` first replaces each target token by a draw
+from the model's predictive distribution at that position (teacher-forced on the data prefix: one forward
+pass, not autoregressive generation); the uniform numbers are drawn from ``generator`` example by example, so
+the samples do not depend on batching and both estimators see the same labels for the same seed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from cl_runner.lm import IGNORE_INDEX, Encoded, causal_lm_loss
+from cl_runner.strategies.base import Context
+from cl_runner.strategies.common import evaluating, selected_parameters
+
+MODES = ("empirical", "sampled")
+
+
+@torch.no_grad()
+def sample_targets(ctx: Context, examples: Sequence[Encoded], generator: torch.Generator,
+                   batch_size: int = 16) -> list[Encoded]:
+    """Copies of ``examples`` whose target labels are drawn from the model (inverse CDF of its softmax)."""
+    uniforms = [torch.rand(len(e["input_ids"]), generator=generator) for e in examples]
+    sampled: list[Encoded] = []
+    with evaluating(ctx.model):
+        for start in range(0, len(examples), batch_size):
+            chunk = list(examples[start : start + batch_size])
+            batch = ctx.collate(chunk)
+            with ctx.autocast():
+                out = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            cdf = torch.softmax(out.logits[:, :-1].float(), -1).cumsum(-1)  # position t predicts token t + 1
+            for row, example in enumerate(chunk):
+                n = len(example["input_ids"])
+                u = uniforms[start + row][1:n].to(cdf.device).unsqueeze(-1) * cdf[row, : n - 1, -1:]
+                draws = torch.searchsorted(cdf[row, : n - 1].contiguous(), u).squeeze(-1)
+                draws = draws.clamp_max(cdf.size(-1) - 1).tolist()
+                labels = [example["labels"][0]] + [
+                    IGNORE_INDEX if old == IGNORE_INDEX else new
+                    for old, new in zip(example["labels"][1:], draws, strict=True)
+                ]
+                sampled.append({**example, "labels": labels})
+    return sampled
+
+
+def _labelled(ctx: Context, examples: Sequence[Encoded], mode: str, generator: torch.Generator | None,
+              batch_size: int) -> list[Encoded]:
+    if mode not in MODES:
+        raise ValueError(f"fisher: expected one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "empirical":
+        return list(examples)
+    if generator is None:
+        raise ValueError("fisher=sampled needs a seeded generator")
+    return sample_targets(ctx, examples, generator, batch_size)
+
+
+def fisher_diagonal_loop(ctx: Context, examples: Sequence[Encoded], *, mode: str = "empirical",
+                         generator: torch.Generator | None = None,
+                         param_regex: str | None = None) -> dict[str, torch.Tensor]:
+    """Reference: one forward and backward per example (batch size 1). Slow; for tests and benchmarks."""
+    named = selected_parameters(ctx.model, param_regex)
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+    with evaluating(ctx.model):
+        for example in _labelled(ctx, examples, mode, generator, batch_size=16):
+            batch = ctx.collate([example])
+            with ctx.autocast():
+                out = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = causal_lm_loss(out.logits, batch["labels"])
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+            for (n, _), g in zip(named, grads, strict=True):
+                if g is not None:
+                    fisher[n] += g.float().square()
+    return {n: f / max(len(examples), 1) for n, f in fisher.items()}
+
+
+def fisher_diagonal(ctx: Context, examples: Sequence[Encoded], *, mode: str = "empirical",
+                    generator: torch.Generator | None = None, param_regex: str | None = None,
+                    batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Per-example gradients of ``batch_size`` examples at a time with ``vmap(grad(functional_call))``.
+
+    Padding: each example's loss is computed on its right-padded row *without* an attention mask. In a causal
+    model a position only attends to earlier ones, so padding on the right never reaches a real position, and
+    the padded labels are ``-100``: the per-example loss equals the unpadded one. (Passing the mask would send
+    data-dependent mask logic through vmap.) Examples are sorted by length so chunks carry little padding.
+    """
+    model = ctx.model
+    named = selected_parameters(model, param_regex)
+    chosen = {n for n, _ in named}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+    buffers = dict(model.named_buffers())
+
+    def example_loss(params: dict[str, torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor):
+        out = functional_call(model, (params, frozen, buffers), args=(),
+                              kwargs={"input_ids": input_ids[None], "use_cache": False})
+        return causal_lm_loss(out.logits, labels[None])
+
+    per_example_grads = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    params = {n: p.detach() for n, p in named}
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+    labelled = _labelled(ctx, examples, mode, generator, batch_size)
+    order = sorted(range(len(labelled)), key=lambda i: len(labelled[i]["input_ids"]))
+    with evaluating(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not yet implemented the batching rule.*")
+        for start in range(0, len(order), batch_size):
+            batch = ctx.collate([labelled[i] for i in order[start : start + batch_size]])
+            mask = batch["attention_mask"]
+            if not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+                raise ValueError("fisher_diagonal needs right-padded batches (ctx.collate pads on the left)")
+            with ctx.autocast():
+                grads = per_example_grads(params, batch["input_ids"], batch["labels"])
+            for n, g in grads.items():
+                fisher[n] += g.float().square().sum(0)
+    return {n: f / max(len(examples), 1) for n, f in fisher.items()}
+

@@ -1,0 +1,75 @@
+"""Learning without forgetting (Li & Hoiem 2016) for causal LMs: distil the previous model on the new data."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from cl_runner.strategies.anchor import LOG_EVERY
+from cl_runner.strategies.base import Context, Strategy
+from cl_runner.strategies.common import tensor_bytes
+from cl_runner.strategies.distill import distillation_kl
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy in eval mode with no parameter requiring grad (the teacher)."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+class LwF(Strategy):
+    """``loss + alpha * T^2 * KL(teacher_T || student_T)``, averaged over the batch's target tokens.
+
+    The teacher is a frozen copy of the model taken in ``after_task`` (best weights restored), so task i is
+    trained against the model as it was after task i - 1; the first task has no teacher and trains plainly.
+    The teacher runs under ``torch.no_grad`` and ``ctx.autocast()`` on the same inputs as the student. The
+    ``T^2`` factor keeps the gradient scale of the soft targets independent of T (Hinton et al. 2015).
+    """
+
+    name = "lwf"
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.teacher: torch.nn.Module | None = None
+        self._pending: dict[str, torch.Tensor] | None = None  # teacher weights loaded before a model exists
+
+    def after_task(self, ctx: Context) -> None:
+        self.teacher, self._pending = frozen_copy(ctx.model), None
+
+    def loss(
+        self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor
+    ) -> torch.Tensor:
+        teacher = self._teacher(ctx)
+        if teacher is None or self.cfg.alpha == 0:
+            return loss
+        with torch.no_grad(), ctx.autocast():
+            teacher_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        temperature = self.cfg.temperature
+        kl = distillation_kl(outputs.logits, teacher_out.logits, batch["labels"], temperature)
+        if ctx.step % LOG_EVERY == 0:  # a float costs a device sync: not every step
+            ctx.extras["lwf_kl"] = float(kl.detach())
+        return loss + self.cfg.alpha * temperature**2 * kl
+
+    def _teacher(self, ctx: Context) -> torch.nn.Module | None:
+        if self._pending is not None:  # resumed: rebuild the teacher on the model's architecture and device
+            self.teacher = frozen_copy(ctx.model)
+            self.teacher.load_state_dict(self._pending)
+            self._pending = None
+        return self.teacher
+
+    def accounting(self) -> dict[str, Any]:
+        if self.teacher is None:
+            return {"teacher_bytes": 0, "teacher_parameters": 0}
+        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]  # tied weights counted once
+        return {"teacher_bytes": tensor_bytes(tensors),
+                "teacher_parameters": sum(p.numel() for p in self.teacher.parameters())}
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = self._pending if self.teacher is None else self.teacher.state_dict()
+        return {"teacher": weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher, self._pending = None, state["teacher"]

@@ -1,0 +1,7 @@
+"""Naive sequential fine-tuning: the lower bound. Every hook is the base class's no-op."""
+
+from cl_runner.strategies.base import Strategy
+
+
+class Naive(Strategy):
+    name = "naive"

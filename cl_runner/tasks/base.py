@@ -1,0 +1,35 @@
+"""What a task is once loaded: formatted prompt/target pairs per split, a metric and an optional label set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # everything the model is given ("" for plain-text language modelling)
+    target: str  # the text it must produce; the loss is computed on these tokens only
+
+
+@dataclass
+class Task:
+    name: str
+    metric: str  # exact_match | label_accuracy | perplexity
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    labels: list[str] | None = None  # candidate targets for label_accuracy
+    stop: str = "\n"  # generation stops at EOS or this string
+    info: dict = field(default_factory=dict)  # provenance: source, sizes, path
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "perplexity"
+
+    def texts(self) -> list[str]:
+        """All text of the task (for training a tokenizer on it)."""
+        out: list[str] = []
+        for split in (self.train, self.validation, self.test):
+            out.extend(e.prompt + e.target for e in split)
+        out.extend(self.labels or [])
+        return out

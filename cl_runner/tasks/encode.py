@@ -1,0 +1,106 @@
+"""Token ids for one task: training examples (prompt masked) and evaluation items (prompt, target, labels).
+
+Length rule: the target is never cut. When prompt + target exceed ``max_length``, the *prompt* loses tokens
+from its middle, keeping its head (the instruction) and its tail (the text nearest the answer cue); such
+examples are counted in ``EncodedTask.cut``. Plain-text tasks (empty prompt, perplexity) are split into
+windows of ``max_length`` tokens instead. A target that alone does not fit is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cl_runner.errors import DataError
+from cl_runner.lm import IGNORE_INDEX, Encoded
+from cl_runner.tasks.base import Example, Task
+
+HEAD_SHARE = 0.25  # share of a cut prompt's budget kept from its beginning
+
+
+@dataclass
+class EvalItem:
+    prompt_ids: list[int]
+    target_ids: list[int]  # target tokens + EOS (scored by perplexity)
+    target: str  # reference text for exact match
+
+
+@dataclass
+class EncodedTask:
+    name: str
+    train: list[Encoded]
+    validation: list[EvalItem]
+    test: list[EvalItem]
+    label_ids: list[list[int]] | None  # token ids of each candidate label (label_accuracy)
+    cut: dict[str, int] = field(default_factory=dict)  # examples whose prompt was shortened, per split
+
+
+def _cut_prompt(prompt: list[int], budget: int) -> list[int]:
+    if len(prompt) <= budget:
+        return prompt
+    head = int(budget * HEAD_SHARE)
+    return prompt[:head] + prompt[len(prompt) - (budget - head):]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _start_ids(tokenizer) -> list[int]:
+    """A start token so the first target token of an empty prompt is predicted from something."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [start]
+
+
+def encode_task(task: Task, task_id: int, tokenizer, max_length: int) -> EncodedTask:
+    eos = tokenizer.eos_token_id
+    cut = {"train": 0, "validation": 0, "test": 0}
+
+    def pair(example: Example, split: str) -> list[tuple[list[int], list[int]]]:
+        prompt = _ids(tokenizer, example.prompt) or _start_ids(tokenizer)
+        target = _ids(tokenizer, example.target) + [eos]
+        if not example.prompt:  # plain text: windows of max_length tokens, each conditioned on the previous
+            body = target
+            windows = []
+            step = max_length - 1
+            for start in range(0, len(body), step):
+                context = prompt if start == 0 else body[start - 1 : start]
+                windows.append((context, body[start : start + step]))
+            if len(windows) > 1:
+                cut[split] += 1
+            return windows
+        budget = max_length - len(target)
+        if budget < 1:
+            raise DataError(
+                f"tasks: task {task.name!r} {split} target has {len(target)} tokens, more than "
+                f"train.max_length={max_length} allows; raise train.max_length"
+            )
+        if len(prompt) > budget:
+            cut[split] += 1
+            prompt = _cut_prompt(prompt, budget)
+        return [(prompt, target)]
+
+    train: list[Encoded] = []
+    for example in task.train:
+        for prompt, target in pair(example, "train"):
+            train.append(
+                {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target, "task_id": task_id}
+            )
+
+    def items(examples: list[Example], split: str) -> list[EvalItem]:
+        out = []
+        for example in examples:
+            for prompt, target in pair(example, split):
+                out.append(EvalItem(prompt_ids=prompt, target_ids=target, target=example.target))
+        return out
+
+    label_ids = [_ids(tokenizer, label) for label in task.labels] if task.labels else None
+    if label_ids is not None and any(not ids for ids in label_ids):
+        raise DataError(f"tasks: task {task.name!r} has an empty label in its label set")
+    return EncodedTask(
+        name=task.name,
+        train=train,
+        validation=items(task.validation, "validation"),
+        test=items(task.test, "test"),
+        label_ids=label_ids,
+        cut=cut,
+    )

@@ -1,0 +1,209 @@
+"""Load a task sequence: rows from the bundled generator or from ``datasets.load_dataset``, then one formatting path.
+
+Errors name the config key (``tasks.tasks.<i>.<key>``), the file and the row, and are raised before any model
+is loaded.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+from typing import Any
+
+from cl_runner.errors import ConfigError, DataError
+from cl_runner.schema import TaskConfig, TasksConfig
+from cl_runner.tasks.base import Example, Task
+from cl_runner.tasks.facts import RELATIONS, fact_rows
+
+Rows = list[dict[str, Any]]
+
+
+def load_sequence(cfg: TasksConfig, seed: int, base_dir: Path | None = None) -> list[Task]:
+    """Every task of the sequence, in order. Relative data paths resolve against ``base_dir`` (the launch dir)."""
+    base = Path(base_dir or Path.cwd())
+    return [load_task(task_cfg, seed, base, f"tasks.tasks.{i}") for i, task_cfg in enumerate(cfg.tasks)]
+
+
+def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
+    if cfg.source == "facts":
+        if cfg.relation not in RELATIONS:
+            raise ConfigError(f"{key}.relation: expected one of {', '.join(RELATIONS)}, got {cfg.relation!r}")
+        rows, labels = fact_rows(cfg.relation, cfg.num_subjects, seed)
+        # Knowledge injection: the facts are the test, so every split holds the same facts.
+        splits = {"train": rows, "validation": rows, "test": rows}
+        info = {"source": "facts", "relation": cfg.relation}
+    else:
+        splits = _dataset_splits(cfg, seed, base_dir, key)
+        labels = list(cfg.verbalizer.values()) if cfg.verbalizer else cfg.labels
+        info = {"source": "datasets", "path": cfg.path, "data_files": _plain(cfg.data_files)}
+    rng = random.Random(f"subsample-{cfg.name}-{seed}")
+    train = _subsample(splits["train"], cfg.max_train_examples, rng)
+    validation = _subsample(splits["validation"], cfg.max_eval_examples, rng)
+    test = _subsample(splits["test"], cfg.max_eval_examples, rng)
+    task = Task(
+        name=cfg.name,
+        metric=cfg.metric,
+        train=_format(cfg, train, key, "train"),
+        validation=_format(cfg, validation, key, "validation"),
+        test=_format(cfg, test, key, "test"),
+        labels=[_apply_target_template(cfg, label) for label in labels] if labels else None,
+        stop=cfg.stop,
+        info=info | {"sizes": {"train": len(train), "validation": len(validation), "test": len(test)}},
+    )
+    if task.metric == "label_accuracy" and not task.labels:
+        raise ConfigError(f"{key}.labels: label_accuracy needs a label set (labels or verbalizer)")
+    return task
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _subsample(rows: Rows, limit: int | None, rng: random.Random) -> Rows:
+    if limit is None or len(rows) <= limit:
+        return rows
+    return [rows[i] for i in sorted(rng.sample(range(len(rows)), limit))]
+
+
+# ------------------------------------------------------------------------------------------- datasets source
+def _resolve_files(value: Any, base_dir: Path, key: str) -> Any:
+    """Resolve relative paths against the launch directory and check local files exist (globs excepted)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {split: _resolve_files(v, base_dir, f"{key}.{split}") for split, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_resolve_files(v, base_dir, key) for v in value]
+    text = str(value)
+    if "://" in text or any(c in text for c in "*?["):
+        return text
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    if not path.exists():
+        raise DataError(f"{key}: file not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{key}: file is empty: {path}")
+    return str(path)
+
+
+def _check_jsonl(files: Any, key: str) -> None:
+    """Name the line of a malformed JSON-lines file (``datasets`` reports only a generic parse error)."""
+    import json
+
+    paths = files.values() if isinstance(files, dict) else files if isinstance(files, list) else [files]
+    for path in paths:
+        if isinstance(path, list):
+            _check_jsonl(path, key)
+            continue
+        if not str(path).endswith((".jsonl", ".json")) or not Path(path).is_file():
+            continue
+        with open(path, encoding="utf-8") as handle:
+            first = handle.read(1)
+            if first in ("[", "{") and str(path).endswith(".json"):
+                continue  # a whole-file JSON document; datasets parses it
+            handle.seek(0)
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{key}: {path} line {number} is not valid JSON ({exc.msg})") from None
+
+
+def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dict[str, Rows]:
+    import datasets
+
+    data_files = _resolve_files(_plain(cfg.data_files), base_dir, f"{key}.data_files")
+    if data_files is not None and cfg.path in ("json", "jsonl"):
+        _check_jsonl(data_files, f"{key}.data_files")
+    data_dir = cfg.data_dir
+    if data_dir and not Path(data_dir).is_absolute():
+        data_dir = str(base_dir / data_dir)
+    path = cfg.path
+    local = Path(path).expanduser() if path else None
+    if local is not None and not local.is_absolute() and (base_dir / local).exists():
+        path = str(base_dir / local)
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        loaded = datasets.load_dataset(
+            path, name=cfg.subset, data_files=data_files, data_dir=data_dir, revision=cfg.revision
+        )
+    except Exception as exc:  # datasets raises many types; the user needs the first line and the key
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{key}.path: could not load dataset {cfg.path!r}: {first}") from None
+    available = list(loaded.keys())
+
+    def split(name: str, split_key: str) -> Rows:
+        if name not in loaded:
+            raise DataError(f"{key}.{split_key}: split {name!r} not in {cfg.path} (splits: {', '.join(available)})")
+        return [dict(row) for row in loaded[name]]
+
+    train = split(cfg.train_split, "train_split")
+    test = split(cfg.test_split, "test_split")
+    if cfg.validation_split is not None:
+        validation = split(cfg.validation_split, "validation_split")
+    else:
+        rng = random.Random(f"validation-{cfg.name}-{seed}")
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        n_val = max(1, round(len(train) * cfg.validation_fraction)) if len(train) > 1 else 0
+        held = set(order[:n_val])
+        validation = [train[i] for i in sorted(held)] if held else list(train)
+        train = [row for i, row in enumerate(train) if i not in held] or train
+    for name, rows in (("train", train), ("test", test)):
+        if not rows:
+            raise DataError(f"{key}.{name}_split: split {getattr(cfg, name + '_split')!r} of {cfg.path} is empty")
+    columns = list(train[0].keys())
+    needed = [("target_column", cfg.target_column)]
+    if cfg.input_column is not None:
+        needed.append(("input_column", cfg.input_column))
+    for col_key, column in needed:
+        if column not in columns:
+            raise DataError(
+                f"{key}.{col_key}: column {column!r} not in {cfg.path} {cfg.data_files or ''} "
+                f"(columns: {', '.join(columns)})".replace("  ", " ")
+            )
+    return {"train": train, "validation": validation, "test": test}
+
+
+# ------------------------------------------------------------------------------------------- formatting
+def _apply_target_template(cfg: TaskConfig, target: str) -> str:
+    return cfg.target_template.replace("{target}", target)
+
+
+def _format(cfg: TaskConfig, rows: Rows, key: str, split: str) -> list[Example]:
+    fields = {name for _, name, _, _ in string.Formatter().parse(cfg.template) if name}
+    examples: list[Example] = []
+    for index, row in enumerate(rows):
+        values = {k: "" if v is None else v for k, v in row.items()}
+        if cfg.input_column is not None:
+            values["input"] = values.get(cfg.input_column, "")
+        missing = sorted(fields - values.keys())
+        if missing:
+            raise DataError(f"{key}.template: placeholder {{{missing[0]}}} is not a column (columns: "
+                            f"{', '.join(k for k in row)})")
+        prompt = cfg.template.format(**values) if cfg.input_column is not None or fields else ""
+        raw = row.get(cfg.target_column)
+        if cfg.verbalizer is not None:
+            label = str(raw)
+            if label not in cfg.verbalizer:
+                raise DataError(
+                    f"{key}.verbalizer: {split} row {index} has label {label!r}, not one of "
+                    f"{', '.join(map(str, cfg.verbalizer))}"
+                )
+            target = cfg.verbalizer[label]
+        else:
+            target = "" if raw is None else str(raw)
+        if not target.strip():
+            raise DataError(f"{key}.target_column: {split} row {index} has an empty target ({cfg.target_column!r})")
+        if cfg.labels is not None and cfg.verbalizer is None and target not in cfg.labels:
+            raise DataError(f"{key}.labels: {split} row {index} has target {target!r}, not one of "
+                            f"{', '.join(cfg.labels)}")
+        examples.append(Example(prompt=prompt, target=_apply_target_template(cfg, target)))
+    return examples

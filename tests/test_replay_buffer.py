@@ -1,0 +1,192 @@
+"""Replay buffer: reservoir uniformity, per-task balance, importance weights, replay mixing, exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from cl_runner.lm import causal_lm_loss, collate
+from cl_runner.schema import ReplayConfig
+from cl_runner.strategies.base import Context
+from cl_runner.strategies.buffer import ReplayBuffer, example_losses, importance_weights, task_quotas
+from cl_runner.strategies.replay import Replay
+
+
+def tiny_model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=64, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def make_task(task: int, n: int, vocab: int | None = None) -> list[dict]:
+    """n encoded examples of varying length. Without ``vocab``, input_ids[0] = task * 1000 + index (an id to
+    track examples by); with it, every token is below ``vocab`` so a model can read them."""
+    g = torch.Generator().manual_seed(task)
+    out = []
+    for i in range(n):
+        length = 4 + int(torch.randint(0, 8, (1,), generator=g))
+        ids = torch.randint(1, vocab or 50, (length,), generator=g).tolist()
+        if vocab is None:
+            ids[0] = task * 1000 + i
+        prompt = length // 2
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "task_id": task})
+    return out
+
+
+def make_ctx(model=None, train_sets=None, batch_size: int = 8, seed: int = 0) -> Context:
+    return Context(model=model if model is not None else torch.nn.Linear(1, 1), device=torch.device("cpu"),
+                   autocast=contextlib.nullcontext, collate=functools.partial(collate, pad_id=0),
+                   task_names=[f"t{i}" for i in range(len(train_sets or []))], train_sets=train_sets or [],
+                   batch_size=batch_size, seed=seed)
+
+
+def chi_square(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_reservoir_is_uniform_over_everything_seen():
+    sizes, capacity, reps = [15, 25, 40], 10, 600
+    tasks = [make_task(t, n) for t, n in enumerate(sizes)]
+    total = sum(sizes)
+    counts = torch.zeros(total)
+    for rep in range(reps):
+        buffer = ReplayBuffer(capacity, "reservoir")
+        for t, examples in enumerate(tasks):
+            buffer.add_task(t, examples, torch.Generator().manual_seed(rep * 10 + t))
+        assert len(buffer) == capacity
+        for e in buffer.examples:
+            task, i = divmod(e["input_ids"][0], 1000)
+            counts[sum(sizes[:task]) + i] += 1
+    expected = torch.full((total,), reps * capacity / total)
+    # 79 degrees of freedom: the 0.999 quantile is about 124; a bias towards recent or early tasks blows it up
+    assert chi_square(counts, expected) < 124
+    bounds = [sum(sizes[:t]) for t in range(4)]
+    per_task = [float(counts[bounds[t] : bounds[t + 1]].sum()) / (reps * capacity) for t in range(3)]
+    assert per_task == pytest.approx([n / total for n in sizes], abs=0.02)
+
+
+@pytest.mark.parametrize("sampling", ["reservoir", "random", "importance", "hardest"])
+@pytest.mark.parametrize("per_task", [False, True])
+def test_size_never_exceeds_buffer_size(sampling, per_task):
+    buffer = ReplayBuffer(12, sampling, per_task)
+    seen = 0
+    for t, n in enumerate([5, 30, 2, 17, 40]):
+        examples = make_task(t, n)
+        buffer.add_task(t, examples, torch.Generator().manual_seed(t), score=lambda ex: torch.rand(len(ex)))
+        seen += n
+        assert len(buffer) <= 12
+        assert len(buffer) == min(12, seen)
+        assert all(isinstance(x, int) for e in buffer.examples for x in e["input_ids"])
+
+
+def test_per_task_balancing_shrinks_old_shares():
+    buffer = ReplayBuffer(12, "random", per_task=True)
+    history = []
+    for t, n in enumerate([100, 3, 100, 100]):
+        buffer.add_task(t, make_task(t, n), torch.Generator().manual_seed(t))
+        history.append(buffer.counts())
+        assert sum(buffer.counts().values()) == 12
+    # task 1 has 3 examples only: the rest of its share goes to the others (earlier tasks first on ties)
+    assert history == [{0: 12}, {0: 9, 1: 3}, {0: 5, 1: 3, 2: 4}, {0: 3, 1: 3, 2: 3, 3: 3}]
+    assert task_quotas({0: 100, 1: 100, 2: 100}, 10, equal=True) == {0: 4, 1: 3, 2: 3}
+    assert task_quotas({0: 30, 1: 10}, 8, equal=False) == {0: 6, 1: 2}
+
+
+def test_shrinking_keeps_a_subset_and_hardest_keeps_highest_loss():
+    buffer = ReplayBuffer(6, "hardest", per_task=True)
+    losses = {0: torch.arange(20.0), 1: torch.arange(20.0)}
+    first = make_task(0, 20)
+    buffer.add_task(0, first, torch.Generator().manual_seed(0),
+                    score=lambda ex: losses[0][[e["input_ids"][0] for e in ex]])
+    kept0 = sorted(e["input_ids"][0] for e in buffer.examples)
+    assert kept0 == list(range(14, 20))  # the 6 highest losses of the pool (8 x 6 candidates >= 20: all)
+    buffer.add_task(1, make_task(1, 20), torch.Generator().manual_seed(1),
+                    score=lambda ex: losses[1][[e["input_ids"][0] - 1000 for e in ex]])
+    assert sorted(e["input_ids"][0] for e in buffer.examples if e["task_id"] == 0) == [17, 18, 19]
+    assert sorted(e["input_ids"][0] - 1000 for e in buffer.examples if e["task_id"] == 1) == [17, 18, 19]
+
+
+def test_importance_sampling_follows_exp_minus_loss_over_proposal():
+    losses = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert torch.allclose(importance_weights(losses), torch.softmax(-losses.double(), 0))
+    log_q = torch.log(torch.tensor([0.4, 0.4, 0.1, 0.1]))
+    w = torch.exp(-losses.double()) / log_q.exp().double()
+    assert torch.allclose(importance_weights(losses, log_q), w / w.sum())
+    # a one-slot buffer keeps example i with probability w_i = softmax(-loss)_i (pool = the whole task)
+    examples, reps = make_task(0, 4), 3000
+    picks = torch.zeros(4)
+    for rep in range(reps):
+        buffer = ReplayBuffer(1, "importance")
+        buffer.add_task(0, examples, torch.Generator().manual_seed(rep),
+                        score=lambda ex: losses[[e["input_ids"][0] for e in ex]])
+        picks[buffer.examples[0]["input_ids"][0]] += 1
+    expected = importance_weights(losses).float() * reps
+    assert chi_square(picks, expected) < 16.3  # 3 degrees of freedom, 0.999 quantile
+    assert picks[0] > picks[1] > picks[2] > picks[3]  # low loss is preferred, as P ∝ exp(-loss) says
+
+
+def test_example_losses_equal_unpadded_losses():
+    model = tiny_model().eval()
+    examples = make_task(0, 7, vocab=50)
+    ctx = make_ctx(model, [examples])
+    batched = example_losses(ctx, examples, batch_size=3)
+    with torch.no_grad():
+        for e, value in zip(examples, batched, strict=True):
+            ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
+            alone = causal_lm_loss(model(input_ids=ids).logits, labels)
+            assert float(value) == pytest.approx(float(alone), abs=1e-5)
+
+
+def mixed(replay: Replay, ctx: Context, batches: list[list[dict]]) -> list[list[list[int]]]:
+    return [[e["input_ids"] for e in b] for b in replay.train_batches(ctx, batches)]
+
+
+def test_replay_mixes_the_configured_fraction_and_nothing_when_empty():
+    tasks = [make_task(0, 50), make_task(1, 600)]
+    ctx = make_ctx(train_sets=tasks)
+    replay = Replay(ReplayConfig(buffer_size=20, replay_ratio=0.25))
+    batches = [tasks[1][i : i + 5] for i in range(0, 600, 5)]
+    assert mixed(replay, ctx, batches) == [[e["input_ids"] for e in b] for b in batches]  # empty buffer
+    replay.after_task(ctx)
+    ctx.task_index = 1
+    out = mixed(replay, ctx, batches)
+    from_buffer = sum(1 for b in out for ids in b if ids[0] < 1000)
+    assert from_buffer / sum(len(b) for b in out) == pytest.approx(0.25, abs=0.002)
+    assert sorted({len(b) - 5 for b in out}) == [1, 2]  # 0.25 * 5 / 0.75 = 5/3 per batch, diffused
+    fixed = Replay(ReplayConfig(buffer_size=20, replay_batch_size=4))
+    fixed.after_task(make_ctx(train_sets=tasks))
+    ctx.batch_size = 12  # two micro-batches of 6 per optimizer step: 4 buffer examples per step
+    sixes = [tasks[1][i : i + 6] for i in range(0, 24, 6)]
+    assert [len(b) - 6 for b in mixed(fixed, ctx, sixes)] == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("sampling", ["reservoir", "importance"])
+def test_state_dict_round_trip_resumes_identically(sampling):
+    model = tiny_model()
+    tasks = [make_task(t, 30, vocab=50) for t in range(3)]
+    ctx = make_ctx(model, tasks)
+    cfg = ReplayConfig(buffer_size=10, sampling=sampling, replay_ratio=0.3)
+    replay = Replay(cfg)
+    replay.after_task(ctx)
+    ctx.task_index = 1
+    batches = [tasks[1][i : i + 4] for i in range(0, 28, 4)]
+    mixed(replay, ctx, batches[:3])  # part of an epoch, then a checkpoint
+    blob = io.BytesIO()
+    torch.save(replay.state_dict(), blob)
+    blob.seek(0)
+    resumed = Replay(cfg)
+    resumed.load_state_dict(torch.load(blob, weights_only=False))
+    assert mixed(resumed, ctx, batches[3:]) == mixed(replay, ctx, batches[3:])
+    replay.after_task(ctx)
+    resumed.after_task(ctx)
+    ctx.task_index = 2
+    assert resumed.buffer.examples == replay.buffer.examples
+    assert mixed(resumed, ctx, batches) == mixed(replay, ctx, batches)
+    assert replay.accounting()["buffer_examples"] == 10 and not math.isnan(replay.owed)
