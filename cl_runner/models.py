@@ -16,6 +16,7 @@ from cl_runner.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,6 +58,9 @@ def load_tokenizer(cfg: ModelConfig, texts: list[str]):
     key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
     if _looks_local(source) and not Path(source).expanduser().is_dir():
         raise ModelError(f"{key}: directory not found: {source}")
+    if _looks_local(source) and not any((Path(source).expanduser() / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(f"{key}: no tokenizer files in {source} (expected one of {', '.join(TOKENIZER_FILES)}); "
+                         "set model.tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             str(Path(source).expanduser()) if _looks_local(source) else source,
@@ -66,6 +70,8 @@ def load_tokenizer(cfg: ModelConfig, texts: list[str]):
     except Exception as exc:
         where = "no tokenizer files in that directory" if _looks_local(source) else _first_line(exc)
         raise ModelError(f"{key}: cannot load a tokenizer from {source!r} ({where}); set model.tokenizer") from None
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        raise ModelError(f"{key}: the tokenizer of {source!r} encodes text to nothing")
     if tokenizer.eos_token_id is None:
         raise ModelError(f"{key}: the tokenizer of {source!r} has no EOS token; targets need one to end")
     if tokenizer.pad_token_id is None:

@@ -215,7 +215,7 @@ class ReplayConfig(StrategyConfig):
 @dataclass
 class EWCConfig(StrategyConfig):
     name: str = "ewc"
-    ewc_lambda: float = 1000.0  # penalty weight: ewc_lambda/2 * sum F (theta - theta*)^2
+    ewc_lambda: float = 1.0e5  # penalty weight: ewc_lambda/2 * sum F (theta - theta*)^2
     fisher: str = "empirical"  # empirical (labels from the data) | sampled (labels sampled from the model)
     fisher_samples: int = 256  # examples of the finished task used to estimate the Fisher
     fisher_batch_size: int = 16  # examples per batched per-example-gradient chunk (bounds memory)

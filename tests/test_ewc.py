@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import warnings
 
 import pytest
 import torch
@@ -20,8 +21,9 @@ from cl_runner.strategies.fisher import fisher_diagonal, fisher_diagonal_loop
 
 def tiny_model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
+    # pad_token_id set, as in the runner's models: HF then checks input_ids for padding (not vmap-able)
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=64, bos_token_id=0,
-                        eos_token_id=0)
+                        eos_token_id=0, pad_token_id=0)
     return GPT2LMHeadModel(config)
 
 
@@ -73,8 +75,11 @@ def test_batched_fisher_equals_the_loop(mode):
     ctx = make_ctx(model)
     examples = ctx.train_sets[0][:9]  # lengths 3..12: chunks of 4 are padded, the last chunk is short
     loop = fisher_diagonal_loop(ctx, examples, mode=mode, generator=torch.Generator().manual_seed(5))
-    batched = fisher_diagonal(ctx, examples, mode=mode, generator=torch.Generator().manual_seed(5),
-                              batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the vmap path itself, not its fallback to the loop
+        batched = fisher_diagonal(ctx, examples, mode=mode, generator=torch.Generator().manual_seed(5),
+                                  batch_size=4)
+    assert model.config.pad_token_id == 0  # restored after the pass
     assert loop.keys() == batched.keys() == dict(model.named_parameters()).keys()
     for name in loop:
         torch.testing.assert_close(batched[name], loop[name], rtol=1e-4, atol=1e-9)

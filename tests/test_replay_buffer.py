@@ -72,6 +72,23 @@ def test_reservoir_is_uniform_over_everything_seen():
     assert per_task == pytest.approx([n / total for n in sizes], abs=0.02)
 
 
+@pytest.mark.parametrize("sampling", ["reservoir", "random"])
+def test_per_task_shares_are_uniform_within_each_task(sampling):
+    sizes, capacity, reps = [12, 30, 18], 9, 600  # final shares 3/3/3, after shrinking from 9 and 5
+    tasks = [make_task(t, n) for t, n in enumerate(sizes)]
+    counts = [torch.zeros(n) for n in sizes]
+    for rep in range(reps):
+        buffer = ReplayBuffer(capacity, sampling, per_task=True)
+        for t, examples in enumerate(tasks):
+            buffer.add_task(t, examples, torch.Generator().manual_seed(rep * 10 + t))
+        assert buffer.counts() == {0: 3, 1: 3, 2: 3}
+        for e in buffer.examples:
+            task, i = divmod(e["input_ids"][0], 1000)
+            counts[task][i] += 1
+    stat = sum(chi_square(c, torch.full_like(c, reps * 3 / len(c))) for c in counts)
+    assert stat < 96  # 57 degrees of freedom, 0.999 quantile about 95.7
+
+
 @pytest.mark.parametrize("sampling", ["reservoir", "random", "importance", "hardest"])
 @pytest.mark.parametrize("per_task", [False, True])
 def test_size_never_exceeds_buffer_size(sampling, per_task):

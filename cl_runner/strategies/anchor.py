@@ -111,7 +111,7 @@ class AnchorPenalty(Strategy):
                 anchor.append(m.to(self.dtype))  # cast tensor by tensor: no full fp32 copy of the state
                 fisher.append(f.to(self.dtype))
                 const += float(c)
-            self.weight = 1.0
+            self.weight = self.weight + 1.0 if uniform else 1.0
             self.anchor, self.fisher, self.const = anchor, None if uniform else fisher, const / self.weight
         self.anchor = [m.to(self.dtype) for m in self.anchor]
         self.fisher = None if self.fisher is None else [f.to(self.dtype) for f in self.fisher]

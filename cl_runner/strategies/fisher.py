@@ -14,7 +14,8 @@ the samples do not depend on batching and both estimators see the same labels fo
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -89,8 +90,10 @@ def fisher_diagonal(ctx: Context, examples: Sequence[Encoded], *, mode: str = "e
 
     Padding: each example's loss is computed on its right-padded row *without* an attention mask. In a causal
     model a position only attends to earlier ones, so padding on the right never reaches a real position, and
-    the padded labels are ``-100``: the per-example loss equals the unpadded one. (Passing the mask would send
-    data-dependent mask logic through vmap.) Examples are sorted by length so chunks carry little padding.
+    the padded labels are ``-100``: the per-example loss equals the unpadded one. (Hugging Face models branch
+    on the mask's values, which vmap cannot trace; for the same reason their padding check on ``input_ids``
+    is switched off during the pass.) Examples are sorted by length so chunks carry little padding. Should
+    vmap still fail on some architecture, this warns and falls back to the loop on the same labels.
     """
     model = ctx.model
     named = selected_parameters(model, param_regex)
@@ -108,16 +111,37 @@ def fisher_diagonal(ctx: Context, examples: Sequence[Encoded], *, mode: str = "e
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
     labelled = _labelled(ctx, examples, mode, generator, batch_size)
     order = sorted(range(len(labelled)), key=lambda i: len(labelled[i]["input_ids"]))
-    with evaluating(model), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not yet implemented the batching rule.*")
-        for start in range(0, len(order), batch_size):
-            batch = ctx.collate([labelled[i] for i in order[start : start + batch_size]])
-            mask = batch["attention_mask"]
-            if not bool((mask[:, 1:] <= mask[:, :-1]).all()):
-                raise ValueError("fisher_diagonal needs right-padded batches (ctx.collate pads on the left)")
-            with ctx.autocast():
-                grads = per_example_grads(params, batch["input_ids"], batch["labels"])
-            for n, g in grads.items():
-                fisher[n] += g.float().square().sum(0)
+    try:
+        with evaluating(model), _without_pad_token_check(model), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not yet implemented the batching rule.*")
+            for start in range(0, len(order), batch_size):
+                batch = ctx.collate([labelled[i] for i in order[start : start + batch_size]])
+                mask = batch["attention_mask"]
+                if not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+                    raise ValueError("fisher_diagonal needs right-padded batches (ctx.collate pads left)")
+                with ctx.autocast():
+                    grads = per_example_grads(params, batch["input_ids"], batch["labels"])
+                for n, g in grads.items():
+                    fisher[n] += g.float().square().sum(0)
+    except RuntimeError as exc:
+        if "vmap" not in str(exc):
+            raise
+        warnings.warn(f"fisher_diagonal: vmap failed ({str(exc)[:200]}); using the per-example loop",
+                      RuntimeWarning, stacklevel=2)
+        return fisher_diagonal_loop(ctx, labelled, mode="empirical", param_regex=param_regex)
     return {n: f / max(len(examples), 1) for n, f in fisher.items()}
 
+
+@contextmanager
+def _without_pad_token_check(model: torch.nn.Module) -> Iterator[None]:
+    """Hide ``config.pad_token_id`` (only read to warn about padding without a mask) for the vmap pass."""
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        yield
+        return
+    config.pad_token_id = None
+    try:
+        yield
+    finally:
+        config.pad_token_id = pad

@@ -1,0 +1,103 @@
+"""Whole runs in-process: the known forgetting case, determinism, local models and local data via datasets."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from cl_runner.errors import DataError, ModelError
+from cl_runner.models import train_tokenizer
+from helpers import make_config, run_quietly, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory):
+    """naive and joint on the default sequence with the default training settings (same seed)."""
+    out = {}
+    for name in ("naive", "joint"):
+        cfg = make_config(f"strategy={name}", "device=cpu", small=False)
+        out[name] = run_quietly(cfg, tmp_path_factory.mktemp(name))
+    return out
+
+
+def test_naive_forgets_and_joint_does_not(default_runs):
+    naive, joint = default_runs["naive"], default_runs["joint"]
+    # each task is learned when it is trained ...
+    for run in (naive, joint):
+        assert min(t["just_trained"] for t in run["per_task"]) >= 0.8
+    # ... naive then loses the earlier ones, joint keeps them
+    assert naive["average_forgetting"] >= 0.6
+    assert joint["average_forgetting"] <= 0.1
+    assert joint["average_accuracy"] >= naive["average_accuracy"] + 0.5
+
+
+def test_same_seed_gives_the_same_matrix(tmp_path):
+    first = run_quietly(make_config("seed=3"), tmp_path / "a")
+    second = run_quietly(make_config("seed=3"), tmp_path / "b")
+    assert [s["scores"] for s in first["stages"]] == [s["scores"] for s in second["stages"]]
+    assert (tmp_path / "a" / "accuracy_matrix.csv").read_text() == (tmp_path / "b" / "accuracy_matrix.csv").read_text()
+
+
+def _sentiment_files(root):
+    rows = [{"text": f"the film was {w}", "label": int(w in ("great", "lovely", "fine"))}
+            for w in ("great", "awful", "lovely", "dull", "fine", "bad", "great", "awful")]
+    write_jsonl(root / "sent_train.jsonl", rows)
+    write_jsonl(root / "sent_test.jsonl", rows[:4])
+    write_jsonl(root / "qa_train.jsonl", [{"question": f"capital of land {i}?", "answer": f"city{i % 3}"}
+                                          for i in range(12)])
+    write_jsonl(root / "qa_test.jsonl", [{"question": f"capital of land {i}?", "answer": f"city{i % 3}"}
+                                         for i in range(4)])
+    (root / "wiki_train.jsonl").write_text("".join(json.dumps({"text": "a plain sentence of text " * 3}) + "\n"
+                                                   for _ in range(6)))
+    (root / "wiki_test.jsonl").write_text(json.dumps({"text": "a plain sentence of text"}) + "\n")
+
+
+LOCAL_SEQUENCE = [
+    {"name": "sentiment", "path": "json", "data_files": {"train": "sent_train.jsonl", "test": "sent_test.jsonl"},
+     "input_column": "text", "target_column": "label", "verbalizer": {"0": "negative", "1": "positive"},
+     "metric": "label_accuracy", "template": "Review: {input}\nSentiment:"},
+    {"name": "qa", "path": "json", "data_files": {"train": "qa_train.jsonl", "test": "qa_test.jsonl"},
+     "input_column": "question", "target_column": "answer", "metric": "exact_match"},
+    {"name": "wiki", "path": "json", "data_files": {"train": "wiki_train.jsonl", "test": "wiki_test.jsonl"},
+     "input_column": None, "template": "", "target_column": "text", "metric": "perplexity"},
+]
+
+
+def test_local_jsonl_sequence_loads_through_datasets(tmp_path):
+    _sentiment_files(tmp_path)
+    cfg = make_config("tasks.name=local", "train.epochs=10", tasks=LOCAL_SEQUENCE)
+    result = run_quietly(cfg, tmp_path / "run", base_dir=tmp_path)  # relative paths: from the launch dir
+    assert result["tasks"] == ["sentiment", "qa", "wiki"]
+    assert result["metric_per_task"] == ["label_accuracy", "exact_match", "perplexity"]
+    before, after = result["stages"][-2]["scores"], result["stages"][-1]["scores"]
+    assert after["wiki"]["score"] < before["wiki"]["score"] / 2  # training on the text lowers its perplexity
+    assert result["examples"]["qa"]["train"] + result["examples"]["qa"]["validation"] == 12
+
+
+def test_label_outside_verbalizer_is_a_data_error(tmp_path):
+    write_jsonl(tmp_path / "s.jsonl", [{"text": "x", "label": 0}, {"text": "y", "label": 7}])
+    cfg = make_config(tasks=[{"name": "s", "path": "json", "data_files": {"train": "s.jsonl", "test": "s.jsonl"},
+                              "input_column": "text", "target_column": "label",
+                              "verbalizer": {"0": "no", "1": "yes"}, "metric": "label_accuracy"}])
+    with pytest.raises(DataError, match=r"tasks.tasks.0.verbalizer: .* has label '7', not one of 0, 1"):
+        run_quietly(cfg, tmp_path / "run", base_dir=tmp_path)
+
+
+def test_local_hugging_face_model_directory_loads_and_trains(tmp_path):
+    tok = train_tokenizer(["What is the favourite colour of Zed? red blue"] * 10, vocab_size=400)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tok),
+                                       eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    model_dir = tmp_path / "my-lm"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = make_config(f"model.name_or_path={model_dir}", "train.epochs=1")
+    result = run_quietly(cfg, tmp_path / "run")
+    assert result["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert result["status"] == "completed"
+    assert isinstance(AutoModelForCausalLM.from_pretrained(model_dir), GPT2LMHeadModel)
+
+
+def test_directory_without_tokenizer_is_a_model_error(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(tmp_path / "no-tok")
+    with pytest.raises(ModelError, match="model.name_or_path: no tokenizer files in"):
+        run_quietly(make_config(f"model.name_or_path={tmp_path / 'no-tok'}"), tmp_path / "run")
