@@ -24,7 +24,7 @@ from cl_runner.evaluate import Scorer, score_task
 from cl_runner.lm import collate
 from cl_runner.loop import EpochRecord, train_task
 from cl_runner.models import load_model, load_tokenizer, parameter_counts
-from cl_runner.results import RunWriter, print_summary
+from cl_runner.results import RunWriter, print_summary, write_atomic
 from cl_runner.schema import Config, DeviceConfig, as_dict
 from cl_runner.strategies import Context, build_strategy
 from cl_runner.tasks import encode_task, load_sequence
@@ -163,6 +163,8 @@ def run(cfg: Config, run_dir: Path, config_yaml: str = "", console: Console | No
 
             train_task(ctx, strategy, encoded[i].train, cfg.train, validate, on_step, on_epoch, scaler)
             info["wall_time_per_task_s"][names[i]] = round(time.perf_counter() - task_started, 3)
+            for file_name, text in ctx.artifacts.items():  # e.g. generated pseudo-examples, for users to read
+                write_atomic(run_dir / file_name, text)
             add_stage(f"after_{names[i]}", evaluate_all())
     rows = [[stage["scores"][n]["score"] for n in names] for stage in info["stages"]]
     summary = cl_metrics.summarize(rows[1:], rows[0], [t.higher_is_better for t in tasks], names)

@@ -35,7 +35,8 @@ class Context:
     optimizer: torch.optim.Optimizer | None = None
     step: int = 0  # optimizer steps taken in the current task
     epoch: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)  # accounting a strategy reports (buffer size, ...)
+    extras: dict[str, Any] = field(default_factory=dict)  # numbers a strategy logs (penalty, buffer size, ...)
+    artifacts: dict[str, str] = field(default_factory=dict)  # file name -> text the run writes to its directory
 
     @property
     def task_name(self) -> str:
