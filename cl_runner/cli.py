@@ -1,5 +1,7 @@
 """``cl-run``: compose the Hydra config, validate every job of a (multi)run up front, call run(), map errors
-to exit codes (0 ok, 1 failed run, 2 bad input, 130 interrupted)."""
+to exit codes: 0 ok, 1 failed (unexpected error; in a sweep: some job failed), 2 bad input (config, data,
+model, paths), 3 training diverged (non-finite loss), 4 CUDA out of memory, 130 / 143 stopped by SIGINT /
+SIGTERM after writing a checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 2, 1, 3, 4, 130
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -99,39 +101,164 @@ def preflight(overrides: list[str]) -> int:
     return jobs
 
 
+def _check_writable(overrides: list[str], multirun: bool) -> None:
+    """Fail before any model is loaded when the run (or sweep) directory cannot be created."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[o for o in overrides if "," not in o], return_hydra_config=True)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    path = Path(str(OmegaConf.select(cfg, key))).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    try:
+        if not existing.is_dir():
+            raise OSError(f"{existing} is not a directory")
+        Path(tempfile.mkdtemp(dir=existing, prefix=".cl-run-probe-")).rmdir()
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot write to {path} ({exc})") from None
+
+
+FAILURES: list[str] = []  # jobs of this process's sweep that failed (a sweep goes on past them)
+
+
+def _execute(config, run_dir: Path, config_yaml: str, resume: bool) -> int:
+    """Run one job and map its outcome to an exit status (printing one line for every failure)."""
+    from cl_runner.errors import UserError
+    from cl_runner.run import RunInterrupted, run
+
+    try:
+        run(config, run_dir, config_yaml, base_dir=Path.cwd(), resume=resume)
+        return 0
+    except RunInterrupted as exc:
+        print(f"cl-run: {exc}; checkpoint written. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
+        return 128 + exc.signum
+    except UserError as exc:
+        return _report(str(exc), exc.exit_code)
+    except FloatingPointError as exc:
+        return _report(f"{exc}; lower train.lr, or use bf16 instead of fp16", EXIT_DIVERGED)
+    except torch_oom() as exc:  # noqa: B030 - the class is resolved at call time
+        t = config.train
+        return _report(f"CUDA out of memory training {config.model.name_or_path or 'the model'} with "
+                       f"batch_size={t.batch_size} (grad_accum={t.grad_accum}) and max_length={t.max_length}: "
+                       f"raise train.grad_accum (same batch, less memory) or lower train.eval_batch_size "
+                       f"({str(exc).splitlines()[0][:80]})", EXIT_OOM, debug=config.debug)
+    except KeyboardInterrupt:
+        return _report("interrupted at once (second Ctrl-C); resume from the last checkpoint with: "
+                       f"cl-run resume={run_dir}", EXIT_INTERRUPTED)
+    except Exception as exc:
+        if config.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        return _report(f"{type(exc).__name__}: {exc} (run with debug=true for the traceback)", EXIT_FAILED)
+
+
+def torch_oom() -> type[BaseException]:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", RuntimeError)
+
+
+def _report(message: str, code: int, debug: bool = False) -> int:
+    print(f"cl-run: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
 def _task(cfg) -> None:
-    """The Hydra task function: one job of a run or a sweep."""
+    """The Hydra task function: one job of a run or a sweep. In a sweep a failed job does not stop the rest."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from cl_runner.errors import UserError
-    from cl_runner.run import run
+    from cl_runner.run import run_is_finished
     from cl_runner.schema import validate
 
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     try:
         config = validate(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        run(config, run_dir, OmegaConf.to_yaml(cfg, resolve=True), base_dir=Path.cwd())
+        resume = _existing_run(run_dir, config_yaml)
     except UserError as exc:
-        _fail(str(exc), exc.exit_code)
-    except FloatingPointError as exc:
-        _fail(f"{exc}; lower train.lr or check the data", EXIT_FAILED)
-    except KeyboardInterrupt:
-        _fail("interrupted", EXIT_INTERRUPTED)
+        code = _report(str(exc), exc.exit_code)
+    else:
+        if resume and run_is_finished(run_dir):
+            print(f"cl-run: {run_dir} already finished; keeping its results")
+            return
+        code = _execute(config, run_dir, config_yaml, resume)
+    if code and multirun and code not in (EXIT_INTERRUPTED, 143):
+        FAILURES.append(f"{run_dir}: exit {code}")
+        return
+    if code:
+        sys.exit(code)
+
+
+def _existing_run(run_dir: Path, config_yaml: str) -> bool:
+    """True when ``run_dir`` already holds this experiment (a re-run sweep resumes it); a different one is an error."""
+    from cl_runner.errors import UserError
+
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return False
+    if saved.read_text() != config_yaml:
+        raise UserError(f"{run_dir} already holds a different experiment (its config.yaml differs); "
+                        "choose another hydra.run.dir / hydra.sweep.dir")
+    return True
+
+
+def resume_run(path: str, other_overrides: list[str]) -> int:
+    """``cl-run resume=PATH``: continue the run in PATH with the config saved there."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from cl_runner.errors import UserError
+    from cl_runner.run import run_is_finished
+    from cl_runner.schema import register_configs, validate
+
+    run_dir = Path(path).expanduser().absolute()
+    if other_overrides:
+        return _report(f"resume: cannot be combined with overrides ({' '.join(other_overrides)}); the run continues "
+                       f"with the config saved in {run_dir}", EXIT_BAD_INPUT)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return _report(f"resume: {run_dir} is not a cl-run run directory (no config.yaml)", EXIT_BAD_INPUT)
+    if run_is_finished(run_dir):
+        print(f"cl-run: {run_dir} already finished; nothing to resume (results in {run_dir})")
+        return 0
+    register_configs()
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(_root_schema()), OmegaConf.load(saved))
+        config = validate(cfg)
+    except UserError as exc:
+        return _report(f"resume: {run_dir / 'config.yaml'}: {exc}", EXIT_BAD_INPUT)
     except Exception as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        _fail(f"{type(exc).__name__}: {exc} (set HYDRA_FULL_ERROR=1 for the traceback)", EXIT_FAILED)
+        return _report(f"resume: {saved} is not a valid cl-run config ({one_line(exc)})", EXIT_BAD_INPUT)
+    return _execute(config, run_dir, saved.read_text(), resume=True)
+
+
+def _root_schema():
+    from cl_runner.schema import Config
+
+    return Config
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides, _, introspect = _split_args(argv)
+    overrides, multirun, introspect = _split_args(argv)
+    resume = [o for o in overrides if o.startswith("resume=")]
+    if resume:
+        sys.exit(resume_run(resume[0].split("=", 1)[1], [o for o in argv if o != resume[0]]))
     if not introspect:
         from cl_runner.errors import UserError
 
         try:
             preflight(overrides)
+            _check_writable(overrides, multirun)
         except (ValueError, UserError) as exc:
             _fail(str(exc))
     import hydra
@@ -141,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     register_configs()
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
+    if FAILURES:
+        print(f"cl-run: {len(FAILURES)} job(s) of the sweep failed: {'; '.join(FAILURES)}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ The loss of a micro-batch is its mean over target tokens; before backward it is 
 share of the optimizer step's target tokens, so ``grad_accum`` micro-batches give exactly the gradient of one
 large batch. After each epoch the validation score is computed; with ``keep_best`` the best epoch's weights are
 restored at the end of the task.
+
+Everything needed to continue a task lives in ``LoopState`` plus the optimizer, scheduler, scaler and best
+weights, handed to ``on_boundary`` after every optimizer step and every epoch: the caller checkpoints there,
+and ``resume`` continues bit-for-bit (the epoch's data order is recomputed from the seed and the micro-batches
+already consumed are skipped before the strategy sees them).
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +38,39 @@ class EpochRecord:
     seconds: float
     lr: float
     skipped_steps: int  # fp16 steps the GradScaler skipped (inf/nan gradients)
+
+
+@dataclass
+class LoopState:
+    """Position inside one task and the running sums of the current epoch."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken in this task
+    batches_done: int = 0  # micro-batches of the current epoch already trained on
+    best_score: float = -math.inf
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
+    records: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Boundary:
+    """What ``on_boundary`` receives: enough to checkpoint the task exactly here."""
+
+    loop: LoopState
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    best_state: dict[str, torch.Tensor] | None
+    kind: str  # "step" | "epoch"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loop": asdict(self.loop), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -69,10 +108,17 @@ def train_task(
     on_step: Callable[[dict], None] = lambda info: None,
     on_epoch: Callable[[EpochRecord], None] = lambda record: None,
     scaler: torch.amp.GradScaler | None = None,
+    on_boundary: Callable[[Boundary], None] = lambda boundary: None,
+    resume: dict[str, Any] | None = None,
 ) -> list[EpochRecord]:
-    """Train ``ctx.model`` on one task. ``validate(task_indices)`` returns a score where higher is better."""
+    """Train ``ctx.model`` on one task. ``validate(task_indices)`` returns a score where higher is better.
+
+    ``resume`` is a ``Boundary.state_dict()`` plus ``"best"`` (best weights): the task continues from there
+    (``before_task`` is not called again; the strategy's own state was restored by the caller).
+    """
     model = ctx.model
-    strategy.before_task(ctx)
+    if resume is None:
+        strategy.before_task(ctx)
     examples = strategy.train_dataset(ctx, examples)
     micro = cfg.batch_size // cfg.grad_accum
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -80,17 +126,27 @@ def train_task(
     epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = make_optimizer(model, cfg, ctx.device)
     scheduler = linear_schedule(optimizer, total_steps, cfg.warmup_ratio)
-    ctx.optimizer, ctx.step = optimizer, 0
+    state, best_state = LoopState(), None
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume["scaler"] is not None:
+            scaler.load_state_dict(resume["scaler"])
+        state, best_state = LoopState(**resume["loop"]), resume.get("best")
+    ctx.optimizer, ctx.step = optimizer, state.step
     params = [p for p in model.parameters() if p.requires_grad]
     validation_tasks = strategy.validation_tasks(ctx)
-    best_score, best_state = -math.inf, None
-    records: list[EpochRecord] = []
+
+    def boundary(kind: str) -> None:
+        on_boundary(Boundary(state, optimizer, scheduler, scaler, best_state, kind))
+
     model.train()
-    on_step({"event": "task_start", "total_steps": total_steps, "epochs": epochs})
-    for epoch in range(epochs):
+    on_step({"event": "task_start", "total_steps": total_steps, "epochs": epochs, "step": state.step})
+    for epoch in range(state.epoch, epochs):
         ctx.epoch = epoch
-        started, tokens, loss_sum, loss_steps, skipped = time.perf_counter(), 0, 0.0, 0, 0
-        batches = iter(strategy.train_batches(ctx, micro_batches(examples, micro, ctx.generator(salt=100_000 + epoch))))
+        started = time.perf_counter()
+        epoch_batches = micro_batches(examples, micro, ctx.generator(salt=100_000 + epoch))
+        batches = iter(strategy.train_batches(ctx, epoch_batches[state.batches_done :]))
         while ctx.step < total_steps:
             group = [ctx.collate(b) for _, b in zip(range(cfg.grad_accum), batches, strict=False)]
             if not group:
@@ -105,10 +161,10 @@ def train_task(
                 weight = int(target_mask(batch["labels"]).sum()) / max(step_tokens, 1)
                 (scaler.scale(loss * weight) if scaler else loss * weight).backward()
                 step_loss += float(loss.detach()) * weight
-                tokens += int(batch["attention_mask"].sum())
+                state.tokens += int(batch["attention_mask"].sum())
             if not math.isfinite(step_loss):
                 raise FloatingPointError(
-                    f"non-finite loss in task {ctx.task_name!r}, epoch {epoch + 1}, step {ctx.step + 1}"
+                    f"non-finite loss ({step_loss}) in task {ctx.task_name!r}, epoch {epoch + 1}, step {ctx.step + 1}"
                 )
             if scaler:
                 scaler.unscale_(optimizer)
@@ -119,32 +175,37 @@ def train_task(
                 scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
-                skipped += scaler.get_scale() < scale
+                state.skipped += int(scaler.get_scale() < scale)
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             ctx.step += 1
             strategy.after_step(ctx)
-            loss_sum, loss_steps = loss_sum + step_loss, loss_steps + 1
-            elapsed = time.perf_counter() - started
+            state.step, state.batches_done = ctx.step, state.batches_done + len(group)
+            state.loss_sum, state.loss_steps = state.loss_sum + step_loss, state.loss_steps + 1
+            elapsed = state.seconds + time.perf_counter() - started
             on_step({"event": "step", "step": ctx.step, "epoch": epoch + 1, "loss": step_loss,
-                     "tokens_per_s": tokens / max(elapsed, 1e-9)})
-        seconds = time.perf_counter() - started
+                     "tokens_per_s": state.tokens / max(elapsed, 1e-9)})
+            boundary("step")
+        state.seconds += time.perf_counter() - started
         score = validate(validation_tasks) if cfg.keep_best else None
-        if score is not None and score > best_score:
-            best_score = score
+        if score is not None and score > state.best_score:
+            state.best_score = score
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         record = EpochRecord(
             task=ctx.task_name, task_index=ctx.task_index, epoch=epoch + 1, step=ctx.step,
-            train_loss=loss_sum / max(loss_steps, 1), validation_score=score,
-            tokens_per_s=tokens / max(seconds, 1e-9), seconds=seconds, lr=scheduler.get_last_lr()[0],
-            skipped_steps=int(skipped),
+            train_loss=state.loss_sum / max(state.loss_steps, 1), validation_score=score,
+            tokens_per_s=state.tokens / max(state.seconds, 1e-9), seconds=state.seconds,
+            lr=scheduler.get_last_lr()[0], skipped_steps=state.skipped,
         )
-        records.append(record)
+        state.records.append(asdict(record))
+        state.epoch, state.batches_done = epoch + 1, 0
+        state.loss_sum, state.loss_steps, state.tokens, state.seconds, state.skipped = 0.0, 0, 0, 0.0, 0
         on_epoch(record)
         model.train()
+        boundary("epoch")
     if best_state is not None:
         model.load_state_dict(best_state)
     strategy.after_task(ctx)
-    return records
+    return [EpochRecord(**r) for r in state.records]

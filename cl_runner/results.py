@@ -43,7 +43,11 @@ class RunWriter:
 
     def add_row(self, scores: list[float]) -> None:
         """Append one stage (init, then after each task) and rewrite the matrix CSV."""
-        self.rows.append(scores)
+        self.set_rows([*self.rows, scores])
+
+    def set_rows(self, rows: list[list[float]]) -> None:
+        """Replace all stages (on resume) and rewrite the matrix CSV."""
+        self.rows = list(rows)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["stage", *self.task_names])

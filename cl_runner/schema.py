@@ -175,6 +175,19 @@ class EvalConfig:
         return errs
 
 
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True  # checkpoint at the end of every task and within tasks (needed for resume)
+    every_n_steps: int | None = None  # null = automatic: often enough to lose little, rarely enough to cost <2%
+    keep_last: int = 2  # newest checkpoints kept (the previous one is the fallback if the newest is damaged)
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        _positive(errs, f"{key}.every_n_steps", self.every_n_steps)
+        _positive(errs, f"{key}.keep_last", self.keep_last)
+        return errs
+
+
 # ----------------------------------------------------------------------------------------------- strategies
 @dataclass
 class StrategyConfig:
@@ -295,12 +308,16 @@ class Config:
     device: DeviceConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     experiment_name: str = "cl"  # free text, recorded in metrics.json
+    resume: str | None = None  # a run directory to continue (cl-run resume=PATH); its saved config is used
+    debug: bool = False  # show Python tracebacks instead of one-line errors
 
     def errors(self) -> list[str]:
         errs = self.model.errors("model") + self.device.errors("device") + self.tasks.errors("tasks")
         errs += self.train.errors("train") + self.eval.errors("eval") + self.strategy.errors("strategy")
+        errs += self.checkpoint.errors("checkpoint")
         if self.seed < 0:
             errs.append(f"seed: expected a non-negative integer, got {self.seed}")
         return errs

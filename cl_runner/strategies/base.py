@@ -99,6 +99,10 @@ class Strategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
 
+    def on_resume(self, ctx: Context) -> None:
+        """After ``load_state_dict`` on resume, before the checkpoint's weights are loaded into ``ctx.model``:
+        re-create any modules the strategy had added to the model (adapters), so the weights fit."""
+
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

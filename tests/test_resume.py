@@ -1,0 +1,181 @@
+"""Nothing lost: SIGKILL at seeded random moments + resume reproduces an uninterrupted run exactly (CPU);
+SIGINT/SIGTERM checkpoint and exit 130/143; a damaged newest checkpoint falls back to the previous one; a
+re-run sweep skips finished jobs and completes the killed one; finished runs and bad resumes answer clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import cl_run
+
+# small but with several checkpoints per task: 64 facts / batch 8 = 8 steps per epoch
+FAST = ["device=cpu", "train.epochs=4", "checkpoint.every_n_steps=5", "checkpoint.keep_last=2"]
+
+
+def start(run_dir: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cl_runner", f"hydra.run.dir={run_dir}", *FAST, *args],
+                            cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError("the run did not get there in time")
+        time.sleep(0.02)
+
+
+def outcome(run_dir: Path) -> tuple[str, dict]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    keys = ("average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
+            "average_learning_curve_area", "per_task", "status")
+    return (run_dir / "accuracy_matrix.csv").read_text(), {k: metrics[k] for k in keys}
+
+
+def reference(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    run_dir = tmp_path / "reference"
+    proc = start(run_dir, *args)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return outcome(run_dir)
+
+
+def history_lines(run_dir: Path) -> int:
+    try:
+        return len((run_dir / "history.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def kill_and_resume(run_dir: Path, moments: list[tuple[int, float]], *args: str) -> int:
+    """Start the run; at each moment (after its k-th finished epoch, plus a jitter in seconds) SIGKILL it and
+    resume it; returns how many kills hit a running process."""
+    proc, kills = start(run_dir, *args), 0
+    for epochs_done, jitter in moments:
+        wait_for(lambda k=epochs_done: history_lines(run_dir) >= k or proc.poll() is not None)
+        time.sleep(jitter)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        proc = subprocess.Popen([sys.executable, "-m", "cl_runner", f"resume={run_dir}"], cwd=run_dir.parent,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return kills
+
+
+def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path):
+    expected = reference(tmp_path)
+    rng = random.Random(0)  # seeded moments: inside tasks, at task boundaries, during evaluation
+    moments = sorted((rng.randint(1, 11), rng.uniform(0.0, 0.3)) for _ in range(3))
+    assert kill_and_resume(tmp_path / "killed", moments) >= 2
+    assert outcome(tmp_path / "killed") == expected
+
+
+STRATEGIES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "strategy").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "naive"])
+def test_every_strategy_resumes_identically(tmp_path, strategy):
+    args = (f"strategy={strategy}", "train.epochs=2")
+    expected = reference(tmp_path, *args)
+    rng = random.Random(strategy)
+    assert kill_and_resume(tmp_path / "killed", [(rng.randint(1, 5), rng.uniform(0.0, 0.2))], *args) == 1
+    assert outcome(tmp_path / "killed") == expected
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_checkpoint_and_exit_with_their_status(tmp_path, signum, code):
+    expected = reference(tmp_path, "train.epochs=2")
+    run_dir = tmp_path / "stopped"
+    proc = start(run_dir, "train.epochs=2")
+    wait_for(lambda: (run_dir / "history.jsonl").exists())
+    proc.send_signal(signum)
+    assert proc.wait(timeout=120) == code
+    err = proc.stderr.read()
+    assert f"Resume with: cl-run resume={run_dir}" in err and "Traceback" not in err
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+    assert cl_run(f"resume={run_dir}", cwd=tmp_path).returncode == 0
+    assert outcome(run_dir) == expected
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    expected = reference(tmp_path, "train.epochs=2")
+    run_dir = tmp_path / "damaged"
+    proc = start(run_dir, "train.epochs=2")
+    wait_for(lambda: len(list((run_dir / "checkpoints").glob("ckpt-*"))) >= 2 if (run_dir / "checkpoints").exists()
+             else False)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1]
+    with open(newest / "model.safetensors", "r+b") as handle:  # flip bytes in the middle of the weights
+        handle.seek(2000)
+        handle.write(b"\x00\xff" * 64)
+    proc = cl_run(f"resume={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "damaged" in proc.stdout + proc.stderr
+    assert outcome(run_dir) == expected
+
+
+def test_resume_answers(tmp_path):
+    run_dir = tmp_path / "done"
+    assert start(run_dir, "train.epochs=1").wait(timeout=120) == 0
+    before = (run_dir / "metrics.json").read_text()
+    finished = cl_run(f"resume={run_dir}", cwd=tmp_path)
+    assert finished.returncode == 0 and "already finished" in finished.stdout
+    assert (run_dir / "metrics.json").read_text() == before
+    not_a_run = cl_run(f"resume={tmp_path}", cwd=tmp_path)
+    assert not_a_run.returncode == 2 and "is not a cl-run run directory" in not_a_run.stderr
+    changed = cl_run(f"resume={run_dir}", "train.lr=1", cwd=tmp_path)
+    assert changed.returncode == 2 and "cannot be combined with overrides" in changed.stderr
+
+
+def test_killed_before_first_checkpoint_restarts_from_the_beginning(tmp_path):
+    expected = reference(tmp_path, "train.epochs=1")
+    run_dir = tmp_path / "early"
+    proc = start(run_dir, "train.epochs=1")
+    wait_for(lambda: (run_dir / "config.yaml").exists())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for ckpt in (run_dir / "checkpoints").glob("*") if (run_dir / "checkpoints").exists() else []:
+        import shutil
+
+        shutil.rmtree(ckpt)
+    assert cl_run(f"resume={run_dir}", cwd=tmp_path).returncode == 0
+    assert outcome(run_dir) == expected
+
+
+def test_second_run_on_the_same_directory_is_refused(tmp_path):
+    run_dir = tmp_path / "busy"
+    first = start(run_dir, "train.epochs=3")
+    wait_for(lambda: (run_dir / "history.jsonl").exists())
+    second = cl_run(f"hydra.run.dir={run_dir}", *FAST, "train.epochs=3", cwd=tmp_path)
+    assert second.returncode == 2 and "is in use by another cl-run" in second.stderr
+    assert first.wait(timeout=120) == 0
+
+
+def test_rerun_sweep_skips_finished_jobs_and_completes_the_killed_one(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "cl_runner", "-m", f"hydra.sweep.dir={sweep}", "train.lr=1e-3,3e-3",
+            "device=cpu", "train.epochs=3", "checkpoint.every_n_steps=5"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second_job = lambda: [p for p in sweep.glob("1*") if (p / "history.jsonl").exists()]  # noqa: E731
+    wait_for(lambda: bool(second_job()) or proc.poll() is not None)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (first,) = [p for p in sweep.iterdir() if p.name.startswith("0")]
+    stamp = {f.name: f.stat().st_mtime_ns for f in first.iterdir() if f.is_file()}
+    assert subprocess.run(args, cwd=tmp_path, capture_output=True).returncode == 0
+    assert {f.name: f.stat().st_mtime_ns for f in first.iterdir() if f.is_file()} == stamp
+    for job in (p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()):
+        assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
