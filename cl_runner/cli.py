@@ -78,9 +78,10 @@ def preflight(overrides: list[str]) -> int:
     register_configs()
     parser = OverridesParser.create()
     try:
-        parsed = parser.parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+        parsed = parser.parse_overrides(overrides)  # grammar errors of every override, hydra.* included
     except Exception as exc:
         raise ValueError(one_line(exc)) from None
+    parsed = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
     choices = []
     for override in parsed:
         if override.is_sweep_override():

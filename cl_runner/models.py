@@ -117,7 +117,9 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
     try:
         model_config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:
-        raise ModelError(f"model.name_or_path: cannot read a model config from {source!r} ({_first_line(exc)})") from None
+        raise ModelError(
+            f"model.name_or_path: cannot read a model config from {source!r} ({_first_line(exc)})"
+        ) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, config=model_config, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code

@@ -30,6 +30,7 @@ from cl_runner.evaluate import Scorer, score_task
 from cl_runner.lm import collate
 from cl_runner.loop import Boundary, EpochRecord, train_task
 from cl_runner.models import load_model, load_tokenizer, parameter_counts
+from cl_runner.plots import plot_run
 from cl_runner.results import RunWriter, print_summary, write_atomic
 from cl_runner.schema import Config, DeviceConfig, as_dict
 from cl_runner.strategies import Context, build_strategy
@@ -151,6 +152,10 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_di
     names = [t.name for t in tasks]
     tokenizer = load_tokenizer(cfg.model, [text for t in tasks for text in t.texts()])
     model = load_model(cfg.model, tokenizer, cfg.seed).to(device)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context and cfg.train.max_length > context:
+        raise ConfigError(f"train.max_length: {cfg.train.max_length} exceeds the model's context of {context} "
+                          "tokens; lower it (longer prompts are then cut in the middle, targets never)")
     if device.type == "cuda" and cfg.device.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     encoded = [encode_task(t, i, tokenizer, cfg.train.max_length) for i, t in enumerate(tasks)]
@@ -243,7 +248,8 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_di
 
     def validate(indices: list[int]) -> float:
         scores = evaluate_all("validation", indices)
-        signed = [s["score"] if tasks[j].higher_is_better else -s["score"] for j, s in zip(indices, scores, strict=True)]
+        signed = [s["score"] if tasks[j].higher_is_better else -s["score"]
+                  for j, s in zip(indices, scores, strict=True)]
         return sum(signed) / len(signed)
 
     def add_stage(stage: str, results: list[dict]) -> None:
@@ -302,6 +308,7 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_di
     info["wall_time_s"] = round(elapsed_before + time.perf_counter() - started, 3)
     info["status"] = "completed"
     writer.write_metrics(info)
+    plot_run(run_dir, names, rows, [t.metric for t in tasks], title=f"{cfg.strategy.name} · seed {cfg.seed}")
     if cfg.model.name_or_path is None:
         tokenizer.save_pretrained(run_dir / "tokenizer")
     print_summary(console, names, rows, info, [t.metric for t in tasks], run_dir)

@@ -355,7 +355,8 @@ def validate(cfg: DictConfig) -> Config:
         raise ConfigError(f"strategy.name: expected one of {', '.join(STRATEGY_SCHEMAS)}, got {strategy_name!r}")
     unknown = _unknown_keys(cfg, Config, "") + _unknown_keys(cfg.strategy, STRATEGY_SCHEMAS[strategy_name], "strategy")
     if unknown:
-        raise ConfigError("; ".join(f"{key}: unknown key (see the README's configuration reference)" for key in unknown))
+        hint = "unknown key (see the README's configuration reference)"
+        raise ConfigError("; ".join(f"{key}: {hint}" for key in unknown))
     config = OmegaConf.to_object(cfg)
     if not isinstance(config.strategy, StrategyConfig):
         schema = STRATEGY_SCHEMAS[strategy_name]

@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-
 from helpers import cl_run, write_jsonl
 
 QUICK = ["device=cpu", "train.epochs=2"]
@@ -37,7 +36,7 @@ def test_multirun_gives_each_job_a_numbered_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (sweep,) = list((tmp_path / "outputs" / "multirun").glob("*/*"))
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0", "1"]
+    assert jobs == ["0_device=cpu,train.epochs=1,train.lr=0.001", "1_device=cpu,train.epochs=1,train.lr=0.003"]
     lrs = [json.loads((sweep / j / "metrics.json").read_text())["config"]["train"]["lr"] for j in jobs]
     assert lrs == [1e-3, 3e-3]
 
@@ -50,16 +49,10 @@ def _task_override(tmp_path, **fields):
     return f"tasks.tasks=[{{{items}}}]"
 
 
+# The full catalogue runs in-process in test_bad_inputs.py; these go through the real console entry point.
 BAD = [
     (["strategy=bogus"], "strategy=bogus: unknown option"),
-    (["train.bogus=1"], "train.bogus: unknown key"),
-    (["+strategy.foo=1"], "strategy.foo: unknown key"),
-    (["train.lr=-1"], "train.lr: expected a positive number"),
-    (["train.lr=abc"], "train.lr: expected a float"),
-    (["train.batch_size=0"], "train.batch_size: expected a positive number"),
     (["-m", "train.lr=1e-3,-2"], "train.lr: expected a positive number"),  # every sweep job is checked first
-    (["device=cpu", "device.precision=fp16"], "device.precision: fp16 needs a GPU"),
-    (["tasks.tasks.0.metric=bleu"], "tasks.tasks.0.metric: expected one of"),
     (["model.name_or_path=/does/not/exist"], "model.name_or_path: directory not found"),
 ]
 
@@ -74,15 +67,6 @@ def test_bad_config_exits_2_with_one_line(tmp_path, args, message):
     assert not (tmp_path / "outputs").exists() or "name_or_path" in message
 
 
-def test_missing_task_file_exits_2_naming_the_file(tmp_path):
-    proc = cl_run(_task_override(tmp_path, data_files="{train:nope.jsonl,test:nope.jsonl}"), "device=cpu",
-                  cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        f"cl-run: error: tasks.tasks.0.data_files.train: file not found: {tmp_path / 'nope.jsonl'}"
-    ]
-
-
 def test_missing_column_exits_2_naming_the_column(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "reply": "a"}] * 4)
     proc = cl_run(_task_override(tmp_path, data_files="{train:d.jsonl,test:d.jsonl}"), "device=cpu", cwd=tmp_path)
@@ -90,9 +74,3 @@ def test_missing_column_exits_2_naming_the_column(tmp_path):
     line = proc.stderr.strip()
     assert "tasks.tasks.0.target_column: column 'answer' not in" in line and "question, reply" in line
     assert "\n" not in line and "Traceback" not in proc.stdout
-
-
-def test_malformed_jsonl_names_the_line(tmp_path):
-    (tmp_path / "d.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": oops}\n')
-    proc = cl_run(_task_override(tmp_path, data_files="{train:d.jsonl,test:d.jsonl}"), "device=cpu", cwd=tmp_path)
-    assert proc.returncode == 2 and "d.jsonl line 2 is not valid JSON" in proc.stderr

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import cl_run
 
 # small but with several checkpoints per task: 64 facts / batch 8 = 8 steps per epoch
@@ -62,7 +61,7 @@ def kill_and_resume(run_dir: Path, moments: list[tuple[int, float]], *args: str)
     resume it; returns how many kills hit a running process."""
     proc, kills = start(run_dir, *args), 0
     for epochs_done, jitter in moments:
-        wait_for(lambda k=epochs_done: history_lines(run_dir) >= k or proc.poll() is not None)
+        wait_for(lambda k=epochs_done, p=proc: history_lines(run_dir) >= k or p.poll() is not None)
         time.sleep(jitter)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)

@@ -71,8 +71,8 @@ def encode_task(task: Task, task_id: int, tokenizer, max_length: int) -> Encoded
         budget = max_length - len(target)
         if budget < 1:
             raise DataError(
-                f"tasks: task {task.name!r} {split} target has {len(target)} tokens, more than "
-                f"train.max_length={max_length} allows; raise train.max_length"
+                f"train.max_length: task {task.name!r} has a {split} target of {len(target)} tokens (with EOS), "
+                f"which leaves no room for its prompt in {max_length}; targets are never cut, raise train.max_length"
             )
         if len(prompt) > budget:
             cut[split] += 1
