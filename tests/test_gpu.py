@@ -1,0 +1,30 @@
+"""The CUDA paths: bf16 autocast and fp16 with a GradScaler. Skipped cleanly without a GPU (see conftest)."""
+
+import pytest
+import torch
+
+from cl_runner.run import autocast_factory, resolve_device
+from cl_runner.schema import DeviceConfig
+from helpers import make_config, run_quietly
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_run_learns_the_default_sequence(tmp_path, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    result = run_quietly(make_config("device=cuda", f"device.precision={precision}", "strategy=ewc_replay",
+                                     small=False), tmp_path)
+    assert result["precision"] == precision and result["device"].startswith("cuda")
+    assert min(t["just_trained"] for t in result["per_task"]) >= 0.8
+    assert result["average_forgetting"] < 0.5
+
+
+def test_auto_device_picks_cuda_with_bf16_or_fp16():
+    device, precision = resolve_device(DeviceConfig())
+    assert device.type == "cuda"
+    assert precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    with autocast_factory(device, precision)():
+        x = torch.ones(4, 4, device=device)
+        assert (x @ x).dtype in (torch.bfloat16, torch.float16)
