@@ -15,6 +15,7 @@ from cl_runner.errors import ConfigError, DataError
 from cl_runner.schema import TaskConfig, TasksConfig
 from cl_runner.tasks.base import Example, Task
 from cl_runner.tasks.facts import RELATIONS, fact_rows
+from cl_runner.tasks.offline import ensure_offline_data
 
 Rows = list[dict[str, Any]]
 
@@ -38,9 +39,13 @@ def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
         labels = list(cfg.verbalizer.values()) if cfg.verbalizer else cfg.labels
         info = {"source": "datasets", "path": cfg.path, "data_files": _plain(cfg.data_files)}
     rng = random.Random(f"subsample-{cfg.name}-{seed}")
-    train = _subsample(splits["train"], cfg.max_train_examples, rng)
-    validation = _subsample(splits["validation"], cfg.max_eval_examples, rng)
-    test = _subsample(splits["test"], cfg.max_eval_examples, rng)
+    column = cfg.target_column if cfg.source == "datasets" else "target"
+    train = _per_class(splits["train"], column, cfg.max_train_per_class, rng)
+    validation = _per_class(splits["validation"], column, cfg.max_eval_per_class, rng)
+    test = _per_class(splits["test"], column, cfg.max_eval_per_class, rng)
+    train = _subsample(train, cfg.max_train_examples, rng)
+    validation = _subsample(validation, cfg.max_eval_examples, rng)
+    test = _subsample(test, cfg.max_eval_examples, rng)
     task = Task(
         name=cfg.name,
         metric=cfg.metric,
@@ -62,6 +67,18 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def _per_class(rows: Rows, column: str, limit: int | None, rng: random.Random) -> Rows:
+    """At most ``limit`` rows per value of ``column`` (the label), seeded, in their original order."""
+    if limit is None:
+        return rows
+    by_class: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_class.setdefault(str(row.get(column)), []).append(i)
+    keep = [i for label in sorted(by_class) for i in (
+        by_class[label] if len(by_class[label]) <= limit else rng.sample(by_class[label], limit))]
+    return [rows[i] for i in sorted(keep)]
 
 
 def _subsample(rows: Rows, limit: int | None, rng: random.Random) -> Rows:
@@ -118,6 +135,7 @@ def _check_jsonl(files: Any, key: str) -> None:
 def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dict[str, Rows]:
     import datasets
 
+    ensure_offline_data(_plain(cfg.data_files), base_dir, f"{key}.data_files")  # bundled offline texts: build once
     data_files = _resolve_files(_plain(cfg.data_files), base_dir, f"{key}.data_files")
     if data_files is not None and cfg.path in ("json", "jsonl"):
         _check_jsonl(data_files, f"{key}.data_files")
@@ -165,10 +183,9 @@ def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dic
         needed.append(("input_column", cfg.input_column))
     for col_key, column in needed:
         if column not in columns:
-            raise DataError(
-                f"{key}.{col_key}: column {column!r} not in {cfg.path} {cfg.data_files or ''} "
-                f"(columns: {', '.join(columns)})".replace("  ", " ")
-            )
+            files = _plain(cfg.data_files)
+            source = files.get(cfg.train_split, files) if isinstance(files, dict) else files or cfg.path
+            raise DataError(f"{key}.{col_key}: column {column!r} not in {source} (columns: {', '.join(columns)})")
     return {"train": train, "validation": validation, "test": test}
 
 
