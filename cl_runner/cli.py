@@ -163,10 +163,35 @@ def torch_oom() -> type[BaseException]:
 
 def _report(message: str, code: int, debug: bool = False) -> int:
     print(f"cl-run: error: {' '.join(message.split())}", file=sys.stderr)
+    LAST_ERROR[0] = " ".join(message.split())
     return code
 
 
-def _task(cfg) -> None:
+LAST_ERROR = [""]  # the last one-line error, for the failed job's metrics.json
+
+
+def _record_failure(run_dir: Path, code: int, message: str) -> None:
+    """A job that failed before its run wrote anything still leaves a metrics.json saying why (for cl-report)."""
+    import json
+
+    from cl_runner.results import write_atomic
+
+    metrics = run_dir / "metrics.json"
+    if code and code not in (EXIT_INTERRUPTED, 143) and run_dir.is_dir() and not metrics.exists():
+        write_atomic(metrics, json.dumps({"status": "failed", "exit_code": code, "error": message}, indent=2) + "\n")
+
+
+def _objective(run_dir: Path) -> float | None:
+    """The job's average accuracy, returned to Hydra (sweepers such as Optuna maximise it)."""
+    import json
+
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("average_accuracy")
+    except (OSError, ValueError):
+        return None
+
+
+def _task(cfg) -> float | None:
     """The Hydra task function: one job of a run or a sweep. In a sweep a failed job does not stop the rest."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -185,16 +210,19 @@ def _task(cfg) -> None:
         resume = _existing_run(run_dir, config_yaml)
     except UserError as exc:
         code = _report(str(exc), exc.exit_code)
+        _record_failure(run_dir, code, str(exc))
     else:
         if resume and run_is_finished(run_dir):
             print(f"cl-run: {run_dir} already finished; keeping its results")
-            return
+            return _objective(run_dir)
         code = _execute(config, run_dir, config_yaml, resume)
+        _record_failure(run_dir, code, LAST_ERROR[0])
     if code and multirun and code not in (EXIT_INTERRUPTED, 143):
         FAILURES.append(f"{run_dir}: exit {code}")
-        return
+        return None
     if code:
         sys.exit(code)
+    return _objective(run_dir)
 
 
 def _existing_run(run_dir: Path, config_yaml: str) -> bool:

@@ -1,0 +1,494 @@
+"""``cl-report PATH...``: one table from runs and sweeps. One row per configuration (the overrides a job ran
+with, less ``seed=``), mean ± std over its seeds, best first; printed with rich and written as CSV, Markdown
+and PNG plots. A job that did not complete is listed with its status and error, never left out."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
+
+from cl_runner import plots
+from cl_runner.results import write_atomic
+
+# metrics.json key -> (label, higher is better). The first five are the table's columns; all are sortable.
+METRICS: dict[str, tuple[str, bool]] = {
+    "average_accuracy": ("ACC", True),
+    "average_forgetting": ("forgetting", False),
+    "backward_transfer": ("BWT", True),
+    "forward_transfer": ("FWT", True),
+    "wall_time_s": ("time (s)", False),
+    "average_learning_curve_area": ("LCA", True),
+}
+SHOWN = list(METRICS)[:5]
+LONG_NAMES = {"average_accuracy": "average accuracy", "average_forgetting": "average forgetting",
+              "backward_transfer": "backward transfer", "forward_transfer": "forward transfer",
+              "wall_time_s": "wall time (s)", "average_learning_curve_area": "learning-curve area"}
+ALIASES = {"acc": "average_accuracy", "forgetting": "average_forgetting", "bwt": "backward_transfer",
+           "fwt": "forward_transfer", "wall_time": "wall_time_s", "time": "wall_time_s",
+           "lca": "average_learning_curve_area"}
+NO_METRICS = "no metrics.json (job died before its first evaluation)"
+
+
+# --------------------------------------------------------------------------------------------------- reading
+@dataclass
+class Job:
+    """One run directory: a single run, or one job of a sweep."""
+
+    path: Path
+    name: str  # the directory, relative to the PATH it was found under
+    status: str  # completed | failed | running | interrupted
+    error: str | None
+    strategy: str
+    seed: int | None
+    overrides: list[str]  # as typed for this job (Hydra's .hydra/overrides.yaml), seed included
+    metrics: dict[str, Any]  # contents of metrics.json ({} when there is none)
+
+    @property
+    def configuration(self) -> tuple[str, ...]:
+        return tuple(o for o in self.overrides if override_key(o) != "seed")
+
+    def value(self, metric: str) -> float | None:
+        value = self.metrics.get(metric)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else None
+
+    def score_rows(self) -> list[list[float]] | None:
+        """The score matrix with its init row (stages x tasks), or None when the run has no stages."""
+        tasks, stages = self.metrics.get("tasks"), self.metrics.get("stages")
+        if not tasks or not stages:
+            return None
+        return [[stage["scores"][name]["score"] for name in tasks] for stage in stages]
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def override_value(override: str) -> str:
+    return override.split("=", 1)[1] if "=" in override else ""
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "metrics.json").is_file() or (path / ".hydra" / "overrides.yaml").is_file()
+
+
+def _natural(path: Path) -> tuple:
+    number = re.match(r"\d+", path.name)
+    return (int(number.group()) if number else math.inf, path.name)
+
+
+def find_run_dirs(path: Path) -> list[Path]:
+    """``path`` itself when it is a run, else every run below it (job number order; hidden folders skipped)."""
+    if is_run_dir(path):
+        return [path]
+    found: list[Path] = []
+    for child in sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural):
+        found.extend(find_run_dirs(child))
+    return found
+
+
+def read_job(run_dir: Path, root: Path | None = None) -> Job:
+    """What a run directory says about its job. A directory without metrics.json is a failed job."""
+    run_dir = Path(run_dir)
+    overrides = _load_yaml(run_dir / ".hydra" / "overrides.yaml")
+    overrides = overrides if isinstance(overrides, list) else []
+    config = _load_yaml(run_dir / ".hydra" / "config.yaml") or _load_yaml(run_dir / "config.yaml")
+    config = config if isinstance(config, dict) else {}
+    metrics: dict[str, Any] = {}
+    error = None
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        status = metrics.get("status") or "running"
+        error = metrics.get("error")
+    except FileNotFoundError:
+        status, error = "failed", NO_METRICS
+    except (OSError, ValueError) as exc:
+        status, error = "failed", f"metrics.json unreadable ({exc})"
+    settings = {override_key(o): override_value(o) for o in overrides}
+    strategy_config = config.get("strategy") if isinstance(config.get("strategy"), dict) else {}
+    strategy = metrics.get("strategy") or strategy_config.get("name") or settings.get("strategy") or "?"
+    seed = metrics.get("seed", config.get("seed"))
+    if seed is None and "seed" in settings:
+        seed = int(settings["seed"]) if settings["seed"].lstrip("-").isdigit() else None
+    name = run_dir.name if root is None or run_dir == root else run_dir.relative_to(root).as_posix()
+    return Job(run_dir, name, status, error, strategy, seed, [str(o) for o in overrides], metrics)
+
+
+def read_jobs(paths: list[Path]) -> list[Job]:
+    jobs = []
+    for root in paths:
+        for run_dir in find_run_dirs(root):
+            job = read_job(run_dir, root)
+            if len(paths) > 1:
+                job.name = f"{root.name}/{job.name}" if run_dir != root else root.name
+            jobs.append(job)
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------ the table itself
+@dataclass
+class Configuration:
+    """The jobs that ran one setting (same strategy and overrides), e.g. with different seeds."""
+
+    strategy: str
+    overrides: tuple[str, ...]
+    jobs: list[Job]
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return {override_key(o): override_value(o) for o in self.overrides}
+
+    @property
+    def completed(self) -> list[Job]:
+        return [j for j in self.jobs if j.status == "completed"]
+
+    def stat(self, metric: str) -> tuple[float | None, float | None, int]:
+        """(mean, sample standard deviation (n - 1; None for one run), n) over the completed runs."""
+        values = [v for j in self.completed if (v := j.value(metric)) is not None]
+        if not values:
+            return None, None, 0
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
+
+    def status(self) -> str:
+        counts = {s: sum(j.status == s for j in self.jobs) for s in dict.fromkeys(j.status for j in self.jobs)}
+        if list(counts) == ["completed"]:
+            return "completed"
+        if len(counts) == 1:
+            return next(iter(counts))
+        return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+    def seeds(self) -> str:
+        return ",".join(str(s) for s in sorted({j.seed for j in self.jobs if j.seed is not None}))
+
+
+def group_jobs(jobs: list[Job]) -> list[Configuration]:
+    """Jobs with the same strategy and overrides (seed aside) form one configuration; first-seen order."""
+    groups: dict[tuple, Configuration] = {}
+    for job in jobs:
+        key = (job.strategy, tuple(sorted(job.configuration)))  # the same overrides in any order
+        groups.setdefault(key, Configuration(job.strategy, job.configuration, [])).jobs.append(job)
+    return list(groups.values())
+
+
+def swept_keys(configs: list[Configuration]) -> list[str]:
+    """Override keys whose value differs between configurations (strategy has its own column); with a single
+    configuration, all of its keys, so that the row says what was run."""
+    keys = list(dict.fromkeys(k for c in configs for k in c.settings if k != "strategy"))
+    if len(configs) == 1:
+        return keys
+    return [k for k in keys if len({c.settings.get(k) for c in configs}) > 1]
+
+
+def resolve_metric(name: str) -> str:
+    metric = ALIASES.get(name.lower(), name)
+    if metric not in METRICS:
+        raise ValueError(f"--sort: unknown metric {name!r}; expected one of {', '.join([*METRICS, *ALIASES])}")
+    return metric
+
+
+def higher_is_better(metric: str, jobs: list[Job]) -> bool:
+    """The metric's direction; the average score reads lower-is-better when every task is scored by perplexity."""
+    if metric in ("average_accuracy", "average_learning_curve_area"):
+        kinds = {m for j in jobs for m in j.metrics.get("metric_per_task") or []}
+        if kinds and kinds <= plots.LOWER_IS_BETTER:
+            return False
+    return METRICS[metric][1]
+
+
+def rank(configs: list[Configuration], metric: str, higher: bool) -> list[Configuration]:
+    """Best first by the mean of ``metric``; configurations without a value (all failed) last."""
+    def key(config: Configuration) -> tuple:
+        mean = config.stat(metric)[0]
+        return (mean is None, 0.0 if mean is None else (-mean if higher else mean))
+
+    return sorted(configs, key=key)
+
+
+def summary_rows(configs: list[Configuration], keys: list[str], metric: str) -> list[dict[str, Any]]:
+    """One CSV-ready dict per configuration (in the given order): swept values, run counts, mean and std of
+    every metric, the difference to the first row in ``metric``, and the errors of jobs that did not complete."""
+    best = configs[0].stat(metric)[0] if configs else None
+    rows = []
+    for i, config in enumerate(configs, 1):
+        row: dict[str, Any] = {"rank": i, "strategy": config.strategy}
+        row.update({k: config.settings.get(k, "") for k in keys})
+        row.update({"seeds": config.seeds(), "runs": len(config.jobs), "completed": len(config.completed),
+                    "status": config.status()})
+        for name in METRICS:
+            mean, std, _ = config.stat(name)
+            row[f"{name}_mean"], row[f"{name}_std"] = mean, std
+        mean = config.stat(metric)[0]
+        row[f"delta_{metric}"] = None if mean is None or best is None else mean - best
+        row["errors"] = "; ".join(f"{j.name}: {j.error}" for j in config.jobs if j.status != "completed"
+                                  and j.error)
+        rows.append(row)
+    return rows
+
+
+def job_rows(jobs: list[Job]) -> list[dict[str, Any]]:
+    """One CSV-ready dict per job (jobs.csv): the raw material of the summary."""
+    return [{"job": j.name, "status": j.status, "error": j.error or "", "strategy": j.strategy, "seed": j.seed,
+             "overrides": " ".join(j.configuration), **{name: j.value(name) for name in METRICS}} for j in jobs]
+
+
+def mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def formatted(rows: list[dict[str, Any]], keys: list[str], metric: str) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the printed table (console and Markdown): metrics as mean ± std."""
+    headers = ["#", "strategy", *keys, "seeds", "runs"]
+    for name in SHOWN:
+        headers.append(METRICS[name][0])
+        if name == metric:
+            headers.append("Δ best")
+    if metric not in SHOWN:
+        headers += [METRICS[metric][0], "Δ best"]
+    headers.append("status")
+    cells = []
+    for row in rows:
+        line = [str(row["rank"]), row["strategy"], *(str(row[k]) for k in keys), row["seeds"] or "-",
+                str(row["completed"]) if row["completed"] == row["runs"] else f"{row['completed']} of {row['runs']}"]
+        shown = SHOWN if metric in SHOWN else [*SHOWN, metric]
+        for name in shown:
+            line.append(mean_std(row[f"{name}_mean"], row[f"{name}_std"], 1 if name == "wall_time_s" else 3))
+            if name == metric:
+                delta = row[f"delta_{metric}"]
+                line.append("-" if delta is None else f"{delta:+.{1 if name == 'wall_time_s' else 3}f}")
+        line.append(row["status"])
+        cells.append(line)
+    return headers, cells
+
+
+# ------------------------------------------------------------------------------------------------ a report
+@dataclass
+class Report:
+    sources: list[Path]
+    jobs: list[Job]
+    configs: list[Configuration]  # ranked, best first
+    keys: list[str]  # swept override keys
+    metric: str
+    higher: bool
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return summary_rows(self.configs, self.keys, self.metric)
+
+    @property
+    def unfinished(self) -> list[Job]:
+        return [j for j in self.jobs if j.status != "completed"]
+
+    def direction(self) -> str:
+        return f"{METRICS[self.metric][0]}, {'higher' if self.higher else 'lower'} is better"
+
+
+def build_report(paths: list[Path], metric: str = "average_accuracy") -> Report:
+    """Read every run under ``paths`` and rank its configurations by ``metric``; raises ValueError (naming the
+    path) when a path is missing or holds no run."""
+    metric = resolve_metric(metric)
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_dir():
+            raise ValueError(f"{path}: not a directory")
+        if not find_run_dirs(path):
+            raise ValueError(f"{path}: no runs found (a run directory holds metrics.json or .hydra/overrides.yaml)")
+    jobs = read_jobs(paths)
+    higher = higher_is_better(metric, jobs)
+    configs = rank(group_jobs(jobs), metric, higher)
+    return Report(paths, jobs, configs, swept_keys(configs), metric, higher)
+
+
+def _unfinished_note(job: Job) -> str:
+    if job.status == "interrupted":
+        return f"interrupted; resume with: cl-run resume={job.path}"
+    if job.status == "running":
+        return job.error or "still running, or killed without a word (metrics.json says running)"
+    return job.error or "no error recorded"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def print_report(report: Report, console: Console) -> None:
+    headers, cells = formatted(report.rows, report.keys, report.metric)
+    failed = sum(j.status == "failed" for j in report.jobs)
+    table = Table(title=f"{_count(len(report.configs), 'configuration')}, {_count(len(report.jobs), 'job')}"
+                        f"{f' ({failed} failed)' if failed else ''} · sorted by {report.direction()} · "
+                        "mean ± std over seeds", title_justify="left")
+    for k, header in enumerate(headers):
+        text = header in ("strategy", "status", *report.keys)
+        widest = max(len(line[k]) for line in cells) if cells else 1
+        # numbers are never folded; names fold, but keep a readable width when the terminal is narrow
+        table.add_column(escape(header), justify="left" if text else "right", no_wrap=not text, overflow="fold",
+                         min_width=min(widest, 14) if text else widest)
+    for line in cells:
+        status = line[-1]
+        style = "" if status == "completed" else "red" if "failed" in status else "yellow"
+        table.add_row(*(escape(c) for c in line[:-1]), f"[{style}]{escape(status)}[/{style}]" if style else status)
+    # To a file or pipe, or where even folded names do not fit: print the table whole; the terminal may wrap
+    # its lines, but no number is cut.
+    natural = Measurement.get(console, console.options.update_width(10_000), table)
+    if not console.is_terminal or console.width < natural.minimum:
+        console.width = max(console.width, natural.maximum)
+    console.print(table)
+    for job in report.unfinished:
+        console.print(f"[red]{job.status}[/red] {escape(job.name)}: {escape(_unfinished_note(job))}", soft_wrap=True)
+
+
+def markdown(report: Report) -> str:
+    headers, cells = formatted(report.rows, report.keys, report.metric)
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
+
+    out = ["# cl-report", "",
+           f"Sorted by {report.direction()}, best first. Metrics are mean ± std over a configuration's seeds "
+           "(sample std, n − 1) where it ran with several; `runs` counts the completed runs averaged. "
+           f"Δ best: difference to the first row. Sources: {', '.join(f'`{p}`' for p in report.sources)}.", "",
+           line(headers), line(["---"] * len(headers)), *(line(c) for c in cells), ""]
+    if report.unfinished:
+        out += ["## Jobs that did not complete", ""]
+        out += [f"- `{j.name}`: **{j.status}**: {_unfinished_note(j)}" for j in report.unfinished]
+        out.append("")
+    return "\n".join(out)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+
+
+def sweep_series(report: Report, parameter: str) -> dict[str, list[plots.Point]]:
+    """The points of ``metric`` against ``parameter``: one series per strategy, split further by the other
+    swept values when those differ within the strategy."""
+    with_value = [c for c in report.configs if parameter in c.settings and c.stat(report.metric)[0] is not None]
+    others = [k for k in report.keys if k != parameter]
+    series: dict[str, list[plots.Point]] = {}
+    for config in with_value:
+        same_strategy = [c for c in with_value if c.strategy == config.strategy]
+        varying = [k for k in others if len({c.settings.get(k) for c in same_strategy}) > 1]
+        label = ", ".join([config.strategy, *(f"{k}={compact(config.settings.get(k, '-'))}" for k in varying)])
+        mean, std, n = config.stat(report.metric)
+        series.setdefault(label, []).append((config.settings[parameter], mean, std, n))
+    return series
+
+
+def write_plots(report: Report, out_dir: Path) -> list[Path]:
+    """For a sweep: the metric against each swept value (or per strategy when only the strategy varies). For
+    the best configuration: its score matrix and learning curves, averaged over its seeds."""
+    written: list[Path] = []
+    long, short = LONG_NAMES[report.metric], METRICS[report.metric][0]
+    label = (long if short in long else f"{long} ({short})") + ("" if report.higher else ", lower is better")
+    if len(report.configs) > 1:
+        for parameter in report.keys:
+            series = sweep_series(report, parameter)
+            if sum(len(points) for points in series.values()) > 1:
+                written.append(plots.metric_vs_parameter(
+                    out_dir / f"{report.metric}_vs_{_safe(parameter)}.png", parameter, label, series,
+                    f"{label} against {parameter} (mean ± std over seeds)"))
+        strategies = [c for c in report.configs if c.stat(report.metric)[0] is not None]
+        if not report.keys and len({c.strategy for c in strategies}) > 1:
+            points = [(c.strategy, *c.stat(report.metric)) for c in strategies]
+            written.append(plots.metric_vs_parameter(
+                out_dir / f"{report.metric}_by_strategy.png", "strategy", label, {"": points},
+                f"{label} by strategy (mean ± std over seeds)"))
+    best = next((c for c in report.configs if c.completed and c.completed[0].score_rows()), None)
+    if best is not None:
+        runs = [j for j in best.completed if j.score_rows() is not None
+                and j.metrics["tasks"] == best.completed[0].metrics["tasks"]]
+        tasks = runs[0].metrics["tasks"]
+        kinds = runs[0].metrics.get("metric_per_task") or ["score"] * len(tasks)
+        matrices = [j.score_rows() for j in runs]
+        mean_rows = [[statistics.fmean(m[i][j] for m in matrices) for j in range(len(tasks))]
+                     for i in range(len(matrices[0]))]
+        setting = " ".join([best.strategy, *(f"{k}={compact(best.settings[k])}" for k in report.keys
+                                             if k in best.settings)])
+        title = f"best by {METRICS[report.metric][0]}: {setting} ({_runs(len(runs))})"
+        written.append(plots.score_matrix(out_dir / "best_score_matrix.png", tasks, mean_rows, kinds, title))
+        written.append(plots.learning_curves(out_dir / "best_learning_curves.png", tasks, mean_rows, kinds, title))
+    return written
+
+
+def compact(value: str) -> str:
+    """A swept value for a title or legend: long floats (Optuna's samples) to 4 significant digits."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if len(value) <= 8 or not math.isfinite(number) else f"{number:.4g}"
+
+
+def _runs(n: int) -> str:
+    return "1 run" if n == 1 else f"mean of {n} runs"
+
+
+def write_report(report: Report, out_dir: Path, with_plots: bool = True) -> list[Path]:
+    """``report.csv`` (one row per configuration), ``report.md``, ``jobs.csv`` (one row per job) and the plots."""
+    out_dir = Path(out_dir)
+    files = {"report.csv": _csv(report.rows), "report.md": markdown(report), "jobs.csv": _csv(job_rows(report.jobs))}
+    for name, text in files.items():
+        write_atomic(out_dir / name, text)
+    written = [out_dir / name for name in files]
+    return written + (write_plots(report, out_dir) if with_plots else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="cl-report",
+        description="One table from cl-run runs and sweeps: a row per configuration (overrides less seed), "
+                    "mean ± std over seeds, best first; written as report.csv, report.md, jobs.csv and PNG plots.")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a run, a sweep, or a folder of them")
+    parser.add_argument("--sort", default="average_accuracy", metavar="METRIC",
+                        help=f"rank by this metric, best first: {', '.join(METRICS)} (or {', '.join(ALIASES)}); "
+                             "default average_accuracy")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the files (default: the PATH when one is given, else ./report)")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.paths, args.sort)
+    except ValueError as exc:
+        print(f"cl-report: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    out_dir = args.out or (args.paths[0] if len(args.paths) == 1 else Path("report"))
+    console = Console()
+    print_report(report, console)
+    written = write_report(report, out_dir, with_plots=not args.no_plots)
+    console.print(f"written to [bold]{escape(str(out_dir))}[/bold]: {', '.join(p.name for p in written)}")
+
+
+if __name__ == "__main__":
+    main()
