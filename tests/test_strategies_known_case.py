@@ -34,6 +34,7 @@ def test_strategy_sweeps_run_as_multiruns(tmp_path, sweep):
     assert proc.returncode == 0, proc.stderr
     (sweep_dir,) = list((tmp_path / "outputs" / "multirun").glob("*/*"))
     key, values = sweep[1].split("=")
-    got = [json.loads((sweep_dir / str(i) / "metrics.json").read_text())["config"]["strategy"][key.split(".")[1]]
-           for i in range(2)]
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]
+    got = [json.loads((job / "metrics.json").read_text())["config"]["strategy"][key.split(".")[1]] for job in jobs]
     assert got == [float(v) if "lambda" in key else int(v) for v in values.split(",")]
