@@ -166,6 +166,7 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_di
         model=model, device=device, autocast=autocast,
         collate=partial(collate, pad_id=tokenizer.pad_token_id, device=device),
         task_names=names, train_sets=[e.train for e in encoded], batch_size=cfg.train.batch_size, seed=cfg.seed,
+        eos_id=tokenizer.eos_token_id, decode=partial(tokenizer.decode, skip_special_tokens=True),
     )
     writer = RunWriter(run_dir, names)
     if config_yaml:
@@ -305,6 +306,7 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_di
     summary = cl_metrics.summarize(rows[1:], rows[0], [t.higher_is_better for t in tasks], names)
     info.update(summary)
     info["strategy_accounting"] = strategy.accounting()
+    info["parameters"]["final"] = parameter_counts(model)  # adapters and columns add parameters on the way
     info["wall_time_s"] = round(elapsed_before + time.perf_counter() - started, 3)
     info["status"] = "completed"
     writer.write_metrics(info)

@@ -100,6 +100,8 @@ class TaskConfig:
     stop: str = "\n"  # generation stops at EOS or this string
     max_train_examples: int | None = None  # subsample (seeded) when set
     max_eval_examples: int | None = None
+    max_train_per_class: int | None = None  # at most this many training rows per target_column value (seeded)
+    max_eval_per_class: int | None = None  # the same for validation and test; applied before the max_*_examples caps
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
@@ -113,6 +115,8 @@ class TaskConfig:
         _fraction(errs, f"{key}.validation_fraction", self.validation_fraction, closed_right=False)
         _positive(errs, f"{key}.max_train_examples", self.max_train_examples)
         _positive(errs, f"{key}.max_eval_examples", self.max_eval_examples)
+        _positive(errs, f"{key}.max_train_per_class", self.max_train_per_class)
+        _positive(errs, f"{key}.max_eval_per_class", self.max_eval_per_class)
         if self.metric == "label_accuracy" and self.source == "datasets" and not (self.verbalizer or self.labels):
             errs.append(f"{key}.labels: label_accuracy needs a label set (labels or verbalizer)")
         return errs
@@ -288,6 +292,88 @@ class EWCReplayConfig(EWCConfig, ReplayConfig):
         return EWCConfig.errors(self, key) + ReplayConfig.errors(self, key)
 
 
+@dataclass
+class SharedLoRAConfig(StrategyConfig):
+    name: str = "shared_lora"
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA scaling: the update is B A x * alpha / rank
+    dropout: float = 0.0  # dropout on the LoRA input
+    target_modules: list[str] | None = None  # module names (or suffixes) to adapt; null = every linear but the head
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        _positive(errs, f"{key}.rank", self.rank)
+        _positive(errs, f"{key}.alpha", self.alpha)
+        _fraction(errs, f"{key}.dropout", self.dropout, closed_right=False)
+        if self.target_modules is not None and not self.target_modules:
+            errs.append(f"{key}.target_modules: expected null or a non-empty list of module names")
+        return errs
+
+
+@dataclass
+class AdaptersConfig(SharedLoRAConfig):
+    name: str = "adapters"
+    merge: bool = False  # evaluate the merged model (every adapter at once, no task identity)
+    orthogonal_lambda: float = 0.0  # O-LoRA: weight of sum |A_old A_new^T| (0 = off)
+
+    def errors(self, key: str) -> list[str]:
+        errs = SharedLoRAConfig.errors(self, key)
+        _positive(errs, f"{key}.orthogonal_lambda", self.orthogonal_lambda, allow_zero=True)
+        return errs
+
+
+@dataclass
+class ProgressiveConfig(StrategyConfig):
+    name: str = "progressive"
+    rank: int = 8  # rank r of a column's update of each linear layer
+    alpha: float = 16.0  # scaling of the updates: B A x * alpha / rank
+    backbone_first_task: bool = False  # true: the LM itself is the first task's column (fine-tuned, then frozen)
+    lateral: bool = True  # a new column gets gated input from the earlier columns' updates
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        _positive(errs, f"{key}.rank", self.rank)
+        _positive(errs, f"{key}.alpha", self.alpha)
+        return errs
+
+
+@dataclass
+class MERConfig(ReplayConfig):
+    name: str = "mer"
+    inner_steps: int = 5  # optimizer steps (micro-batches) per meta-batch
+    beta: float = 0.5  # within-batch Reptile rate: theta_0 + beta (theta - theta_0)
+    gamma: float = 1.0  # across-batch Reptile rate, every meta_batches meta-batches
+    meta_batches: int = 1  # meta-batches per across-batch update
+
+    def errors(self, key: str) -> list[str]:
+        errs = ReplayConfig.errors(self, key)
+        _positive(errs, f"{key}.inner_steps", self.inner_steps)
+        _positive(errs, f"{key}.meta_batches", self.meta_batches)
+        for name in ("beta", "gamma"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                errs.append(f"{key}.{name}: expected a value in (0, 1], got {value!r}")
+        return errs
+
+
+@dataclass
+class LAMOLConfig(StrategyConfig):
+    name: str = "lamol"
+    gen_ratio: float = 0.2  # pseudo-examples per earlier task, as a fraction of the new task's size (0 = off)
+    lm_lambda: float = 0.25  # weight of the generation (LM) loss
+    top_k: int = 20  # sampling keeps the k most likely tokens
+    temperature: float = 1.0  # sampling temperature
+    gen_batch_size: int = 64  # sequences sampled at once
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        _positive(errs, f"{key}.gen_ratio", self.gen_ratio, allow_zero=True)
+        _positive(errs, f"{key}.lm_lambda", self.lm_lambda, allow_zero=True)
+        for name in ("top_k", "temperature", "gen_batch_size"):
+            _positive(errs, f"{key}.{name}", getattr(self, name))
+        return errs
+
+
 STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {
     "naive": NaiveConfig,
     "joint": JointConfig,
@@ -296,6 +382,11 @@ STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {
     "l2": L2Config,
     "lwf": LwFConfig,
     "ewc_replay": EWCReplayConfig,
+    "adapters": AdaptersConfig,
+    "shared_lora": SharedLoRAConfig,
+    "progressive": ProgressiveConfig,
+    "mer": MERConfig,
+    "lamol": LAMOLConfig,
 }
 
 

@@ -1,7 +1,12 @@
 """Shared pytest set-up: the helpers in helpers.py; GPU tests skip cleanly without CUDA."""
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads cost more than they give (and subprocesses
+import pytest  # noqa: E402  inherit it), which keeps the suite fast on a loaded 2-core machine
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

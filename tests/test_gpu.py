@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import make_config, run_quietly
 
 from cl_runner.run import autocast_factory, resolve_device
 from cl_runner.schema import DeviceConfig
-from helpers import make_config, run_quietly
 
 pytestmark = pytest.mark.gpu
 

@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from helpers import make_config, run_quietly, write_jsonl
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from cl_runner.errors import DataError, ModelError
 from cl_runner.models import train_tokenizer
-from helpers import make_config, run_quietly, write_jsonl
 
 
 @pytest.fixture(scope="module")

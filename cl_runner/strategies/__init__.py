@@ -15,6 +15,11 @@ STRATEGIES: dict[str, str] = {
     "l2": "cl_runner.strategies.ewc:L2",
     "lwf": "cl_runner.strategies.lwf:LwF",
     "ewc_replay": "cl_runner.strategies.ewc_replay:EWCReplay",
+    "adapters": "cl_runner.strategies.adapters:Adapters",
+    "shared_lora": "cl_runner.strategies.adapters:SharedLoRA",
+    "progressive": "cl_runner.strategies.progressive:Progressive",
+    "mer": "cl_runner.strategies.mer:MER",
+    "lamol": "cl_runner.strategies.lamol:LAMOL",
 }
 
 

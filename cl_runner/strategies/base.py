@@ -37,6 +37,8 @@ class Context:
     epoch: int = 0
     extras: dict[str, Any] = field(default_factory=dict)  # numbers a strategy logs (penalty, buffer size, ...)
     artifacts: dict[str, str] = field(default_factory=dict)  # file name -> text the run writes to its directory
+    eos_id: int | None = None  # the tokenizer's EOS id (ends every target); None when unknown
+    decode: Callable[[list[int]], str] | None = None  # token ids -> text, for artifacts users read
 
     @property
     def task_name(self) -> str:

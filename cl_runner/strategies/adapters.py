@@ -1,0 +1,135 @@
+"""Model extension with LoRA adapters: a new adapter per task over a frozen base (``adapters``, optionally
+O-LoRA's orthogonality penalty), or one adapter trained through the whole sequence (``shared_lora``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from cl_runner.lm import Encoded
+from cl_runner.strategies.anchor import LOG_EVERY
+from cl_runner.strategies.base import Context, Strategy
+from cl_runner.strategies.common import tensor_bytes
+from cl_runner.strategies.lora import (
+    activate,
+    add_lora,
+    count,
+    lora_a_pairs,
+    lora_parameters,
+    subspace_overlap,
+    train_only,
+)
+
+INIT_SALT = 31  # ctx.generator-style seed offset of a new adapter's initialisation
+
+
+def adapter_name(task: int) -> str:
+    return f"task{task}"
+
+
+class Adapters(Strategy):
+    """Before task t: adapter ``task{t}`` is added (B = 0, so the model starts as the base) and is the only
+    trainable tensor; the base and adapters 0..t-1 are frozen, so their weights stay bit-identical.
+
+    Evaluation (``before_eval``) with task identity: task j is scored with adapter j alone, a task without an
+    adapter yet with the base model alone. With ``merge``: every adapter so far is active at once, i.e. the
+    merged model ``W + sum_t B_t A_t`` (computed unmerged, so the base weights are never rewritten), with no
+    task identity; training then also runs with the old adapters active (frozen), as O-LoRA does.
+    ``orthogonal_lambda`` adds ``lambda * sum_layers |A_old A_new^T|_1`` to the loss (O-LoRA, Wang et al. 2023).
+    An evaluation can switch adapters in the middle of a task, so ``train_batches`` selects the training ones
+    again at the start of every epoch.
+    """
+
+    name = "adapters"
+    shared = False  # shared_lora: one adapter for the whole sequence
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.created = 0  # adapters added to the model so far (task order)
+        self.base_parameters = 0
+        self._pairs: list | None = None  # (old A stacked, new A) per layer, for the orthogonality loss
+        self.costs: dict[str, Any] = {}  # accounting, updated after each task
+
+    def names(self) -> list[str]:
+        return ["shared"] if self.shared else [adapter_name(t) for t in range(self.created)]
+
+    def training(self, task: int) -> list[str]:
+        """Active adapters while training ``task``."""
+        if self.shared:
+            return ["shared"]
+        return self.names() if self.cfg.merge else [adapter_name(task)]
+
+    def _add(self, ctx: Context, task: int) -> None:
+        if not self.base_parameters:
+            self.base_parameters = sum(p.numel() for p in ctx.model.parameters())
+        name = "shared" if self.shared else adapter_name(task)
+        add_lora(ctx.model, name, self.cfg, seed=ctx.seed * 1_000_003 + task * 7919 + INIT_SALT, device=ctx.device)
+        self.created = task + 1
+
+    def before_task(self, ctx: Context) -> None:
+        if not (self.shared and self.created):
+            self._add(ctx, ctx.task_index)
+        train_only(ctx.model, self.training(ctx.task_index)[-1])
+        activate(ctx.model, self.training(ctx.task_index))
+        self._pairs = None
+
+    def train_batches(self, ctx: Context, batches: Iterable[list[Encoded]]) -> Iterator[list[Encoded]]:
+        activate(ctx.model, self.training(ctx.task_index))  # a validation pass may have switched adapters
+        yield from batches
+
+    def loss(
+        self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor
+    ) -> torch.Tensor:
+        if self.shared or self.cfg.orthogonal_lambda == 0 or ctx.task_index == 0:
+            return loss
+        if self._pairs is None:
+            old = [adapter_name(t) for t in range(ctx.task_index)]
+            self._pairs = lora_a_pairs(ctx.model, old, adapter_name(ctx.task_index))
+        with torch.autocast(ctx.device.type, enabled=False):
+            overlap = subspace_overlap(self._pairs)
+        if ctx.step % LOG_EVERY == 0:
+            ctx.extras["lora_overlap"] = float(overlap.detach())
+        return loss + self.cfg.orthogonal_lambda * overlap
+
+    def before_eval(self, ctx: Context, task_index: int) -> None:
+        if self.shared or self.cfg.merge:
+            activate(ctx.model, self.names())
+        else:
+            activate(ctx.model, [adapter_name(task_index)] if task_index < self.created else [])
+
+    def on_resume(self, ctx: Context) -> None:
+        """Re-create the adapters the checkpoint holds; the newest is the trainable one (its task may be
+        unfinished; if it is finished, the next ``before_task`` freezes it)."""
+        created, self.created = self.created, 0
+        for task in range(min(created, 1) if self.shared else created):
+            self._add(ctx, task)
+        self.created = created
+        if created:
+            train_only(ctx.model, self.training(created - 1)[-1])
+            activate(ctx.model, self.training(created - 1))
+
+    def after_task(self, ctx: Context) -> None:
+        per_adapter = [lora_parameters(ctx.model, n) for n in self.names()]
+        self.costs = {"base_parameters_frozen": self.base_parameters, "adapters": len(per_adapter),
+                      "trainable_parameters": count(per_adapter[-1]),
+                      "extra_parameters": sum(count(a) for a in per_adapter),
+                      "extra_bytes": tensor_bytes(p for a in per_adapter for _, p in a)}
+
+    def accounting(self) -> dict[str, Any]:
+        return dict(self.costs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"created": self.created, "base_parameters": self.base_parameters, "costs": dict(self.costs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.created, self.base_parameters = int(state["created"]), int(state["base_parameters"])
+        self.costs = dict(state["costs"])
+
+
+class SharedLoRA(Adapters):
+    """One LoRA adapter over the frozen base, trained on every task in turn: the adapters baseline."""
+
+    name = "shared_lora"
+    shared = True

@@ -1,0 +1,142 @@
+"""LAMOL (Sun et al. 2020): the LM also learns to generate its tasks' examples, and replays what it generates
+(sampling, parsing and the generation batch are plain functions in ``pseudo.py``)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import torch
+
+from cl_runner.errors import ConfigError
+from cl_runner.lm import Encoded, causal_lm_loss
+from cl_runner.strategies.anchor import LOG_EVERY
+from cl_runner.strategies.base import Context, Strategy
+from cl_runner.strategies.pseudo import answer_cue, generation_batch, parse_sample, prompt_of, sample_after
+from cl_runner.strategies.seeding import seeded_rng
+
+GEN_SALT = 51  # ctx.generator salt (+ the earlier task's index): top-k sampling of that task's pseudo-examples
+INIT_SALT = 52  # seed offset of the (overwritten) initialisation of the generation tokens' rows
+
+
+class LAMOL(Strategy):
+    """One generation token per task (``GEN_t``, new rows of the embedding matrix, added before the first
+    task). Every micro-batch (real and pseudo examples) gets ``loss + lm_lambda * generation loss``, the latter
+    on ``[GEN_t] + prompt + answer + [EOS]`` with every token a target (a second forward pass).
+
+    Before task t, for every earlier task s, ``round(gen_ratio * |D_t|)`` sequences are sampled after
+    ``GEN_s`` (top-k, ``temperature``, a generator seeded from the run seed, t and s), parsed at task s's answer
+    cue into (prompt, answer) and encoded like real examples of task s; malformed ones (no EOS, no cue, empty
+    prompt or answer, a generation token inside) are dropped and counted. Kept ones join task t's training
+    set. Each task's latest samples, kept or not, are written to ``lamol_pseudo_<task>.jsonl`` in the run
+    directory. ``gen_ratio = 0`` turns LAMOL off: no tokens, no generation loss, no sampling: naive exactly.
+    """
+
+    name = "lamol"
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.first_gen_id: int | None = None  # id of GEN_0 (then GEN_t = first_gen_id + t); None: not added
+        self.pseudo: list[Encoded] = []  # the current task's pseudo-examples (of every earlier task)
+        self.stats: dict[str, dict[str, int]] = {}  # task -> counts of its latest generation, by outcome
+        self.files: dict[str, str] = {}  # artifacts, kept for resume
+        self.costs: dict[str, Any] = {}
+        self._gen_ids: torch.Tensor | None = None
+
+    def _grow_vocabulary(self, ctx: Context) -> None:
+        """One row per task for the generation tokens in the input (and an untied output) embedding matrix,
+        each set to the mean of the old rows: deterministic, and no draw from any RNG stream."""
+        with seeded_rng(ctx.seed * 1_000_003 + INIT_SALT, ctx.device):  # HF's own init of the rows, overwritten
+            ctx.model.resize_token_embeddings(self.first_gen_id + len(ctx.task_names), mean_resizing=False)
+        with torch.no_grad():
+            for weight in self._tables(ctx).values():
+                weight[self.first_gen_id :] = weight[: self.first_gen_id].mean(0)
+
+    @staticmethod
+    def _tables(ctx: Context) -> dict[int, torch.Tensor]:
+        """The embedding matrices, a tied input/output pair once."""
+        modules = (ctx.model.get_input_embeddings(), ctx.model.get_output_embeddings())
+        return {id(m.weight): m.weight for m in modules if m is not None}
+
+    def gen_ids(self, ctx: Context) -> torch.Tensor:
+        if self._gen_ids is None:
+            self._gen_ids = torch.arange(len(ctx.task_names), device=ctx.device) + self.first_gen_id
+        return self._gen_ids
+
+    def before_task(self, ctx: Context) -> None:
+        if self.cfg.gen_ratio == 0:
+            return
+        if self.first_gen_id is None:
+            self.first_gen_id = ctx.model.get_input_embeddings().num_embeddings
+            self._grow_vocabulary(ctx)
+        count = round(self.cfg.gen_ratio * len(ctx.train_sets[ctx.task_index]))
+        self.pseudo = [e for s in range(ctx.task_index) for e in self._generate(ctx, s, count)]
+        ctx.extras["lamol_pseudo_examples"] = len(self.pseudo)
+
+    def _generate(self, ctx: Context, task: int, count: int) -> list[Encoded]:
+        real, name = ctx.train_sets[task], ctx.task_names[task]
+        cue = answer_cue(real)
+        if not cue:
+            raise ConfigError(f"strategy=lamol: the prompts of task {name!r} share no ending (answer cue) to split "
+                              "generated examples at; give it a template ending in a fixed cue such as '\\nAnswer:'")
+        shortest = min(len(prompt_of(e)) for e in real)
+        rows = sample_after(ctx, self.first_gen_id + task, count, max(len(e["input_ids"]) for e in real),
+                            ctx.eos_id, shortest, self.cfg.top_k, self.cfg.temperature,
+                            ctx.generator(GEN_SALT + task), self.cfg.gen_batch_size)
+        decode = ctx.decode or (lambda ids: " ".join(map(str, ids)))
+        kept, outcomes, lines = [], Counter(), []
+        for row in rows:
+            example, outcome = (None, "gen_token") if max(row) >= self.first_gen_id else parse_sample(
+                row, cue, ctx.eos_id, min(len(cue) + 1, shortest), task)
+            outcomes[outcome] += 1
+            line = {"task": name, "generated_before": ctx.task_name, "outcome": outcome}
+            if example is None:
+                line["text"] = decode([t for t in row if t < self.first_gen_id])
+            else:
+                kept.append(example)
+                prompt = prompt_of(example)
+                line |= {"prompt": decode(prompt), "answer": decode(example["input_ids"][len(prompt) : -1])}
+            lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+        self.stats[name] = {"sampled": len(rows), **dict(sorted(outcomes.items()))}
+        self.files[f"lamol_pseudo_{name}.jsonl"] = ctx.artifacts[f"lamol_pseudo_{name}.jsonl"] = "".join(lines)
+        return kept
+
+    def train_dataset(self, ctx: Context, examples: list[Encoded]) -> list[Encoded]:
+        return examples + self.pseudo if self.pseudo else examples
+
+    def loss(
+        self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor
+    ) -> torch.Tensor:
+        if self.cfg.gen_ratio == 0 or self.cfg.lm_lambda == 0:
+            return loss
+        gen = generation_batch(batch, self.gen_ids(ctx))
+        logits = ctx.model(input_ids=gen["input_ids"], attention_mask=gen["attention_mask"]).logits
+        generation_loss = causal_lm_loss(logits, gen["labels"])
+        if ctx.step % LOG_EVERY == 0:
+            ctx.extras["lamol_generation_loss"] = float(generation_loss.detach())
+        return loss + self.cfg.lm_lambda * generation_loss
+
+    def after_task(self, ctx: Context) -> None:
+        rows = len(ctx.task_names) if self.first_gen_id is not None else 0
+        tables = self._tables(ctx)
+        self.costs = {"trainable_parameters": sum(p.numel() for p in ctx.model.parameters() if p.requires_grad),
+                      "generation_tokens": rows, "extra_parameters": sum(rows * w.shape[1] for w in tables.values()),
+                      "pseudo_examples_trained": len(self.pseudo), "pseudo_examples": dict(self.stats)}
+
+    def on_resume(self, ctx: Context) -> None:
+        """Grow the vocabulary as the checkpoint's weights expect, and restore the artifacts to write."""
+        if self.first_gen_id is not None:
+            self._grow_vocabulary(ctx)
+        ctx.artifacts.update(self.files)
+
+    def accounting(self) -> dict[str, Any]:
+        return dict(self.costs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_gen_id": self.first_gen_id, "pseudo": self.pseudo, "stats": self.stats, "files": self.files,
+                "costs": self.costs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first_gen_id, self.pseudo = state["first_gen_id"], [dict(e) for e in state["pseudo"]]
+        self.stats, self.files, self.costs = dict(state["stats"]), dict(state["files"]), dict(state["costs"])

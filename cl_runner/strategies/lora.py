@@ -1,0 +1,89 @@
+"""LoRA adapters added to a model in place with peft: create, switch, freeze, count, and the O-LoRA overlap.
+
+The model object stays the same (peft's ``inject_adapter_in_model`` replaces the target layers inside it), so
+everything holding a reference to it (the scorer, the context) sees the adapters. Each adapter is named; a
+forward pass uses the *active* ones (their outputs add up: ``W x + sum_a B_a A_a x * alpha / rank``), and
+which parameters train is set separately, so switching adapters for an evaluation never unfreezes one.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import torch
+
+from cl_runner.errors import ConfigError
+from cl_runner.strategies.seeding import seeded_rng
+
+LORA_PARAM = re.compile(r"\.lora_(?:A|B)\.([^.]+)\.")  # ``...c_attn.lora_A.<adapter>.weight``
+
+
+def add_lora(model: torch.nn.Module, name: str, cfg: Any, seed: int, device: torch.device) -> None:
+    """Inject a new LoRA adapter ``name`` (``cfg``: rank, alpha, dropout, target_modules), seeded init."""
+    from peft import LoraConfig
+    from peft.functional import inject_adapter_in_model
+
+    targets = list(cfg.target_modules) if cfg.target_modules else "all-linear"
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                        bias="none")
+    with warnings.catch_warnings(), seeded_rng(seed, device):
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: peft flips it itself
+        warnings.filterwarnings("ignore", message=".*peft_config.*")  # "multiple adapters": intended here
+        try:
+            inject_adapter_in_model(config, model, adapter_name=name)
+        except ValueError as exc:  # e.g. no module of the model matches target_modules
+            raise ConfigError(f"strategy.target_modules: {exc}") from None
+
+
+def lora_parameters(model: torch.nn.Module, name: str | None = None) -> list[tuple[str, torch.nn.Parameter]]:
+    """The LoRA parameters of adapter ``name`` (every adapter's when None)."""
+    out = []
+    for n, p in model.named_parameters():
+        match = LORA_PARAM.search(n)
+        if match and (name is None or match.group(1) == name):
+            out.append((n, p))
+    return out
+
+
+def train_only(model: torch.nn.Module, name: str | None) -> None:
+    """``requires_grad`` on adapter ``name``'s parameters only (nothing trains when None)."""
+    for n, p in model.named_parameters():
+        match = LORA_PARAM.search(n)
+        p.requires_grad_(match is not None and match.group(1) == name)
+
+
+def activate(model: torch.nn.Module, names: list[str]) -> None:
+    """Make ``names`` the adapters of the forward pass ([] = the base model), leaving requires_grad as it was."""
+    from peft.functional import set_adapter
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    set_adapter(model, names)  # also flips requires_grad of the adapters it touches: undone below
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def lora_a_pairs(model: torch.nn.Module, old: list[str], new: str) -> list[tuple[torch.Tensor, torch.nn.Parameter]]:
+    """Per adapted layer: the old adapters' ``A`` matrices stacked (detached) and the new adapter's ``A``."""
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and new in module.lora_A and old:
+            stacked = torch.cat([module.lora_A[a].weight.detach() for a in old], dim=0)  # (r * len(old), in)
+            pairs.append((stacked, module.lora_A[new].weight))
+    return pairs
+
+
+def subspace_overlap(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """O-LoRA's orthogonality loss: ``sum_layers sum_jk |A_old A_new^T|_jk`` (0 when the row spaces are
+    orthogonal), in float32."""
+    total = torch.zeros((), device=pairs[0][1].device)
+    for old, new in pairs:
+        total = total + (old.float() @ new.float().T).abs().sum()
+    return total
+
+
+def count(params: list[tuple[str, torch.nn.Parameter]]) -> int:
+    return sum(p.numel() for _, p in params)

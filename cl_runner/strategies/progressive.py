@@ -1,0 +1,101 @@
+"""Progressive networks for causal LMs: a frozen column per finished task, a new laterally linked one per task
+(the column mathematics and the hooks that run them are in ``columns.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from torch import nn
+
+from cl_runner.lm import Encoded
+from cl_runner.strategies.base import Context, Strategy
+from cl_runner.strategies.columns import ColumnHooks, LoRAColumn, adapted_layers
+from cl_runner.strategies.common import tensor_bytes
+from cl_runner.strategies.seeding import seeded_rng
+
+INIT_SALT = 41  # seed offset of a new column's initialisation
+ATTRIBUTE = "progressive_columns"  # the ModuleDict's name on the model (and in its state_dict)
+
+
+class Progressive(Strategy):
+    """By default the LM is a frozen backbone and every task trains a new column (rank-``rank`` updates of
+    every linear layer of the blocks), with gated lateral input from the earlier columns when ``lateral``.
+    With ``backbone_first_task`` the LM itself is column 0: fine-tuned on the first task (every parameter
+    trains), then frozen under the later tasks' columns.
+
+    Evaluation needs the task's identity: task j is scored with its own column active (or the bare backbone
+    when j has none: the backbone's own task, or a task not trained yet). Parameters grow with every task:
+    a column costs ``sum_m r (in_m + out_m)`` plus ``k sum_m out_m`` lateral gates for ``k`` earlier columns
+    (``m`` over the adapted layers); ``accounting`` reports them per task, laterals separately.
+    """
+
+    name = "progressive"
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.tasks: list[int] = []  # tasks that have a column, in order
+        self.hooks: ColumnHooks | None = None
+        self.trainable: dict[str, int] = {}  # task name -> parameters trained on it
+        self.costs: dict[str, Any] = {}
+
+    def _columns(self, model: nn.Module) -> nn.ModuleDict:
+        if not hasattr(model, ATTRIBUTE):
+            model.add_module(ATTRIBUTE, nn.ModuleDict())
+            self.hooks = ColumnHooks(model, getattr(model, ATTRIBUTE))
+        return getattr(model, ATTRIBUTE)
+
+    def _add(self, ctx: Context, task: int) -> LoRAColumn:
+        model = getattr(ctx.model, "_orig_mod", ctx.model)  # under torch.compile: the model itself
+        n_earlier = len(self.tasks) if self.cfg.lateral else 0
+        dtype = model.get_output_embeddings().weight.dtype
+        with seeded_rng(ctx.seed * 1_000_003 + task * 7919 + INIT_SALT, ctx.device):
+            column = LoRAColumn(adapted_layers(model), self.cfg.rank, self.cfg.alpha, n_earlier)
+        self._columns(model)[str(task)] = column.to(ctx.device, dtype)
+        self.tasks.append(task)
+        return column
+
+    def _has_column(self, task: int) -> bool:
+        return task > 0 or not self.cfg.backbone_first_task
+
+    def before_task(self, ctx: Context) -> None:
+        if not self._has_column(ctx.task_index):
+            return  # the backbone trains on the first task like naive fine-tuning
+        ctx.model.requires_grad_(False)
+        self._add(ctx, ctx.task_index).requires_grad_(True)
+
+    def train_batches(self, ctx: Context, batches: Iterable[list[Encoded]]) -> Iterator[list[Encoded]]:
+        self.before_eval(ctx, ctx.task_index)  # a validation pass may have switched columns
+        yield from batches
+
+    def before_eval(self, ctx: Context, task_index: int) -> None:
+        if self.hooks is not None:
+            self.hooks.active = task_index if task_index in self.tasks else None
+
+    def after_task(self, ctx: Context) -> None:
+        trained = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
+        self.trainable[ctx.task_name] = trained
+        columns = getattr(getattr(ctx.model, "_orig_mod", ctx.model), ATTRIBUTE, nn.ModuleDict())
+        lateral = sum(p.numel() for c in columns.values() for p in c.gates.values())
+        extra = sum(p.numel() for p in columns.parameters())
+        self.costs = {"trainable_parameters_per_task": dict(self.trainable), "trainable_parameters": trained,
+                      "columns": len(columns), "extra_parameters": extra, "lateral_parameters": lateral,
+                      "extra_bytes": tensor_bytes(columns.parameters()),
+                      "backbone_parameters": sum(p.numel() for p in ctx.model.parameters()) - extra}
+
+    def on_resume(self, ctx: Context) -> None:
+        """Re-create the columns the checkpoint holds; only the newest trains (see ``Adapters.on_resume``)."""
+        tasks, self.tasks = self.tasks, []
+        for task in tasks:
+            ctx.model.requires_grad_(False)
+            self._add(ctx, task).requires_grad_(True)
+
+    def accounting(self) -> dict[str, Any]:
+        return dict(self.costs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "trainable": dict(self.trainable), "costs": dict(self.costs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tasks = [int(t) for t in state["tasks"]]
+        self.trainable, self.costs = dict(state["trainable"]), dict(state["costs"])
