@@ -156,11 +156,14 @@ def test_killed_before_first_checkpoint_restarts_from_the_beginning(tmp_path):
 
 def test_second_run_on_the_same_directory_is_refused(tmp_path):
     run_dir = tmp_path / "busy"
-    first = start(run_dir, "train.epochs=3")
+    first = start(run_dir, "train.epochs=200")  # long enough to still be running when the second one starts
     wait_for(lambda: (run_dir / "history.jsonl").exists())
-    second = cl_run(f"hydra.run.dir={run_dir}", *FAST, "train.epochs=3", cwd=tmp_path)
+    second = cl_run(f"hydra.run.dir={run_dir}", *FAST, "train.epochs=200", cwd=tmp_path)
+    still_running = first.poll() is None
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert still_running
     assert second.returncode == 2 and "is in use by another cl-run" in second.stderr
-    assert first.wait(timeout=120) == 0
 
 
 def test_rerun_sweep_skips_finished_jobs_and_completes_the_killed_one(tmp_path):
