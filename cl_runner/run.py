@@ -269,13 +269,17 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_di
                 bar = progress.add_task(f"[{i + 1}/{len(tasks)}] {names[i]}", total=None, loss="-", speed="-")
                 task_started = time.perf_counter()
 
-                def on_step(event: dict, bar=bar, i=i) -> None:
+                task_epochs = {}
+
+                def on_step(event: dict, bar=bar, i=i, epochs=task_epochs) -> None:
                     if event["event"] == "task_start":
-                        progress.update(bar, total=event["total_steps"], completed=event["step"],
-                                        description=f"[{i + 1}/{len(tasks)}] {names[i]} · {event['epochs']} epochs")
+                        epochs[0] = event["epochs"]
+                        progress.update(bar, total=event["total_steps"], completed=event["step"])
                     else:
                         progress.update(bar, completed=event["step"], loss=f"{event['loss']:.3f}",
-                                        speed=f"{event['tokens_per_s']:,.0f}")
+                                        speed=f"{event['tokens_per_s']:,.0f}",
+                                        description=f"[{i + 1}/{len(tasks)}] {names[i]} · epoch "
+                                                    f"{event['epoch']}/{epochs[0]}")
 
                 def on_epoch(record: EpochRecord) -> None:
                     writer.add_history(asdict(record))
