@@ -145,7 +145,7 @@ def _execute(config, run_dir: Path, config_yaml: str, resume: bool) -> int:
         return _report(f"CUDA out of memory training {config.model.name_or_path or 'the model'} with "
                        f"batch_size={t.batch_size} (grad_accum={t.grad_accum}) and max_length={t.max_length}: "
                        f"raise train.grad_accum (same batch, less memory) or lower train.eval_batch_size "
-                       f"({str(exc).splitlines()[0][:80]})", EXIT_OOM, debug=config.debug)
+                       f"({str(exc).splitlines()[0][:80]})", EXIT_OOM)
     except KeyboardInterrupt:
         return _report("interrupted at once (second Ctrl-C); resume from the last checkpoint with: "
                        f"cl-run resume={run_dir}", EXIT_INTERRUPTED)
@@ -161,7 +161,7 @@ def torch_oom() -> type[BaseException]:
     return getattr(torch, "OutOfMemoryError", RuntimeError)
 
 
-def _report(message: str, code: int, debug: bool = False) -> int:
+def _report(message: str, code: int) -> int:
     print(f"cl-run: error: {' '.join(message.split())}", file=sys.stderr)
     LAST_ERROR[0] = " ".join(message.split())
     return code
@@ -246,7 +246,7 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
 
     from cl_runner.errors import UserError
     from cl_runner.run import run_is_finished
-    from cl_runner.schema import register_configs, validate
+    from cl_runner.schema import Config, register_configs, validate
 
     run_dir = Path(path).expanduser().absolute()
     if other_overrides:
@@ -261,19 +261,13 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     register_configs()
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(_root_schema()), OmegaConf.load(saved))
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
         config = validate(cfg)
     except UserError as exc:
         return _report(f"resume: {run_dir / 'config.yaml'}: {exc}", EXIT_BAD_INPUT)
     except Exception as exc:
         return _report(f"resume: {saved} is not a valid cl-run config ({one_line(exc)})", EXIT_BAD_INPUT)
     return _execute(config, run_dir, saved.read_text(), resume=True)
-
-
-def _root_schema():
-    from cl_runner.schema import Config
-
-    return Config
 
 
 def main(argv: list[str] | None = None) -> None:

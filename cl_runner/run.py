@@ -175,7 +175,8 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_di
         "status": "running", "experiment_name": cfg.experiment_name, "strategy": cfg.strategy.name,
         "task_sequence": cfg.tasks.name, "tasks": names, "metric_per_task": [t.metric for t in tasks],
         "seed": cfg.seed, "device": str(device), "precision": precision,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "parameters": parameter_counts(model), "versions": package_versions(),
         "prompts_cut": {t.name: t.cut for t in encoded},
         "examples": {t.name: t.info["sizes"] for t in tasks},
