@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 
 from cl_runner.errors import ModelError
+from cl_runner.options import WEIGHT_DTYPES
 from cl_runner.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPES}  # model.dtype -> torch dtype
 
 
 def _looks_local(name: str) -> bool:

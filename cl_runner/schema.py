@@ -6,34 +6,20 @@ An unknown key or a wrong type fails when Hydra composes the config. Ranges and 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from cl_runner.errors import ConfigError
+from cl_runner.options import WEIGHT_DTYPES
+from cl_runner.options import check_choice as _choice
+from cl_runner.options import check_fraction as _fraction
+from cl_runner.options import check_positive as _positive
 
 METRICS = ("exact_match", "label_accuracy", "perplexity")
 TASK_SOURCES = ("facts", "datasets")
-
-
-def _choice(errors: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        errors.append(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
-
-
-def _positive(errors: list[str], key: str, value: Any, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if (value < 0) if allow_zero else (value <= 0):
-        errors.append(f"{key}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-
-
-def _fraction(errors: list[str], key: str, value: Any, closed_right: bool = True) -> None:
-    if value is not None and not (0 <= value <= 1 if closed_right else 0 <= value < 1):
-        errors.append(f"{key}: expected a value in [0, 1{']' if closed_right else ')'}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------- model / device
@@ -52,7 +38,7 @@ class ModelConfig:
         if self.name_or_path is None and "model_type" not in self.arch:
             errs.append(f"{key}.arch.model_type: required when {key}.name_or_path is null (e.g. gpt2)")
         _positive(errs, f"{key}.tokenizer_vocab_size", self.tokenizer_vocab_size)
-        _choice(errs, f"{key}.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice(errs, f"{key}.dtype", self.dtype, WEIGHT_DTYPES)
         return errs
 
 
@@ -126,6 +112,13 @@ class TaskConfig:
 class TasksConfig:
     name: str = MISSING
     tasks: list[TaskConfig] = field(default_factory=list)
+    # Compose time only: the definitions a sequence file takes from conf/tasks/catalogue/, which its `tasks` list
+    # points at ('${..catalogue.dbpedia}'; Hydra cannot build a list from files, it can build a dict). Emptied once
+    # validated, so the validated config (metrics.json) holds each task once, in `tasks`.
+    catalogue: dict[str, TaskConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.catalogue = {}
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
@@ -192,209 +185,11 @@ class CheckpointConfig:
         return errs
 
 
-# ----------------------------------------------------------------------------------------------- strategies
-@dataclass
-class StrategyConfig:
-    name: str = MISSING
-
-    def errors(self, key: str) -> list[str]:
-        return []
-
-
-@dataclass
-class NaiveConfig(StrategyConfig):
-    name: str = "naive"
-
-
-@dataclass
-class JointConfig(StrategyConfig):
-    name: str = "joint"
-
-
-@dataclass
-class ReplayConfig(StrategyConfig):
-    name: str = "replay"
-    buffer_size: int = 200  # examples kept in total, over all tasks
-    sampling: str = "reservoir"  # reservoir | random | importance | hardest
-    per_task: bool = False  # equal share of the buffer per task seen
-    replay_ratio: float = 0.25  # fraction of each training batch drawn from the buffer
-    replay_batch_size: int | None = None  # buffer examples per batch; overrides replay_ratio when set
-
-    def errors(self, key: str) -> list[str]:
-        errs: list[str] = []
-        _positive(errs, f"{key}.buffer_size", self.buffer_size)
-        _choice(errs, f"{key}.sampling", self.sampling, ("reservoir", "random", "importance", "hardest"))
-        _fraction(errs, f"{key}.replay_ratio", self.replay_ratio, closed_right=False)
-        _positive(errs, f"{key}.replay_batch_size", self.replay_batch_size)
-        return errs
-
-
-@dataclass
-class EWCConfig(StrategyConfig):
-    name: str = "ewc"
-    ewc_lambda: float = 1.0e5  # penalty weight: ewc_lambda/2 * sum F (theta - theta*)^2
-    fisher: str = "empirical"  # empirical (labels from the data) | sampled (labels sampled from the model)
-    fisher_samples: int = 256  # examples of the finished task used to estimate the Fisher
-    fisher_batch_size: int = 16  # examples per batched per-example-gradient chunk (bounds memory)
-    online: bool = False  # one running Fisher (online EWC) instead of one per task
-    gamma: float = 1.0  # online EWC decay of the old Fisher
-    ewc_params: str | None = None  # regex on parameter names; null = all trainable parameters
-    state_dtype: str = "float32"  # dtype of the stored Fisher and anchor: float32 | bfloat16
-
-    def errors(self, key: str) -> list[str]:
-        errs: list[str] = []
-        _positive(errs, f"{key}.ewc_lambda", self.ewc_lambda, allow_zero=True)
-        _choice(errs, f"{key}.fisher", self.fisher, ("empirical", "sampled"))
-        _positive(errs, f"{key}.fisher_samples", self.fisher_samples)
-        _positive(errs, f"{key}.fisher_batch_size", self.fisher_batch_size)
-        _fraction(errs, f"{key}.gamma", self.gamma)
-        _choice(errs, f"{key}.state_dtype", self.state_dtype, ("float32", "bfloat16"))
-        if self.ewc_params is not None:
-            try:
-                re.compile(self.ewc_params)
-            except re.error as exc:
-                errs.append(f"{key}.ewc_params: not a valid regular expression ({exc})")
-        return errs
-
-
-@dataclass
-class L2Config(StrategyConfig):
-    name: str = "l2"
-    l2_lambda: float = 1.0  # penalty weight: l2_lambda/2 * sum (theta - theta*)^2
-    ewc_params: str | None = None
-    state_dtype: str = "float32"
-
-    def errors(self, key: str) -> list[str]:
-        errs: list[str] = []
-        _positive(errs, f"{key}.l2_lambda", self.l2_lambda, allow_zero=True)
-        _choice(errs, f"{key}.state_dtype", self.state_dtype, ("float32", "bfloat16"))
-        return errs
-
-
-@dataclass
-class LwFConfig(StrategyConfig):
-    name: str = "lwf"
-    alpha: float = 1.0  # weight of the distillation term
-    temperature: float = 2.0
-
-    def errors(self, key: str) -> list[str]:
-        errs: list[str] = []
-        _positive(errs, f"{key}.alpha", self.alpha, allow_zero=True)
-        _positive(errs, f"{key}.temperature", self.temperature)
-        return errs
-
-
-@dataclass
-class EWCReplayConfig(EWCConfig, ReplayConfig):
-    name: str = "ewc_replay"
-
-    def errors(self, key: str) -> list[str]:
-        return EWCConfig.errors(self, key) + ReplayConfig.errors(self, key)
-
-
-@dataclass
-class SharedLoRAConfig(StrategyConfig):
-    name: str = "shared_lora"
-    rank: int = 8  # LoRA rank r
-    alpha: float = 16.0  # LoRA scaling: the update is B A x * alpha / rank
-    dropout: float = 0.0  # dropout on the LoRA input
-    target_modules: list[str] | None = None  # module names (or suffixes) to adapt; null = every linear but the head
-
-    def errors(self, key: str) -> list[str]:
-        errs: list[str] = []
-        _positive(errs, f"{key}.rank", self.rank)
-        _positive(errs, f"{key}.alpha", self.alpha)
-        _fraction(errs, f"{key}.dropout", self.dropout, closed_right=False)
-        if self.target_modules is not None and not self.target_modules:
-            errs.append(f"{key}.target_modules: expected null or a non-empty list of module names")
-        return errs
-
-
-@dataclass
-class AdaptersConfig(SharedLoRAConfig):
-    name: str = "adapters"
-    merge: bool = False  # evaluate the merged model (every adapter at once, no task identity)
-    orthogonal_lambda: float = 0.0  # O-LoRA: weight of sum |A_old A_new^T| (0 = off)
-
-    def errors(self, key: str) -> list[str]:
-        errs = SharedLoRAConfig.errors(self, key)
-        _positive(errs, f"{key}.orthogonal_lambda", self.orthogonal_lambda, allow_zero=True)
-        return errs
-
-
-@dataclass
-class ProgressiveConfig(StrategyConfig):
-    name: str = "progressive"
-    rank: int = 8  # rank r of a column's update of each linear layer
-    alpha: float = 16.0  # scaling of the updates: B A x * alpha / rank
-    backbone_first_task: bool = False  # true: the LM itself is the first task's column (fine-tuned, then frozen)
-    lateral: bool = True  # a new column gets gated input from the earlier columns' updates
-
-    def errors(self, key: str) -> list[str]:
-        errs: list[str] = []
-        _positive(errs, f"{key}.rank", self.rank)
-        _positive(errs, f"{key}.alpha", self.alpha)
-        return errs
-
-
-@dataclass
-class MERConfig(ReplayConfig):
-    name: str = "mer"
-    inner_steps: int = 5  # optimizer steps (micro-batches) per meta-batch
-    beta: float = 0.5  # within-batch Reptile rate: theta_0 + beta (theta - theta_0)
-    gamma: float = 1.0  # across-batch Reptile rate, every meta_batches meta-batches
-    meta_batches: int = 1  # meta-batches per across-batch update
-
-    def errors(self, key: str) -> list[str]:
-        errs = ReplayConfig.errors(self, key)
-        _positive(errs, f"{key}.inner_steps", self.inner_steps)
-        _positive(errs, f"{key}.meta_batches", self.meta_batches)
-        for name in ("beta", "gamma"):
-            value = getattr(self, name)
-            if not 0 < value <= 1:
-                errs.append(f"{key}.{name}: expected a value in (0, 1], got {value!r}")
-        return errs
-
-
-@dataclass
-class LAMOLConfig(StrategyConfig):
-    name: str = "lamol"
-    gen_ratio: float = 0.2  # pseudo-examples per earlier task, as a fraction of the new task's size (0 = off)
-    lm_lambda: float = 0.25  # weight of the generation (LM) loss
-    top_k: int = 20  # sampling keeps the k most likely tokens
-    temperature: float = 1.0  # sampling temperature
-    gen_batch_size: int = 64  # sequences sampled at once
-
-    def errors(self, key: str) -> list[str]:
-        errs: list[str] = []
-        _positive(errs, f"{key}.gen_ratio", self.gen_ratio, allow_zero=True)
-        _positive(errs, f"{key}.lm_lambda", self.lm_lambda, allow_zero=True)
-        for name in ("top_k", "temperature", "gen_batch_size"):
-            _positive(errs, f"{key}.{name}", getattr(self, name))
-        return errs
-
-
-STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {
-    "naive": NaiveConfig,
-    "joint": JointConfig,
-    "replay": ReplayConfig,
-    "ewc": EWCConfig,
-    "l2": L2Config,
-    "lwf": LwFConfig,
-    "ewc_replay": EWCReplayConfig,
-    "adapters": AdaptersConfig,
-    "shared_lora": SharedLoRAConfig,
-    "progressive": ProgressiveConfig,
-    "mer": MERConfig,
-    "lamol": LAMOLConfig,
-}
-
-
 # ----------------------------------------------------------------------------------------------- root
 @dataclass
 class Config:
     model: ModelConfig = MISSING
-    strategy: Any = MISSING  # one of STRATEGY_SCHEMAS, chosen by the strategy group file
+    strategy: Any = MISSING  # the chosen strategy's own Config (cl_runner/strategies/registry.py)
     tasks: TasksConfig = MISSING
     device: DeviceConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -402,7 +197,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     experiment_name: str = "cl"  # free text, recorded in metrics.json
-    resume: str | None = None  # a run directory to continue (cl-run resume=PATH); its saved config is used
     debug: bool = False  # show Python tracebacks instead of one-line errors
 
     def errors(self) -> list[str]:
@@ -415,10 +209,17 @@ class Config:
 
 
 def register_configs() -> None:
+    """The root schema, every strategy's schema (``schema/strategy/<name>``, which conf/strategy files extend),
+    and a ``strategy/<name>`` option for each plugin strategy (an installed package has no file in conf/)."""
+    from cl_runner.strategies.registry import builtin_strategies, plugin_strategies
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for name, schema in STRATEGY_SCHEMAS.items():
-        cs.store(group="schema/strategy", name=name, node=schema, package="strategy")
+    for name, cls in builtin_strategies().items():
+        cs.store(group="schema/strategy", name=name, node=cls.Config, package="strategy")
+    for name, cls in plugin_strategies().items():
+        cs.store(group="schema/strategy", name=name, node=cls.Config, package="strategy")
+        cs.store(group="strategy", name=name, node=cls.Config)
 
 
 def _unknown_keys(node: Any, schema: type, prefix: str) -> list[str]:
@@ -439,19 +240,27 @@ def _unknown_keys(node: Any, schema: type, prefix: str) -> list[str]:
     return out
 
 
+def _typed_strategy(schema: type, node: DictConfig) -> Any:
+    """``node``'s values in the strategy's own Config; a value of the wrong type names its key."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node)))
+    except ValidationError as exc:
+        detail = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"strategy.{exc.full_key or exc.key}: {detail}") from None
+
+
 def validate(cfg: DictConfig) -> Config:
     """Turn a composed config into typed objects and check every range; raise one ConfigError listing all."""
-    strategy_name = OmegaConf.select(cfg, "strategy.name")
-    if strategy_name not in STRATEGY_SCHEMAS:
-        raise ConfigError(f"strategy.name: expected one of {', '.join(STRATEGY_SCHEMAS)}, got {strategy_name!r}")
-    unknown = _unknown_keys(cfg, Config, "") + _unknown_keys(cfg.strategy, STRATEGY_SCHEMAS[strategy_name], "strategy")
+    from cl_runner.strategies.registry import strategy_class
+
+    schema = strategy_class(OmegaConf.select(cfg, "strategy.name"), OmegaConf.select(cfg, "strategy._target_")).Config
+    unknown = _unknown_keys(cfg, Config, "") + _unknown_keys(cfg.strategy, schema, "strategy")
     if unknown:
-        hint = "unknown key (see the README's configuration reference)"
+        hint = "unknown key (see docs/configuration.md)"
         raise ConfigError("; ".join(f"{key}: {hint}" for key in unknown))
     config = OmegaConf.to_object(cfg)
-    if not isinstance(config.strategy, StrategyConfig):
-        schema = STRATEGY_SCHEMAS[strategy_name]
-        config.strategy = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg.strategy))
+    if not isinstance(config.strategy, schema):  # composed without the schema (a _target_, a saved config)
+        config.strategy = _typed_strategy(schema, cfg.strategy)
     errors = config.errors()
     if errors:
         raise ConfigError("; ".join(errors))

@@ -41,8 +41,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cl_runner.lm import causal_lm_loss, collate
-from cl_runner.schema import STRATEGY_SCHEMAS
-from cl_runner.strategies import build_strategy
+from cl_runner.strategies import build_strategy, strategy_class
 from cl_runner.strategies.base import Context, Strategy
 from cl_runner.strategies.fisher import fisher_diagonal, fisher_diagonal_loop
 
@@ -115,7 +114,7 @@ def sync(device: torch.device) -> None:
 
 
 def strategy_config(name: str, fisher_samples: int, fisher_batch_size: int):
-    cfg = STRATEGY_SCHEMAS[name]()
+    cfg = strategy_class(name).Config()
     if hasattr(cfg, "fisher_samples"):
         cfg.fisher_samples, cfg.fisher_batch_size = fisher_samples, fisher_batch_size
     return cfg

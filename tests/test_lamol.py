@@ -16,8 +16,7 @@ from tiny_lm import CUE, EOS, VOCAB, one_thread, task_examples, tiny_context, ti
 from cl_runner.checkpoint import list_checkpoints
 from cl_runner.errors import ConfigError
 from cl_runner.lm import IGNORE_INDEX
-from cl_runner.schema import LAMOLConfig
-from cl_runner.strategies.lamol import LAMOL
+from cl_runner.strategies.lamol import LAMOL, LAMOLConfig
 from cl_runner.strategies.pseudo import answer_cue, generation_batch, parse_sample
 
 
@@ -100,6 +99,7 @@ def final_run(tmp_path, name: str, *overrides: str) -> tuple[list, dict]:
     return rows, load_file(str(list_checkpoints(tmp_path / name)[-1] / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_generating_resumes_with_the_same_pseudo_examples(tmp_path, monkeypatch):
     from test_resume import kill_and_resume, outcome, reference
 
@@ -115,6 +115,7 @@ def test_a_run_killed_after_generating_resumes_with_the_same_pseudo_examples(tmp
     assert kept["pseudo_examples_trained"] > 0
 
 
+@pytest.mark.slow
 def test_gen_ratio_zero_is_naive_exactly(tmp_path):
     naive_rows, naive_weights = final_run(tmp_path, "naive", "strategy=naive")
     lamol_rows, lamol_weights = final_run(tmp_path, "lamol", "strategy=lamol", "strategy.gen_ratio=0")
@@ -123,6 +124,7 @@ def test_gen_ratio_zero_is_naive_exactly(tmp_path):
     assert all(torch.equal(naive_weights[k], lamol_weights[k]) for k in naive_weights)
 
 
+@pytest.mark.slow
 def test_lamol_end_to_end_writes_readable_pseudo_examples(tmp_path):
     run_dir = tmp_path / "run"
     result = run_quietly(make_config("strategy=lamol", "train.epochs=1", "strategy.gen_ratio=0.25"), run_dir)

@@ -9,12 +9,11 @@ import pytest
 import torch
 from helpers import make_config, run_quietly
 from safetensors.torch import load_file
-from tiny_lm import one_thread, tiny_context, tiny_model  # noqa: F401 (autouse fixture)
+from tiny_lm import one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
 from cl_runner.checkpoint import list_checkpoints
 from cl_runner.errors import ConfigError
-from cl_runner.schema import MERConfig
-from cl_runner.strategies.mer import MER
+from cl_runner.strategies.mer import MER, MERConfig
 
 
 def final_run(tmp_path, name: str, *overrides: str) -> tuple[list, dict]:
@@ -23,6 +22,7 @@ def final_run(tmp_path, name: str, *overrides: str) -> tuple[list, dict]:
     return rows, load_file(str(list_checkpoints(tmp_path / name)[-1] / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_one_inner_step_with_unit_rates_is_exactly_replay(tmp_path):
     replay_rows, replay_weights = final_run(tmp_path, "replay", "strategy=replay")
     mer_rows, mer_weights = final_run(tmp_path, "mer", "strategy=mer", "strategy.inner_steps=1",
@@ -62,22 +62,25 @@ def test_reptile_steps_interpolate_as_stated(inner_steps, meta_batches, beta, ga
                 theta = start_group = start_group + gamma * (theta - start_group)
             start_batch = theta
         torch.testing.assert_close(weights(model), theta, atol=1e-6, rtol=0)
-    assert mer.window == 0 and mer.group == 0
+    assert mer.reptile.window == 0 and mer.reptile.group == 0
 
 
-def test_the_end_of_an_epoch_closes_a_shorter_meta_batch():
+def trained(inner_steps: int, beta: float, epochs: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights before and after task 0 through the real loop (2 steps per epoch, no dropout)."""
     model = tiny_model()
-    ctx = tiny_context(model)
-    mer = MER(MERConfig(inner_steps=5, beta=0.5))
-    mer.before_task(ctx)
     start = weights(model)
-    batches = mer.train_batches(ctx, [[ctx.train_sets[0][0]]])
-    next(batches)
-    fake_step(model, 1.0)
-    mer.after_step(ctx)  # one step of five
-    moved = weights(model) - start
-    assert list(batches) == []  # the epoch's batches run out: the meta-batch closes
-    torch.testing.assert_close(weights(model), start + 0.5 * moved, atol=1e-6, rtol=0)
+    mer = MER(MERConfig(inner_steps=inner_steps, beta=beta, gamma=1.0))
+    train(tiny_context(model), mer, task=0, epochs=epochs)
+    assert mer.reptile.window == 0  # every meta-batch was closed
+    return start, weights(model)
+
+
+def test_the_last_epoch_of_a_task_closes_its_shorter_meta_batch():
+    """Two optimizer steps in the only epoch, five inner steps per meta-batch: the task's step budget ends the
+    epoch mid meta-batch, and its Reptile step must still happen (without it beta changes nothing)."""
+    start, plain = trained(inner_steps=5, beta=1.0)  # beta = gamma = 1: no meta-update at all
+    start, meta = trained(inner_steps=5, beta=0.5)  # the same two steps, then theta_0 + beta (theta - theta_0)
+    torch.testing.assert_close(meta, start + 0.5 * (plain - start), atol=1e-6, rtol=0)
 
 
 def test_state_round_trips_in_the_middle_of_a_meta_batch():

@@ -10,8 +10,7 @@ from helpers import make_config, run_quietly
 from tiny_lm import logits, one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
 from cl_runner.errors import ConfigError
-from cl_runner.schema import ProgressiveConfig
-from cl_runner.strategies.progressive import ATTRIBUTE, Progressive
+from cl_runner.strategies.progressive import ATTRIBUTE, Progressive, ProgressiveConfig
 
 # the tiny model's adapted layers per block as (in, out): c_attn, attn.c_proj, c_fc, mlp.c_proj; two blocks
 LAYERS = [(32, 96), (32, 32), (32, 128), (128, 32)] * 2
@@ -104,6 +103,7 @@ def test_resume_recreates_the_columns():
     assert all(n.startswith(f"{ATTRIBUTE}.1.") for n, p in fresh.named_parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_progressive_end_to_end_never_forgets_and_reports_its_cost(tmp_path):
     result = run_quietly(make_config("strategy=progressive", "train.epochs=1"), tmp_path)
     rows = [[stage["scores"][n]["score"] for n in result["tasks"]] for stage in result["stages"]][1:]

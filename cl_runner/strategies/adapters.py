@@ -3,14 +3,13 @@ O-LoRA's orthogonality penalty), or one adapter trained through the whole sequen
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cl_runner.lm import Encoded
-from cl_runner.strategies.anchor import LOG_EVERY
-from cl_runner.strategies.base import Context, Strategy
+from cl_runner.options import check_fraction, check_positive
+from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.lora import (
     activate,
@@ -22,7 +21,37 @@ from cl_runner.strategies.lora import (
     train_only,
 )
 
-INIT_SALT = 31  # ctx.generator-style seed offset of a new adapter's initialisation
+INIT_SALT = 31  # ctx.seed_for salt of a new adapter's initialisation
+
+
+@dataclass
+class SharedLoRAConfig(StrategyConfig):
+    name: str = "shared_lora"
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA scaling: the update is B A x * alpha / rank
+    dropout: float = 0.0  # dropout on the LoRA input
+    target_modules: list[str] | None = None  # module names (or suffixes) to adapt; null = every linear but the head
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        check_positive(errs, f"{key}.rank", self.rank)
+        check_positive(errs, f"{key}.alpha", self.alpha)
+        check_fraction(errs, f"{key}.dropout", self.dropout, closed_right=False)
+        if self.target_modules is not None and not self.target_modules:
+            errs.append(f"{key}.target_modules: expected null or a non-empty list of module names")
+        return errs
+
+
+@dataclass
+class AdaptersConfig(SharedLoRAConfig):
+    name: str = "adapters"
+    merge: bool = False  # evaluate the merged model (every adapter at once, no task identity)
+    orthogonal_lambda: float = 0.0  # O-LoRA: weight of sum |A_old A_new^T| (0 = off)
+
+    def errors(self, key: str) -> list[str]:
+        errs = super().errors(key)
+        check_positive(errs, f"{key}.orthogonal_lambda", self.orthogonal_lambda, allow_zero=True)
+        return errs
 
 
 def adapter_name(task: int) -> str:
@@ -38,11 +67,11 @@ class Adapters(Strategy):
     merged model ``W + sum_t B_t A_t`` (computed unmerged, so the base weights are never rewritten), with no
     task identity; training then also runs with the old adapters active (frozen), as O-LoRA does.
     ``orthogonal_lambda`` adds ``lambda * sum_layers |A_old A_new^T|_1`` to the loss (O-LoRA, Wang et al. 2023).
-    An evaluation can switch adapters in the middle of a task, so ``train_batches`` selects the training ones
-    again at the start of every epoch.
+    An evaluation switches adapters (``before_eval``); ``after_eval`` selects the training ones again.
     """
 
     name = "adapters"
+    Config = AdaptersConfig
     shared = False  # shared_lora: one adapter for the whole sequence
 
     def __init__(self, cfg: Any) -> None:
@@ -65,7 +94,7 @@ class Adapters(Strategy):
         if not self.base_parameters:
             self.base_parameters = sum(p.numel() for p in ctx.model.parameters())
         name = "shared" if self.shared else adapter_name(task)
-        add_lora(ctx.model, name, self.cfg, seed=ctx.seed * 1_000_003 + task * 7919 + INIT_SALT, device=ctx.device)
+        add_lora(ctx.model, name, self.cfg, seed=ctx.seed_for(INIT_SALT, task), device=ctx.device)
         self.created = task + 1
 
     def before_task(self, ctx: Context) -> None:
@@ -75,9 +104,9 @@ class Adapters(Strategy):
         activate(ctx.model, self.training(ctx.task_index))
         self._pairs = None
 
-    def train_batches(self, ctx: Context, batches: Iterable[list[Encoded]]) -> Iterator[list[Encoded]]:
-        activate(ctx.model, self.training(ctx.task_index))  # a validation pass may have switched adapters
-        yield from batches
+    def after_eval(self, ctx: Context) -> None:
+        if self.created:
+            activate(ctx.model, self.training(min(ctx.task_index, self.created - 1)))
 
     def loss(
         self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor
@@ -89,8 +118,7 @@ class Adapters(Strategy):
             self._pairs = lora_a_pairs(ctx.model, old, adapter_name(ctx.task_index))
         with torch.autocast(ctx.device.type, enabled=False):
             overlap = subspace_overlap(self._pairs)
-        if ctx.step % LOG_EVERY == 0:
-            ctx.extras["lora_overlap"] = float(overlap.detach())
+        ctx.log(lora_overlap=overlap.detach())
         return loss + self.cfg.orthogonal_lambda * overlap
 
     def before_eval(self, ctx: Context, task_index: int) -> None:
@@ -132,4 +160,5 @@ class SharedLoRA(Adapters):
     """One LoRA adapter over the frozen base, trained on every task in turn: the adapters baseline."""
 
     name = "shared_lora"
+    Config = SharedLoRAConfig
     shared = True

@@ -18,7 +18,7 @@ import torch
 from cl_runner.strategies.base import Context, Strategy
 from cl_runner.strategies.common import selected_parameters, tensor_bytes
 
-LOG_EVERY = 10  # optimizer steps between penalty values written to ctx.extras (each costs a device sync)
+LOG_EVERY = 10  # optimizer steps between penalty values logged (each is a pass over the penalised parameters)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -121,18 +121,22 @@ class AnchorPenalty(Strategy):
             return
         params = self.parameters(ctx.model)
         self._move_to(params[0].device)
-        if ctx.step % LOG_EVERY == 0:
-            ctx.extras[f"{self.name}_penalty"] = self.penalty(ctx.model)
+        if ctx.step % LOG_EVERY == 0:  # a pass over the penalised parameters: not every step
+            ctx.log(**{f"{self.name}_penalty": self.penalty_tensor(ctx.model)})
         add_penalty_grad_(params, self.anchor, self.fisher, self.lam * self.weight)
 
     def penalty(self, model: torch.nn.Module) -> float:
         """The penalty value ``lam/2 * weight * (sum F (theta - m)^2 + C)`` (syncs with the device)."""
+        return float(self.penalty_tensor(model))
+
+    def penalty_tensor(self, model: torch.nn.Module) -> torch.Tensor:
+        """The penalty value as a 0-dim fp32 tensor on the parameters' device (no host sync)."""
         if self.anchor is None:
-            return 0.0
+            return torch.zeros(())
         params = self.parameters(model)
         self._move_to(params[0].device)
         total = quadratic_sum(params, self.anchor, self.fisher)
-        return 0.5 * self.lam * self.weight * (float(total) + self.const)
+        return 0.5 * self.lam * self.weight * (total + self.const)
 
     def _move_to(self, device: torch.device) -> None:
         if self.anchor is not None and self.anchor[0].device != device:

@@ -3,18 +3,29 @@
 A strategy overrides only the hooks it needs. Hooks never touch files or Hydra; everything they may use is on
 the ``Context``. Order within one task::
 
-    before_task -> train_dataset -> [train_batches -> (loss per micro-batch) -> after_backward
-    -> after_step]* -> after_task;   before_eval(task) before scoring each task.
+    before_task -> train_dataset -> validation_tasks
+      -> [before_epoch -> train_batches -> [loss per micro-batch -> after_backward -> after_step]*
+          -> after_epoch -> (validation)]*
+    -> after_task
+
+and every evaluation pass (an epoch's validation, or the scoring of the sequence after a stage) is
+``[before_eval(task) -> scoring of that task]* -> after_eval``. ``after_epoch`` runs after the epoch's last
+optimizer step, also when the task's step budget (``train.max_steps``) ends the epoch early. On resume in the
+middle of an epoch, ``before_epoch`` runs again before the remaining micro-batches (keep it free of counters).
+
+Numbers a strategy wants to see in ``history.jsonl`` and on the progress bar go through ``ctx.log(name=value)``
+(a float or a 0-dim tensor: the loop converts it where it reads the loss, so logging costs no extra device sync).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, ClassVar
 
 import torch
+from omegaconf import MISSING
 
 from cl_runner.lm import Encoded
 
@@ -35,7 +46,7 @@ class Context:
     optimizer: torch.optim.Optimizer | None = None
     step: int = 0  # optimizer steps taken in the current task
     epoch: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)  # numbers a strategy logs (penalty, buffer size, ...)
+    extras: dict[str, Any] = field(default_factory=dict)  # what ``log`` recorded: name -> float or 0-dim tensor
     artifacts: dict[str, str] = field(default_factory=dict)  # file name -> text the run writes to its directory
     eos_id: int | None = None  # the tokenizer's EOS id (ends every target); None when unknown
     decode: Callable[[list[int]], str] | None = None  # token ids -> text, for artifacts users read
@@ -44,21 +55,63 @@ class Context:
     def task_name(self) -> str:
         return self.task_names[self.task_index]
 
-    def generator(self, salt: int = 0) -> torch.Generator:
-        """A torch RNG seeded from the run seed, the task and ``salt``: strategies draw from it, never globally."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.task_index * 7919 + salt)
+    def seed_for(self, salt: int = 0, task: int | None = None) -> int:
+        """The seed of one random stream: the run seed, a task (the current one by default) and ``salt``."""
+        return derived_seed(self.seed, self.task_index if task is None else task, salt)
+
+    def generator(self, salt: int = 0, task: int | None = None) -> torch.Generator:
+        """A torch RNG seeded by ``seed_for``: strategies draw from it, never from the global streams."""
+        return torch.Generator().manual_seed(self.seed_for(salt, task))
+
+    def log(self, **values: float | torch.Tensor) -> None:
+        """Numbers for ``history.jsonl`` (the epoch record's ``extras``) and the progress bar."""
+        self.extras.update(values)
+
+
+def derived_seed(seed: int, task: int, salt: int) -> int:
+    """The one formula every seeded stream of a run uses (data order, buffer draws, new modules' init)."""
+    return seed * 1_000_003 + task * 7919 + salt
+
+
+@dataclass
+class StrategyConfig:
+    """The options every strategy has; a strategy's own config subclasses it (beside the strategy's class)."""
+
+    name: str = MISSING  # the strategy's registered name (conf/strategy/<name>.yaml)
+    _target_: str | None = None  # module.Class of a Strategy defined outside cl-runner (else found by name)
+
+    def errors(self, key: str) -> list[str]:
+        """Every problem with the values, each naming its key (``key`` is the config path, e.g. ``strategy``)."""
+        return []
+
+
+def no_options(name: str) -> type[StrategyConfig]:
+    """The ``Config`` of a strategy that has no options of its own (only its name)."""
+    return make_dataclass(f"{name.title().replace('_', '')}Config", [("name", str, field(default=name))],
+                          bases=(StrategyConfig,), namespace={"__module__": __name__})
 
 
 class Strategy:
-    """Plain sequential fine-tuning: every hook is a no-op. Subclasses override what they need."""
+    """Plain sequential fine-tuning: every hook is a no-op. Subclasses override what they need.
 
-    name = "naive"
+    A strategy class names itself (``name``) and its options (``Config``, a ``StrategyConfig`` dataclass
+    defined next to it); the registry (``registry.py``) finds it from these two attributes.
+    """
+
+    name: ClassVar[str] = "naive"
+    Config: ClassVar[type[StrategyConfig]] = StrategyConfig
 
     def __init__(self, cfg: Any = None) -> None:
-        self.cfg = cfg
+        self.cfg = cfg if cfg is not None else self.Config(name=self.name)
 
     def before_task(self, ctx: Context) -> None:
         """Called before training task ``ctx.task_index`` (snapshot a teacher, add an adapter...)."""
+
+    def before_epoch(self, ctx: Context) -> None:
+        """At the start of epoch ``ctx.epoch`` (and again when a task resumes in the middle of it)."""
+
+    def after_epoch(self, ctx: Context) -> None:
+        """After the epoch's last optimizer step, before its validation (close a meta-batch, for instance)."""
 
     def train_dataset(self, ctx: Context, examples: list[Encoded]) -> list[Encoded]:
         """The examples to train on for this task (joint training returns all tasks seen so far)."""
@@ -89,6 +142,9 @@ class Strategy:
 
     def before_eval(self, ctx: Context, task_index: int) -> None:
         """Before scoring task ``task_index`` (select that task's adapter, for instance)."""
+
+    def after_eval(self, ctx: Context) -> None:
+        """After an evaluation pass (validation or stage scoring): put back what training needs."""
 
     def accounting(self) -> dict[str, Any]:
         """Costs to report in metrics.json: extra parameters kept, buffer sizes, ..."""

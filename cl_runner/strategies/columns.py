@@ -71,8 +71,8 @@ class ColumnHooks:
 
     def __init__(self, model: torch.nn.Module, columns: nn.ModuleDict) -> None:
         self.columns, self.active = columns, None
-        self.handles = [model.get_submodule(key.replace("-", ".")).register_forward_hook(self._hook(key))
-                        for key in adapted_layers(model)]
+        for key in adapted_layers(model):  # the hooks live as long as the model: never removed
+            model.get_submodule(key.replace("-", ".")).register_forward_hook(self._hook(key))
 
     def _hook(self, key: str):
         def run(module: nn.Module, args: tuple, output: torch.Tensor):
@@ -84,7 +84,3 @@ class ColumnHooks:
             return output + deltas[-1].to(output.dtype)
 
         return run
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()

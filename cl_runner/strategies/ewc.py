@@ -6,27 +6,80 @@ an analytic gradient after the backward pass (see ``anchor.py``); L2 is the same
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cl_runner.strategies.anchor import AnchorPenalty
-from cl_runner.strategies.base import Context
-from cl_runner.strategies.fisher import fisher_diagonal
+from cl_runner.options import check_choice, check_fraction, check_positive
+from cl_runner.strategies.anchor import DTYPES, AnchorPenalty
+from cl_runner.strategies.base import Context, StrategyConfig
+from cl_runner.strategies.fisher import MODES, fisher_diagonal
 
 SUBSET_SALT = 21  # ctx.generator salts: which examples estimate the Fisher
 SAMPLE_SALT = 22  # ... and the labels drawn for fisher=sampled
+
+
+@dataclass
+class AnchorConfig(StrategyConfig):
+    """Options of every quadratic anchor penalty (EWC, L2)."""
+
+    ewc_params: str | None = None  # regex on parameter names; null = all trainable parameters
+    state_dtype: str = "float32"  # dtype of the stored Fisher and anchor: float32 | bfloat16
+
+    def anchor_errors(self, errs: list[str], key: str) -> None:
+        check_choice(errs, f"{key}.state_dtype", self.state_dtype, tuple(DTYPES))
+        if self.ewc_params is not None:
+            try:
+                re.compile(self.ewc_params)
+            except re.error as exc:
+                errs.append(f"{key}.ewc_params: not a valid regular expression ({exc})")
+
+
+@dataclass
+class L2Config(AnchorConfig):
+    name: str = "l2"
+    l2_lambda: float = 1.0  # penalty weight: l2_lambda/2 * sum (theta - theta*)^2
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        check_positive(errs, f"{key}.l2_lambda", self.l2_lambda, allow_zero=True)
+        self.anchor_errors(errs, key)
+        return errs
+
+
+@dataclass
+class EWCConfig(AnchorConfig):
+    name: str = "ewc"
+    ewc_lambda: float = 1.0e5  # penalty weight: ewc_lambda/2 * sum F (theta - theta*)^2
+    fisher: str = "empirical"  # empirical (labels from the data) | sampled (labels sampled from the model)
+    fisher_samples: int = 256  # examples of the finished task used to estimate the Fisher
+    fisher_batch_size: int = 16  # examples per batched per-example-gradient chunk (bounds memory)
+    online: bool = False  # one running Fisher (online EWC) instead of one per task
+    gamma: float = 1.0  # online EWC decay of the old Fisher
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        check_positive(errs, f"{key}.ewc_lambda", self.ewc_lambda, allow_zero=True)
+        check_choice(errs, f"{key}.fisher", self.fisher, MODES)
+        check_positive(errs, f"{key}.fisher_samples", self.fisher_samples)
+        check_positive(errs, f"{key}.fisher_batch_size", self.fisher_batch_size)
+        check_fraction(errs, f"{key}.gamma", self.gamma)
+        self.anchor_errors(errs, key)
+        return errs
 
 
 class EWC(AnchorPenalty):
     """Per-task Fishers and anchors pre-summed into one quadratic, or online EWC (``online``, ``gamma``).
 
     After each task, F is estimated (``fisher_diagonal``) on ``fisher_samples`` examples of that task drawn
-    uniformly without replacement (all of them when the task is smaller). The penalty value is written to
-    ``ctx.extras["ewc_penalty"]`` every ``LOG_EVERY`` steps.
+    uniformly without replacement (all of them when the task is smaller). The penalty value is logged as
+    ``ewc_penalty`` every ``LOG_EVERY`` steps.
     """
 
     name = "ewc"
+    Config = EWCConfig
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, lam=cfg.ewc_lambda)
@@ -49,6 +102,7 @@ class L2(AnchorPenalty):
     """``l2_lambda/2 * sum_k ||theta - theta_k||^2`` over the finished tasks' weights (EWC with F = 1)."""
 
     name = "l2"
+    Config = L2Config
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, lam=cfg.l2_lambda)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from cl_runner.lm import Encoded
-from cl_runner.strategies.base import Context, Strategy
+from cl_runner.strategies.base import Context, Strategy, no_options
 
 
 class Joint(Strategy):
     """At task i, trains on the union of the training sets of tasks 0..i and validates on all of them."""
 
     name = "joint"
+    Config = no_options("joint")
 
     def train_dataset(self, ctx: Context, examples: list[Encoded]) -> list[Encoded]:
         seen: list[Encoded] = []

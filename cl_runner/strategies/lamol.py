@@ -5,19 +5,38 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cl_runner.errors import ConfigError
 from cl_runner.lm import Encoded, causal_lm_loss
-from cl_runner.strategies.anchor import LOG_EVERY
-from cl_runner.strategies.base import Context, Strategy
+from cl_runner.options import check_positive
+from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.pseudo import answer_cue, generation_batch, parse_sample, prompt_of, sample_after
 from cl_runner.strategies.seeding import seeded_rng
 
 GEN_SALT = 51  # ctx.generator salt (+ the earlier task's index): top-k sampling of that task's pseudo-examples
 INIT_SALT = 52  # seed offset of the (overwritten) initialisation of the generation tokens' rows
+
+
+@dataclass
+class LAMOLConfig(StrategyConfig):
+    name: str = "lamol"
+    gen_ratio: float = 0.2  # pseudo-examples per earlier task, as a fraction of the new task's size (0 = off)
+    lm_lambda: float = 0.25  # weight of the generation (LM) loss
+    top_k: int = 20  # sampling keeps the k most likely tokens
+    temperature: float = 1.0  # sampling temperature
+    gen_batch_size: int = 64  # sequences sampled at once
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        check_positive(errs, f"{key}.gen_ratio", self.gen_ratio, allow_zero=True)
+        check_positive(errs, f"{key}.lm_lambda", self.lm_lambda, allow_zero=True)
+        for name in ("top_k", "temperature", "gen_batch_size"):
+            check_positive(errs, f"{key}.{name}", getattr(self, name))
+        return errs
 
 
 class LAMOL(Strategy):
@@ -34,6 +53,7 @@ class LAMOL(Strategy):
     """
 
     name = "lamol"
+    Config = LAMOLConfig
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -47,7 +67,7 @@ class LAMOL(Strategy):
     def _grow_vocabulary(self, ctx: Context) -> None:
         """One row per task for the generation tokens in the input (and an untied output) embedding matrix,
         each set to the mean of the old rows: deterministic, and no draw from any RNG stream."""
-        with seeded_rng(ctx.seed * 1_000_003 + INIT_SALT, ctx.device):  # HF's own init of the rows, overwritten
+        with seeded_rng(ctx.seed_for(INIT_SALT, task=0), ctx.device):  # HF's own init of the rows, overwritten
             ctx.model.resize_token_embeddings(self.first_gen_id + len(ctx.task_names), mean_resizing=False)
         with torch.no_grad():
             for weight in self._tables(ctx).values():
@@ -72,7 +92,7 @@ class LAMOL(Strategy):
             self._grow_vocabulary(ctx)
         count = round(self.cfg.gen_ratio * len(ctx.train_sets[ctx.task_index]))
         self.pseudo = [e for s in range(ctx.task_index) for e in self._generate(ctx, s, count)]
-        ctx.extras["lamol_pseudo_examples"] = len(self.pseudo)
+        ctx.log(lamol_pseudo_examples=len(self.pseudo))
 
     def _generate(self, ctx: Context, task: int, count: int) -> list[Encoded]:
         real, name = ctx.train_sets[task], ctx.task_names[task]
@@ -113,8 +133,7 @@ class LAMOL(Strategy):
         gen = generation_batch(batch, self.gen_ids(ctx))
         logits = ctx.model(input_ids=gen["input_ids"], attention_mask=gen["attention_mask"]).logits
         generation_loss = causal_lm_loss(logits, gen["labels"])
-        if ctx.step % LOG_EVERY == 0:
-            ctx.extras["lamol_generation_loss"] = float(generation_loss.detach())
+        ctx.log(lamol_generation_loss=generation_loss.detach())
         return loss + self.cfg.lm_lambda * generation_loss
 
     def after_task(self, ctx: Context) -> None:

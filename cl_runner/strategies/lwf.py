@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cl_runner.strategies.anchor import LOG_EVERY
-from cl_runner.strategies.base import Context, Strategy
+from cl_runner.options import check_positive
+from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.distill import distillation_kl
+
+
+@dataclass
+class LwFConfig(StrategyConfig):
+    name: str = "lwf"
+    alpha: float = 1.0  # weight of the distillation term
+    temperature: float = 2.0  # softmax temperature of teacher and student
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        check_positive(errs, f"{key}.alpha", self.alpha, allow_zero=True)
+        check_positive(errs, f"{key}.temperature", self.temperature)
+        return errs
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -30,6 +44,7 @@ class LwF(Strategy):
     """
 
     name = "lwf"
+    Config = LwFConfig
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -49,8 +64,7 @@ class LwF(Strategy):
             teacher_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         temperature = self.cfg.temperature
         kl = distillation_kl(outputs.logits, teacher_out.logits, batch["labels"], temperature)
-        if ctx.step % LOG_EVERY == 0:  # a float costs a device sync: not every step
-            ctx.extras["lwf_kl"] = float(kl.detach())
+        ctx.log(lwf_kl=kl.detach())
         return loss + self.cfg.alpha * temperature**2 * kl
 
     def _teacher(self, ctx: Context) -> torch.nn.Module | None:

@@ -3,19 +3,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from cl_runner.lm import Encoded
-from cl_runner.strategies.base import Context, Strategy
+from cl_runner.options import check_positive
+from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.columns import ColumnHooks, LoRAColumn, adapted_layers
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.seeding import seeded_rng
 
 INIT_SALT = 41  # seed offset of a new column's initialisation
 ATTRIBUTE = "progressive_columns"  # the ModuleDict's name on the model (and in its state_dict)
+
+
+@dataclass
+class ProgressiveConfig(StrategyConfig):
+    name: str = "progressive"
+    rank: int = 8  # rank r of a column's update of each linear layer
+    alpha: float = 16.0  # scaling of the updates: B A x * alpha / rank
+    backbone_first_task: bool = False  # true: the LM itself is the first task's column (fine-tuned, then frozen)
+    lateral: bool = True  # a new column gets gated input from the earlier columns' updates
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        check_positive(errs, f"{key}.rank", self.rank)
+        check_positive(errs, f"{key}.alpha", self.alpha)
+        return errs
 
 
 class Progressive(Strategy):
@@ -31,6 +46,7 @@ class Progressive(Strategy):
     """
 
     name = "progressive"
+    Config = ProgressiveConfig
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -49,7 +65,7 @@ class Progressive(Strategy):
         model = getattr(ctx.model, "_orig_mod", ctx.model)  # under torch.compile: the model itself
         n_earlier = len(self.tasks) if self.cfg.lateral else 0
         dtype = model.get_output_embeddings().weight.dtype
-        with seeded_rng(ctx.seed * 1_000_003 + task * 7919 + INIT_SALT, ctx.device):
+        with seeded_rng(ctx.seed_for(INIT_SALT, task), ctx.device):
             column = LoRAColumn(adapted_layers(model), self.cfg.rank, self.cfg.alpha, n_earlier)
         self._columns(model)[str(task)] = column.to(ctx.device, dtype)
         self.tasks.append(task)
@@ -63,10 +79,10 @@ class Progressive(Strategy):
             return  # the backbone trains on the first task like naive fine-tuning
         ctx.model.requires_grad_(False)
         self._add(ctx, ctx.task_index).requires_grad_(True)
+        self.before_eval(ctx, ctx.task_index)  # the new column is the active one
 
-    def train_batches(self, ctx: Context, batches: Iterable[list[Encoded]]) -> Iterator[list[Encoded]]:
-        self.before_eval(ctx, ctx.task_index)  # a validation pass may have switched columns
-        yield from batches
+    def after_eval(self, ctx: Context) -> None:
+        self.before_eval(ctx, ctx.task_index)  # back to the column being trained
 
     def before_eval(self, ctx: Context, task_index: int) -> None:
         if self.hooks is not None:
@@ -89,6 +105,8 @@ class Progressive(Strategy):
         for task in tasks:
             ctx.model.requires_grad_(False)
             self._add(ctx, task).requires_grad_(True)
+        if tasks:
+            self.before_eval(ctx, tasks[-1])  # the newest column is the one a resumed task trains
 
     def accounting(self) -> dict[str, Any]:
         return dict(self.costs)
