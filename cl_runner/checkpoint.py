@@ -127,12 +127,20 @@ def latest_intact(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Load the weights into ``model``; return the state dict and the best-epoch weights (or None)."""
-    load_model(_unwrap(model), str(path / "model.safetensors"))
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """The checkpoint's state (``state.pt``, read once) and its best-epoch weights (or None).
+
+    The model's weights are loaded separately by ``load_weights``: a strategy may first have to re-create the
+    modules (adapters) they belong to, from the strategy state returned here.
+    """
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
     return state, best
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load the checkpoint's model weights into ``model`` (which must already have every module they name)."""
+    load_model(_unwrap(model), str(path / "model.safetensors"))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -52,7 +52,7 @@ class RunWriter:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["stage", *self.task_names])
         for stage, row in zip(stage_names(self.task_names), self.rows, strict=False):
-            writer.writerow([stage, *(f"{v:.6g}" for v in row)])
+            writer.writerow([stage, *(repr(float(v)) for v in row)])  # exact: metrics recompute to the bit
         write_atomic(self.run_dir / "accuracy_matrix.csv", buffer.getvalue())
 
     def add_history(self, record: dict[str, Any]) -> None:

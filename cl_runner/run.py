@@ -1,137 +1,268 @@
 """run(cfg): load the task sequence, build the model and the strategy, then for each task train it and
 evaluate every task of the sequence; write the matrix, the metrics and the history as they come, and
-checkpoint so that an interrupted run continues exactly where it stopped."""
+checkpoint so that an interrupted run continues exactly where it stopped.
+
+The parts, in the order a run uses them: ``build_parts`` (model, tasks, strategy, context), ``start_state``
+(a fresh ``RunState`` or one restored from the newest checkpoint), ``CheckpointPolicy`` (when and how to
+checkpoint), ``SequenceRun`` (the task loop, its progress bar and stop requests) and ``finish`` (summary,
+plots, console table)."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import platform
-import random
-import signal
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cl_runner import metrics as cl_metrics
-from cl_runner.checkpoint import latest_intact, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from cl_runner.errors import ConfigError, UserError
-from cl_runner.evaluate import Scorer, score_task
+from cl_runner.checkpoint import latest_intact, load_weights, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cl_runner.errors import ConfigError
+from cl_runner.evaluate import Scorer
 from cl_runner.lm import collate
-from cl_runner.loop import Boundary, EpochRecord, train_task
+from cl_runner.loop import Boundary, EpochRecord, LoopCallbacks, TaskRun, read_extras, train_task
 from cl_runner.models import load_model, load_tokenizer, parameter_counts
 from cl_runner.plots import plot_run
 from cl_runner.results import RunWriter, print_summary, write_atomic
-from cl_runner.schema import Config, DeviceConfig, as_dict
-from cl_runner.strategies import Context, build_strategy
+from cl_runner.run_state import RunState
+from cl_runner.runtime import (
+    RunInterrupted,
+    StopRequest,
+    autocast_factory,
+    package_versions,
+    resolve_device,
+    run_lock,
+    seed_everything,
+    stop_signals,
+)
+from cl_runner.schema import CheckpointConfig, Config, as_dict
+from cl_runner.sequence_scoring import SequenceScorer
+from cl_runner.strategies import Context, Strategy, build_strategy
 from cl_runner.tasks import encode_task, load_sequence
+from cl_runner.tasks.base import Task
+from cl_runner.tasks.encode import EncodedTask
 
 log = logging.getLogger(__name__)
 AUTO_CHECKPOINT_FACTOR = 50  # automatic checkpoints: interval >= 50 x the cost of one, i.e. < 2% overhead
 AUTO_CHECKPOINT_MIN_S = 30.0
 
 
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
-
-    def __init__(self, signum: int, run_dir: Path) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum, self.run_dir = signum, run_dir
-
-
-def resolve_device(cfg: DeviceConfig) -> tuple[torch.device, str]:
-    """The torch device and the precision (fp32 | bf16 | fp16) the run will use."""
-    kind = cfg.type
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device.type: cuda was requested but no CUDA device is visible (use device=cpu or auto)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device.type: mps was requested but MPS is not available")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if kind == "cuda" else "fp32"
-    if precision == "fp16" and kind != "cuda":
-        raise ConfigError(f"device.precision: fp16 needs CUDA (device is {kind}); use fp32 or bf16")
-    return torch.device(kind), precision
-
-
-def autocast_factory(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return partial(torch.autocast, device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def package_versions() -> dict[str, str]:
-    import datasets
-    import hydra
-    import transformers
-
-    from cl_runner import __version__
-
-    return {"cl_runner": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
-            "transformers": transformers.__version__, "datasets": datasets.__version__, "hydra": hydra.__version__}
-
-
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"), TimeElapsedColumn(),
+        TextColumn("{task.fields[extras]}"),
         console=console, transient=False,
     )
 
 
-@contextmanager
-def run_lock(run_dir: Path):
-    """Hold ``<run_dir>/.lock`` for the whole run: a second cl-run on the same directory fails at once."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(f"run directory {run_dir} is in use by another cl-run (lock file {run_dir / '.lock'})") \
-            from None
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+@dataclass
+class RunParts:
+    """What a run is built from, once per process (before any checkpoint is read)."""
+
+    cfg: Config
+    run_dir: Path
+    tasks: list[Task]
+    encoded: list[EncodedTask]
+    tokenizer: Any
+    model: torch.nn.Module  # the torch.compile wrapper once compiled
+    strategy: Strategy
+    ctx: Context
+    device: torch.device
+    precision: str
+    scaler: torch.amp.GradScaler | None
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
 
 
-@contextmanager
-def stop_signals(stop: dict):
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary; a second SIGINT stops at once."""
-    def request(signum, frame):
-        if stop.get("signum") == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop["signum"] = signum
+def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
+    """Load the tasks (data errors surface before any model is loaded), tokenizer and model; build the strategy."""
+    device, precision = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    tasks = load_sequence(cfg.tasks, cfg.seed, base_dir)
+    tokenizer = load_tokenizer(cfg.model, [text for t in tasks for text in t.texts()])
+    model = load_model(cfg.model, tokenizer, cfg.seed).to(device)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context and cfg.train.max_length > context:
+        raise ConfigError(f"train.max_length: {cfg.train.max_length} exceeds the model's context of {context} "
+                          "tokens; lower it (longer prompts are then cut in the middle, targets never)")
+    if device.type == "cuda" and cfg.device.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    encoded = [encode_task(t, i, tokenizer, cfg.train.max_length) for i, t in enumerate(tasks)]
+    ctx = Context(
+        model=model, device=device, autocast=autocast_factory(device, precision),
+        collate=partial(collate, pad_id=tokenizer.pad_token_id, device=device),
+        task_names=[t.name for t in tasks], train_sets=[e.train for e in encoded], batch_size=cfg.train.batch_size,
+        seed=cfg.seed, eos_id=tokenizer.eos_token_id, decode=partial(tokenizer.decode, skip_special_tokens=True),
+    )
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    return RunParts(cfg, run_dir, tasks, encoded, tokenizer, model, build_strategy(cfg.strategy), ctx, device,
+                    precision, scaler)
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, request)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+
+def run_info(parts: RunParts) -> dict[str, Any]:
+    """What the run is: the static part of metrics.json."""
+    cfg, device = parts.cfg, parts.device
+    return {
+        "experiment_name": cfg.experiment_name, "strategy": cfg.strategy.name, "task_sequence": cfg.tasks.name,
+        "tasks": parts.names, "metric_per_task": [t.metric for t in parts.tasks], "seed": cfg.seed,
+        "device": str(device), "precision": parts.precision,
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "parameters": parameter_counts(parts.model), "versions": package_versions(),
+        "prompts_cut": {t.name: t.cut for t in parts.encoded},
+        "examples": {t.name: t.info["sizes"] for t in parts.tasks},
+        "config": as_dict(cfg),
+    }
+
+
+def sequence_scorer(parts: RunParts) -> SequenceScorer:
+    tokenizer = parts.tokenizer
+    scorer = Scorer(model=parts.model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                    device=parts.device, autocast=parts.ctx.autocast, batch_size=parts.cfg.train.eval_batch_size,
+                    cfg=parts.cfg.eval, decode=partial(tokenizer.decode, skip_special_tokens=True))
+    return SequenceScorer(scorer, parts.tasks, parts.encoded, parts.strategy, parts.ctx)
+
+
+def restore(parts: RunParts, path: Path, started: float) -> tuple[RunState, dict[str, Any] | None]:
+    """Continue from checkpoint ``path`` (its state.pt read once): strategy state, the modules it adds, weights,
+    logged values, RNG. Returns the run state and the interrupted task's loop state (None between tasks)."""
+    saved, best = read_checkpoint(path)
+    parts.strategy.load_state_dict(saved["strategy"])
+    parts.strategy.on_resume(parts.ctx)  # re-create modules (adapters) before the weights are loaded into them
+    load_weights(path, parts.model)
+    parts.ctx.extras.update(saved["extras"])
+    set_rng_state(saved["rng"])
+    task = None if saved["task"] is None else saved["task"] | {"best": best}
+    return RunState.from_checkpoint(saved["run"], started), task
+
+
+def start_state(parts: RunParts, writer: RunWriter, console: Console, resume: bool,
+                started: float) -> tuple[RunState, dict[str, Any] | None]:
+    """A fresh run state, or with ``resume`` the newest intact checkpoint's (and its files rewritten to match)."""
+    path = latest_intact(parts.run_dir) if resume and parts.cfg.checkpoint.enabled else None
+    if path is None:
+        if resume:
+            log.warning("no usable checkpoint in %s: starting the run from the beginning", parts.run_dir)
+        return RunState(info=run_info(parts), started=started), None
+    state, task = restore(parts, path, started)
+    writer.set_rows(state.rows())
+    pending = state.history + (task["loop"]["records"] if task else [])
+    write_atomic(parts.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in pending))
+    console.print(f"resuming from {path} (task {state.next_task + 1}/{len(parts.tasks)})")
+    return state, task
+
+
+class CheckpointPolicy:
+    """When to checkpoint inside a task (every ``every_n_steps`` steps, or automatically: at most ~2% of the
+    time), and writing one: weights, best weights, run state, loop state, strategy state, logged values, RNG."""
+
+    def __init__(self, cfg: CheckpointConfig, parts: RunParts) -> None:
+        self.cfg, self.parts = cfg, parts
+        self.last_time, self.last_cost = time.perf_counter(), None
+
+    def due(self, step: int) -> bool:
+        if not self.cfg.enabled:
+            return False
+        if self.cfg.every_n_steps is not None:
+            return step % self.cfg.every_n_steps == 0
+        cost = self.last_cost if self.last_cost is not None else 0.0
+        interval = max(AUTO_CHECKPOINT_FACTOR * cost, AUTO_CHECKPOINT_MIN_S)
+        return time.perf_counter() - self.last_time >= interval
+
+    def save(self, state: RunState, task: dict[str, Any] | None, best: dict[str, torch.Tensor] | None) -> None:
+        """Write the next checkpoint; ``task`` is the loop's ``Boundary.state_dict()`` (None between tasks)."""
+        state.checkpoint_seq += 1
+        state.elapsed_s = state.elapsed()
+        payload = {"run": state.to_checkpoint(), "task": task, "strategy": self.parts.strategy.state_dict(),
+                   "extras": read_extras(self.parts.ctx.extras), "rng": rng_state()}
+        path, cost = save_checkpoint(self.parts.run_dir, f"ckpt-{state.checkpoint_seq:06d}", self.parts.model,
+                                     payload, best, self.cfg.keep_last)
+        self.last_time, self.last_cost = time.perf_counter(), cost
+        state.checkpoints = {"count": state.checkpoints["count"] + 1, "last_seconds": round(cost, 4),
+                             "bytes": sum(f.stat().st_size for f in path.iterdir())}
+
+
+def format_extras(extras: dict[str, float]) -> str:
+    """Logged values for the progress bar, compactly: ``ewc_penalty 0.12 · buffer_examples 64``."""
+    return " · ".join(f"{name} {value:.3g}" for name, value in extras.items())
+
+
+class SequenceRun:
+    """The task loop of one process: score the init row, then train and score each remaining task."""
+
+    def __init__(self, parts: RunParts, state: RunState, writer: RunWriter, policy: CheckpointPolicy) -> None:
+        self.parts, self.state, self.writer, self.policy = parts, state, writer, policy
+        self.scoring = sequence_scorer(parts)
+        self.stop = StopRequest()
+
+    def train(self, console: Console, task_resume: dict[str, Any] | None) -> None:
+        with stop_signals(self.stop), _progress(console) as progress:
+            if not self.state.stages:
+                self.add_stage("init", self.scoring.score())
+            for i in range(self.state.next_task, len(self.parts.tasks)):
+                self.train_task(i, task_resume, progress)
+                task_resume = None
+
+    def train_task(self, i: int, resume: dict[str, Any] | None, progress: Progress) -> None:
+        """Train task ``i`` (continuing it from ``resume``), score the sequence, checkpoint."""
+        parts, state, name = self.parts, self.state, self.parts.names[i]
+        parts.ctx.task_index = i
+        callbacks = _TaskCallbacks(self, progress, f"[{i + 1}/{len(parts.tasks)}] {name}")
+        task_started = time.perf_counter()
+        records = train_task(TaskRun(parts.ctx, parts.strategy, parts.encoded[i].train, parts.cfg.train,
+                                     self.scoring.validate, parts.scaler, resume, callbacks))
+        state.history.extend(asdict(r) for r in records)
+        state.wall_time_per_task_s[name] = round(
+            state.wall_time_per_task_s.get(name, 0.0) + time.perf_counter() - task_started, 3)
+        for file_name, text in parts.ctx.artifacts.items():  # e.g. generated pseudo-examples, for users to read
+            write_atomic(parts.run_dir / file_name, text)
+        self.add_stage(f"after_{name}", self.scoring.score())
+        state.next_task = i + 1
+        if parts.cfg.checkpoint.enabled:
+            self.policy.save(state, None, None)
+        self.stop.check(parts.run_dir)
+
+    def add_stage(self, stage: str, results: list[dict]) -> None:
+        self.writer.add_row([r["score"] for r in results])
+        self.state.add_stage(stage, results)
+        self.writer.write_metrics(self.state.to_metrics())
+
+
+class _TaskCallbacks(LoopCallbacks):
+    """The run's side of one task's loop: progress bar, history lines, checkpoints and stop requests."""
+
+    def __init__(self, run: SequenceRun, progress: Progress, label: str) -> None:
+        self.run, self.progress, self.label, self.epochs = run, progress, label, 0
+        self.bar = progress.add_task(label, total=None, loss="-", speed="-", extras="")
+
+    def on_step(self, event: dict[str, Any]) -> None:
+        if event["event"] == "task_start":
+            self.epochs = event["epochs"]
+            self.progress.update(self.bar, total=event["total_steps"], completed=event["step"])
+        else:
+            self.progress.update(self.bar, completed=event["step"], loss=f"{event['loss']:.3f}",
+                                 speed=f"{event['tokens_per_s']:,.0f}", extras=format_extras(event["extras"]),
+                                 description=f"{self.label} · epoch {event['epoch']}/{self.epochs}")
+
+    def on_epoch(self, record: EpochRecord) -> None:
+        self.run.writer.add_history(asdict(record))
+
+    def on_boundary(self, boundary: Boundary) -> None:
+        run = self.run
+        if run.stop.signum is not None or (boundary.kind == "step" and run.policy.due(boundary.loop.step)):
+            run.policy.save(run.state, boundary.state_dict(), boundary.best_state)
+        run.stop.check(run.parts.run_dir)
 
 
 def run(cfg: Config, run_dir: Path, config_yaml: str = "", console: Console | None = None,
@@ -146,180 +277,49 @@ def run(cfg: Config, run_dir: Path, config_yaml: str = "", console: Console | No
 def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_dir: Path | None,
          resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    device, precision = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    tasks = load_sequence(cfg.tasks, cfg.seed, base_dir)  # data errors surface before any model is loaded
-    names = [t.name for t in tasks]
-    tokenizer = load_tokenizer(cfg.model, [text for t in tasks for text in t.texts()])
-    model = load_model(cfg.model, tokenizer, cfg.seed).to(device)
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if context and cfg.train.max_length > context:
-        raise ConfigError(f"train.max_length: {cfg.train.max_length} exceeds the model's context of {context} "
-                          "tokens; lower it (longer prompts are then cut in the middle, targets never)")
-    if device.type == "cuda" and cfg.device.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    encoded = [encode_task(t, i, tokenizer, cfg.train.max_length) for i, t in enumerate(tasks)]
-    strategy = build_strategy(cfg.strategy)
-    autocast = autocast_factory(device, precision)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    ctx = Context(
-        model=model, device=device, autocast=autocast,
-        collate=partial(collate, pad_id=tokenizer.pad_token_id, device=device),
-        task_names=names, train_sets=[e.train for e in encoded], batch_size=cfg.train.batch_size, seed=cfg.seed,
-        eos_id=tokenizer.eos_token_id, decode=partial(tokenizer.decode, skip_special_tokens=True),
-    )
-    writer = RunWriter(run_dir, names)
+    parts = build_parts(cfg, run_dir, base_dir)
+    writer = RunWriter(run_dir, parts.names)
     if config_yaml:
         writer.write_config(config_yaml)
-    info: dict[str, Any] = {
-        "status": "running", "experiment_name": cfg.experiment_name, "strategy": cfg.strategy.name,
-        "task_sequence": cfg.tasks.name, "tasks": names, "metric_per_task": [t.metric for t in tasks],
-        "seed": cfg.seed, "device": str(device), "precision": precision,
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "parameters": parameter_counts(model), "versions": package_versions(),
-        "prompts_cut": {t.name: t.cut for t in encoded},
-        "examples": {t.name: t.info["sizes"] for t in tasks},
-        "config": as_dict(cfg), "stages": [], "wall_time_per_task_s": {}, "checkpoints": {"count": 0},
-    }
-    history: list[dict] = []  # epoch records of finished tasks
-    next_task, task_resume, saves = 0, None, {"seq": 0, "last_time": time.perf_counter(), "last_cost": None}
-
-    elapsed_before = 0.0  # wall time of the run's earlier lives (before a resume)
-    checkpoint_path = latest_intact(run_dir) if resume and cfg.checkpoint.enabled else None
-    if checkpoint_path is not None:
-        strategy_state = torch.load(checkpoint_path / "state.pt", map_location="cpu", weights_only=True)["strategy"]
-        strategy.load_state_dict(strategy_state)
-        strategy.on_resume(ctx)  # re-create modules (adapters) before the weights are loaded into them
-        state, best = load_checkpoint(checkpoint_path, model)
-        info.update(state["info"] | {"status": "running"})
-        history, next_task, saves["seq"] = state["history"], state["next_task"], state["seq"]
-        elapsed_before = float(info.get("elapsed_s", 0.0))
-        if state["task"] is not None:
-            task_resume = state["task"] | {"best": best}
-        writer.set_rows([[stage["scores"][n]["score"] for n in names] for stage in info["stages"]])
-        pending = history + (task_resume["loop"]["records"] if task_resume else [])
-        write_atomic(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in pending))
-        set_rng_state(state["rng"])
-        console.print(f"resuming from {checkpoint_path} (task {next_task + 1}/{len(tasks)})")
-    elif resume:
-        log.warning("no usable checkpoint in %s: starting the run from the beginning", run_dir)
-    if device.type == "cuda" and cfg.device.compile:
-        ctx.model = model = torch.compile(model)
-    scorer = Scorer(model=model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, device=device,
-                    autocast=autocast, batch_size=cfg.train.eval_batch_size, cfg=cfg.eval,
-                    decode=partial(tokenizer.decode, skip_special_tokens=True))
-    for name, cut in info["prompts_cut"].items():
+    policy = CheckpointPolicy(cfg.checkpoint, parts)
+    state, task_resume = start_state(parts, writer, console, resume, started)
+    if parts.device.type == "cuda" and cfg.device.compile:
+        parts.ctx.model = parts.model = torch.compile(parts.model)
+    for name, cut in state.info["prompts_cut"].items():
         if any(cut.values()):
             log.warning("task %s: %s examples longer than train.max_length had their prompt cut", name, cut)
-
-    def checkpoint(task_state: dict | None, best: dict | None) -> None:
-        saves["seq"] += 1
-        info["elapsed_s"] = elapsed_before + time.perf_counter() - started
-        state = {"info": info, "history": history, "next_task": next_task, "task": task_state,
-                 "strategy": strategy.state_dict(), "rng": rng_state(), "seq": saves["seq"]}
-        path, cost = save_checkpoint(run_dir, f"ckpt-{saves['seq']:06d}", model, state, best,
-                                     cfg.checkpoint.keep_last)
-        saves["last_time"], saves["last_cost"] = time.perf_counter(), cost
-        info["checkpoints"] = {"count": info["checkpoints"]["count"] + 1, "last_seconds": round(cost, 4),
-                               "bytes": sum(f.stat().st_size for f in path.iterdir())}
-
-    def checkpoint_due(step: int) -> bool:
-        if not cfg.checkpoint.enabled:
-            return False
-        if cfg.checkpoint.every_n_steps is not None:
-            return step % cfg.checkpoint.every_n_steps == 0
-        cost = saves["last_cost"] if saves["last_cost"] is not None else 0.0
-        interval = max(AUTO_CHECKPOINT_FACTOR * cost, AUTO_CHECKPOINT_MIN_S)
-        return time.perf_counter() - saves["last_time"] >= interval
-
-    stop: dict = {}
-
-    def on_boundary(b: Boundary) -> None:
-        if stop or (b.kind == "step" and checkpoint_due(b.loop.step)):
-            checkpoint(b.state_dict(), b.best_state)
-        if stop:
-            raise RunInterrupted(stop["signum"], run_dir)
-
-    def evaluate_all(split: str = "test", indices: list[int] | None = None) -> list[dict]:
-        results = []
-        for j in indices if indices is not None else range(len(tasks)):
-            strategy.before_eval(ctx, j)
-            results.append(score_task(scorer, encoded[j], tasks[j].metric, tasks[j].stop, tasks[j].labels, split))
-        return results
-
-    def validate(indices: list[int]) -> float:
-        scores = evaluate_all("validation", indices)
-        signed = [s["score"] if tasks[j].higher_is_better else -s["score"]
-                  for j, s in zip(indices, scores, strict=True)]
-        return sum(signed) / len(signed)
-
-    def add_stage(stage: str, results: list[dict]) -> None:
-        writer.add_row([r["score"] for r in results])
-        info["stages"].append({"stage": stage, "scores": {n: r for n, r in zip(names, results, strict=True)}})
-        writer.write_metrics(info)
-
-    console.print(f"[bold]cl-run[/bold] {cfg.strategy.name} on {cfg.tasks.name} ({len(tasks)} tasks: "
-                  f"{', '.join(names)}) · {device} {precision} · {info['parameters']['total']:,} parameters")
+    console.print(f"[bold]cl-run[/bold] {cfg.strategy.name} on {cfg.tasks.name} ({len(parts.tasks)} tasks: "
+                  f"{', '.join(parts.names)}) · {parts.device} {parts.precision} · "
+                  f"{state.info['parameters']['total']:,} parameters")
     try:
-        with stop_signals(stop), _progress(console) as progress:
-            if not info["stages"]:
-                add_stage("init", evaluate_all())
-            for i in range(next_task, len(tasks)):
-                ctx.task_index = i
-                bar = progress.add_task(f"[{i + 1}/{len(tasks)}] {names[i]}", total=None, loss="-", speed="-")
-                task_started = time.perf_counter()
-
-                task_epochs = {}
-
-                def on_step(event: dict, bar=bar, i=i, epochs=task_epochs) -> None:
-                    if event["event"] == "task_start":
-                        epochs[0] = event["epochs"]
-                        progress.update(bar, total=event["total_steps"], completed=event["step"])
-                    else:
-                        progress.update(bar, completed=event["step"], loss=f"{event['loss']:.3f}",
-                                        speed=f"{event['tokens_per_s']:,.0f}",
-                                        description=f"[{i + 1}/{len(tasks)}] {names[i]} · epoch "
-                                                    f"{event['epoch']}/{epochs[0]}")
-
-                def on_epoch(record: EpochRecord) -> None:
-                    writer.add_history(asdict(record))
-
-                records = train_task(ctx, strategy, encoded[i].train, cfg.train, validate, on_step, on_epoch, scaler,
-                                     on_boundary, task_resume)
-                task_resume = None
-                history.extend(asdict(r) for r in records)
-                info["wall_time_per_task_s"][names[i]] = round(
-                    info["wall_time_per_task_s"].get(names[i], 0.0) + time.perf_counter() - task_started, 3)
-                for file_name, text in ctx.artifacts.items():  # e.g. generated pseudo-examples, for users to read
-                    write_atomic(run_dir / file_name, text)
-                add_stage(f"after_{names[i]}", evaluate_all())
-                next_task = i + 1
-                if cfg.checkpoint.enabled:
-                    checkpoint(None, None)
-                if stop:
-                    raise RunInterrupted(stop["signum"], run_dir)
+        SequenceRun(parts, state, writer, policy).train(console, task_resume)
     except RunInterrupted:
-        info["status"] = "interrupted"
-        writer.write_metrics(info)
+        state.status = "interrupted"
+        writer.write_metrics(state.to_metrics())
         raise
     except BaseException as exc:
-        info["status"], info["error"] = "failed", f"{type(exc).__name__}: {exc}"
-        writer.write_metrics(info)
+        state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+        writer.write_metrics(state.to_metrics())
         raise
-    rows = [[stage["scores"][n]["score"] for n in names] for stage in info["stages"]]
-    summary = cl_metrics.summarize(rows[1:], rows[0], [t.higher_is_better for t in tasks], names)
-    info.update(summary)
-    info["strategy_accounting"] = strategy.accounting()
-    info["parameters"]["final"] = parameter_counts(model)  # adapters and columns add parameters on the way
-    info["wall_time_s"] = round(elapsed_before + time.perf_counter() - started, 3)
-    info["status"] = "completed"
-    writer.write_metrics(info)
-    plot_run(run_dir, names, rows, [t.metric for t in tasks], title=f"{cfg.strategy.name} · seed {cfg.seed}")
-    if cfg.model.name_or_path is None:
-        tokenizer.save_pretrained(run_dir / "tokenizer")
-    print_summary(console, names, rows, info, [t.metric for t in tasks], run_dir)
-    return info
+    return finish(parts, state, writer, console)
+
+
+def finish(parts: RunParts, state: RunState, writer: RunWriter, console: Console) -> dict[str, Any]:
+    """Summary metrics, final metrics.json, plots, the tokenizer of a model built from config, console table."""
+    rows, metric_names = state.rows(), [t.metric for t in parts.tasks]
+    state.results = cl_metrics.summarize(rows[1:], rows[0], [t.higher_is_better for t in parts.tasks], parts.names)
+    state.results["strategy_accounting"] = parts.strategy.accounting()
+    state.info["parameters"]["final"] = parameter_counts(parts.model)  # adapters and columns add parameters
+    state.results["wall_time_s"] = round(state.elapsed(), 3)
+    state.status = "completed"
+    metrics = state.to_metrics()
+    writer.write_metrics(metrics)
+    plot_run(parts.run_dir, parts.names, rows, metric_names,
+             title=f"{parts.cfg.strategy.name} · seed {parts.cfg.seed}")
+    if parts.cfg.model.name_or_path is None:
+        parts.tokenizer.save_pretrained(parts.run_dir / "tokenizer")
+    print_summary(console, parts.names, rows, metrics, metric_names, parts.run_dir)
+    return metrics
 
 
 def run_is_finished(run_dir: Path) -> bool:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import make_config, run_quietly
 
-from cl_runner.run import autocast_factory, resolve_device
+from cl_runner.runtime import autocast_factory, resolve_device
 from cl_runner.schema import DeviceConfig
 
 pytestmark = pytest.mark.gpu

@@ -1,9 +1,11 @@
 """Nothing lost: SIGKILL at seeded random moments + resume reproduces an uninterrupted run exactly (CPU);
 SIGINT/SIGTERM checkpoint and exit 130/143; a damaged newest checkpoint falls back to the previous one; a
-re-run sweep skips finished jobs and completes the killed one; finished runs and bad resumes answer clearly."""
+re-run sweep skips finished jobs and completes the killed one; finished runs and bad resumes answer clearly; a
+resume reads state.pt once."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -14,7 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cl_run
+import torch
+from helpers import cl_run, make_config, run_quietly
+from rich.console import Console
+
+from cl_runner import checkpoint as checkpoint_module
+from cl_runner.run import run
 
 # small but with several checkpoints per task: 64 facts / batch 8 = 8 steps per epoch
 FAST = ["device=cpu", "train.epochs=4", "checkpoint.every_n_steps=5", "checkpoint.keep_last=2"]
@@ -73,6 +80,7 @@ def kill_and_resume(run_dir: Path, moments: list[tuple[int, float]], *args: str)
     return kills
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path):
     expected = reference(tmp_path)
     rng = random.Random(0)  # seeded moments: inside tasks, at task boundaries, during evaluation
@@ -84,6 +92,7 @@ def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path):
 STRATEGIES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "strategy").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "naive"])
 def test_every_strategy_resumes_identically(tmp_path, strategy):
     args = (f"strategy={strategy}", "train.epochs=2")
@@ -93,6 +102,7 @@ def test_every_strategy_resumes_identically(tmp_path, strategy):
     assert outcome(tmp_path / "killed") == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_checkpoint_and_exit_with_their_status(tmp_path, signum, code):
     expected = reference(tmp_path, "train.epochs=2")
@@ -108,6 +118,7 @@ def test_sigint_and_sigterm_checkpoint_and_exit_with_their_status(tmp_path, sign
     assert outcome(run_dir) == expected
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     expected = reference(tmp_path, "train.epochs=2")
     run_dir = tmp_path / "damaged"
@@ -126,6 +137,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert outcome(run_dir) == expected
 
 
+@pytest.mark.slow
 def test_resume_answers(tmp_path):
     run_dir = tmp_path / "done"
     assert start(run_dir, "train.epochs=1").wait(timeout=120) == 0
@@ -139,6 +151,7 @@ def test_resume_answers(tmp_path):
     assert changed.returncode == 2 and "cannot be combined with overrides" in changed.stderr
 
 
+@pytest.mark.slow
 def test_killed_before_first_checkpoint_restarts_from_the_beginning(tmp_path):
     expected = reference(tmp_path, "train.epochs=1")
     run_dir = tmp_path / "early"
@@ -154,6 +167,7 @@ def test_killed_before_first_checkpoint_restarts_from_the_beginning(tmp_path):
     assert outcome(run_dir) == expected
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_directory_is_refused(tmp_path):
     run_dir = tmp_path / "busy"
     first = start(run_dir, "train.epochs=200")  # long enough to still be running when the second one starts
@@ -166,6 +180,7 @@ def test_second_run_on_the_same_directory_is_refused(tmp_path):
     assert second.returncode == 2 and "is in use by another cl-run" in second.stderr
 
 
+@pytest.mark.slow
 def test_rerun_sweep_skips_finished_jobs_and_completes_the_killed_one(tmp_path):
     sweep = tmp_path / "sweep"
     args = [sys.executable, "-m", "cl_runner", "-m", f"hydra.sweep.dir={sweep}", "train.lr=1e-3,3e-3",
@@ -181,3 +196,30 @@ def test_rerun_sweep_skips_finished_jobs_and_completes_the_killed_one(tmp_path):
     assert {f.name: f.stat().st_mtime_ns for f in first.iterdir() if f.is_file()} == stamp
     for job in (p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()):
         assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_resume_in_process_reads_state_once_and_matches(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    cfg = make_config("train.epochs=1", "checkpoint.every_n_steps=3", "checkpoint.keep_last=100")
+    expected = run_quietly(cfg, run_dir)
+    expected_history = stable_history(run_dir)
+    checkpoints = checkpoint_module.list_checkpoints(run_dir)
+    inside_task = [p for p in checkpoints if torch.load(p / "state.pt", weights_only=True)["task"] is not None]
+    for newer in checkpoints[checkpoints.index(inside_task[len(inside_task) // 2]) + 1 :]:
+        for f in newer.iterdir():
+            f.unlink()
+        newer.rmdir()
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(checkpoint_module.torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    resumed = run(cfg, run_dir, console=Console(file=io.StringIO()), resume=True)
+    assert [Path(p).name for p in loads if Path(p).name == "state.pt"] == ["state.pt"]
+    assert [s["scores"] for s in resumed["stages"]] == [s["scores"] for s in expected["stages"]]
+    assert stable_history(run_dir) == expected_history
+
+
+def stable_history(run_dir: Path) -> list[dict]:
+    """history.jsonl without its timings."""
+    lines = (run_dir / "history.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "tokens_per_s")} for line in lines]

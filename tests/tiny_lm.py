@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cl_runner.lm import IGNORE_INDEX, Encoded, collate
-from cl_runner.loop import train_task
+from cl_runner.loop import TaskRun, train_task
 from cl_runner.schema import TrainConfig
 from cl_runner.strategies.base import Context, Strategy
 
@@ -49,7 +49,7 @@ def train(ctx: Context, strategy: Strategy, task: int, epochs: int = 2, lr: floa
     """Task ``task`` through the real loop (every hook in order), no validation."""
     ctx.task_index = task
     cfg = TrainConfig(epochs=epochs, batch_size=4, lr=lr, warmup_ratio=0.0, keep_best=False)
-    train_task(ctx, strategy, ctx.train_sets[task], cfg, validate=lambda tasks: 0.0)
+    train_task(TaskRun(ctx, strategy, ctx.train_sets[task], cfg, validate=lambda tasks: 0.0))
 
 
 def logits(model: torch.nn.Module, ids: list[int] | None = None) -> torch.Tensor:
