@@ -47,12 +47,21 @@ def one_line(exc: BaseException) -> str:
             key = re.search(r"Key '([^']+)'", str(cause))
             full = re.search(r"full_key: (\S+)", str(cause))
             name = full.group(1) if full else key.group(1) if key else "?"
-            return f"{name}: unknown key (see the README's configuration reference)"
+            return f"{name}: unknown key (see docs/configuration.md)"
         return f"{first}: {detail}"
     if "Could not override" in text:
         key = re.search(r"Could not override '([^']+)'", text)
-        return f"{key.group(1) if key else first}: unknown key (see the README's configuration reference)"
+        return f"{key.group(1) if key else first}: unknown key (see docs/configuration.md)"
     return first
+
+
+def _catalogue_hint(message: str, overrides: tuple[str, ...]) -> str:
+    """``tasks.tasks.N.key=`` cannot reach a sequence whose list comes from the task catalogue: say what can."""
+    by_index = [o.split("=", 1)[0] for o in overrides if o.startswith("tasks.tasks.")]
+    if not (by_index and message.startswith("tasks.[")):
+        return message
+    return (f"{by_index[0]}: this sequence's tasks come from conf/tasks/catalogue and cannot be changed by position; "
+            "change one by name: tasks.catalogue.<task>.<key>=... (e.g. tasks.catalogue.dbpedia.max_eval_examples=16)")
 
 
 def _split_args(argv: list[str]) -> tuple[list[str], bool, bool]:
@@ -96,7 +105,7 @@ def preflight(overrides: list[str]) -> int:
             try:
                 cfg = compose("config", overrides=list(combo))
             except Exception as exc:
-                raise ValueError(one_line(exc)) from None
+                raise ValueError(_catalogue_hint(one_line(exc), combo)) from None
             validate(cfg)
             jobs += 1
     return jobs
@@ -128,7 +137,8 @@ FAILURES: list[str] = []  # jobs of this process's sweep that failed (a sweep go
 def _execute(config, run_dir: Path, config_yaml: str, resume: bool) -> int:
     """Run one job and map its outcome to an exit status (printing one line for every failure)."""
     from cl_runner.errors import UserError
-    from cl_runner.run import RunInterrupted, run
+    from cl_runner.run import run
+    from cl_runner.runtime import RunInterrupted
 
     try:
         run(config, run_dir, config_yaml, base_dir=Path.cwd(), resume=resume)

@@ -1,4 +1,4 @@
-"""The bad-input catalogue (README: "Common errors and what they mean"): every case exits 2 with one line that
+"""The bad-input catalogue (docs/errors.md): every case exits 2 with one line that
 names the key, file or line, prints no traceback, and changes nothing already written."""
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ CASES = [
     ("option of another strategy", ["strategy=naive", "strategy.buffer_size=9"], "strategy.buffer_size: unknown key"),
     ("keep no checkpoint", ["checkpoint.keep_last=0"], "checkpoint.keep_last: expected a positive number"),
     ("duplicate task names", ["tasks.tasks.1.name=color"], "tasks.tasks: task name 'color' is used twice"),
+    ("task of a catalogue sequence by position", ["tasks=standard_order1", "tasks.tasks.0.max_eval_examples=3"],
+     "tasks.tasks.0.max_eval_examples: this sequence's tasks come from conf/tasks/catalogue and cannot be changed by "
+     "position; change one by name: tasks.catalogue.<task>.<key>=..."),
+    ("plugin strategy class that is not one", ["strategy._target_=cl_runner.metrics.summarize"],
+     "strategy._target_: cl_runner.metrics.summarize is not a Strategy subclass that sets name and Config"),
     ("unwritable output dir", ["hydra.run.dir=/proc/cl-run-test"], "hydra.run.dir: cannot write to /proc/cl-run"),
     ("max_length beyond the model's context", ["train.max_length=4096"], "train.max_length: 4096 exceeds the model"),
     # --- data

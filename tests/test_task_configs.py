@@ -1,20 +1,27 @@
-"""Every task-sequence and experiment config composes and validates; the hub-backed benchmarks load from local
-files of the same schema (fixtures written here) through the same datasets code path: prompts, label words,
-per-class sampling."""
+"""Every task-sequence and experiment config composes and validates; the hub sequences are the catalogue's task
+definitions (conf/tasks/catalogue/) in the published orders, and overrides reach one task; the hub-backed
+benchmarks load from local files of the same schema (fixtures written here) through the same datasets code path:
+prompts, label words, per-class sampling. Composition only: nothing is read from the hub."""
 
 import dataclasses
+import shutil
 import string
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from helpers import REPO, make_config, run_quietly, write_jsonl
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from cl_runner.cli import CONF_DIR
+from cl_runner.schema import TaskConfig, as_dict, validate
 from cl_runner.tasks.load import load_task
 
 TASK_CONFIGS = sorted(p.stem for p in (REPO / "conf" / "tasks").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+CATALOGUE = REPO / "conf" / "tasks" / "catalogue"
 HUB = [name for name in TASK_CONFIGS if name.startswith(("standard_", "long15_"))]
 PUBLISHED_ORDERS = {  # O-LoRA (arXiv:2310.14152) orders 1-6, as in its code and Progressive Prompts
     "standard_order1": "dbpedia amazon yahoo agnews",
@@ -49,22 +56,78 @@ def test_the_hub_sequences_are_the_published_orders():
         assert [t.name for t in make_config(f"tasks={name}").tasks.tasks] == order.split()
 
 
-def test_a_dataset_is_defined_the_same_way_in_every_sequence():
-    seen: dict[str, tuple[str, dict]] = {}
-    for name in HUB:
-        for task in OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "tasks" / f"{name}.yaml"))["tasks"]:
-            first = seen.setdefault(task["name"], (name, task))
-            assert task == first[1], f"{task['name']} differs between {first[0]} and {name}"
-    assert len(seen) == 15
+def _catalogue_entry(name: str) -> TaskConfig:
+    """conf/tasks/catalogue/<name>.yaml read on its own: one key, the task's name, holding its definition."""
+    entry = OmegaConf.load(CATALOGUE / f"{name}.yaml")
+    assert list(entry) == [name], f"catalogue/{name}.yaml must define exactly the key {name!r}"
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), entry[name]))
 
 
-def test_the_readme_override_to_local_files_composes():
-    cfg = make_config("tasks=standard_order1", "tasks.tasks.0.path=parquet", "tasks.tasks.0.subset=null",
-                      "tasks.tasks.0.data_files={train:/data/cl/dbpedia/train.parquet,test:/data/cl/dbpedia/"
+def test_each_hub_sequence_is_the_catalogue_in_its_stated_order():
+    used = set()
+    for name, order in PUBLISHED_ORDERS.items():
+        text = (REPO / "conf" / "tasks" / f"{name}.yaml").read_text()
+        header = " ".join(line.lstrip("# ") for line in text.splitlines()[:3])
+        assert " -> ".join(order.split()) in header, f"{name}: the header comment states another order"
+        tasks = make_config(f"tasks={name}", small=False).tasks
+        assert tasks.tasks == [_catalogue_entry(t) for t in order.split()], name
+        assert tasks.catalogue == {}  # emptied once validated: metrics.json holds each task once
+        used |= set(order.split())
+    assert used == {p.stem for p in CATALOGUE.glob("*.yaml")}  # 15 datasets, none unused
+
+
+def test_an_override_by_name_reaches_only_that_task():
+    plain = make_config("tasks=long15_order4").tasks.tasks
+    tasks = make_config("tasks=long15_order4", "tasks.catalogue.amazon.max_eval_examples=16").tasks.tasks
+    changed = [i for i, (a, b) in enumerate(zip(plain, tasks, strict=True)) if a != b]
+    assert changed == [9] and tasks[9].name == "amazon" and tasks[9].max_eval_examples == 16
+    assert dataclasses.replace(tasks[9], max_eval_examples=None) == plain[9]
+
+
+def test_an_override_by_position_works_on_written_out_lists_and_fails_loudly_on_catalogue_ones():
+    tasks = make_config("tasks=offline_lm_domains", "tasks.tasks.1.max_eval_examples=16").tasks.tasks
+    assert [t.max_eval_examples for t in tasks] == [None, 16, None, None]
+    with pytest.raises(ConfigCompositionException):  # OmegaConf 2.3 cannot index into an interpolated list
+        make_config("tasks=standard_order1", "tasks.tasks.0.max_eval_examples=16")
+
+
+def test_a_hub_task_can_be_pointed_at_local_files_by_name():
+    cfg = make_config("tasks=standard_order1", "tasks.catalogue.dbpedia.path=parquet",
+                      "tasks.catalogue.dbpedia.subset=null",
+                      "tasks.catalogue.dbpedia.data_files={train:/data/cl/dbpedia/train.parquet,test:/data/cl/dbpedia/"
                       "test.parquet}")
     task = cfg.tasks.tasks[0]
-    assert (task.path, task.subset) == ("parquet", None)
+    assert (task.name, task.path, task.subset) == ("dbpedia", "parquet", None)
     assert task.data_files == {"train": "/data/cl/dbpedia/train.parquet", "test": "/data/cl/dbpedia/test.parquet"}
+    assert [t.path for t in cfg.tasks.tasks[1:]] == [_catalogue_entry(t.name).path for t in cfg.tasks.tasks[1:]]
+
+
+def test_a_sequence_file_can_change_a_catalogue_task_and_the_command_line_can_pick_tasks(tmp_path):
+    conf = shutil.copytree(CONF_DIR, tmp_path / "conf")
+    text = (conf / "tasks" / "standard_order1.yaml").read_text().replace("standard_order1", "mine")
+    (conf / "tasks" / "mine.yaml").write_text(text + "catalogue:\n  yahoo: {max_train_per_class: 50}\n")
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        mine = validate(compose("config", overrides=["tasks=mine"])).tasks.tasks
+        picked = validate(compose("config", overrides=["tasks=standard_order1", "tasks/catalogue=[agnews,yahoo]"]))
+    assert [(t.name, t.max_train_per_class) for t in mine] == [("dbpedia", 1000), ("amazon", 1000), ("yahoo", 50),
+                                                               ("agnews", 1000)]
+    assert [t.name for t in picked.tasks.tasks] == ["agnews", "yahoo"]
+
+
+def test_the_olora_experiments_differ_only_in_their_sequence_and_name():
+    def rest(name):
+        config = as_dict(make_config(f"experiment={name}", small=False))
+        assert config.pop("experiment_name") == name
+        assert config.pop("tasks")["name"] == name.removeprefix("olora_")
+        return config
+
+    olora = [name for name in EXPERIMENTS if name.startswith("olora_")]
+    assert len(olora) == 6
+    base = rest(olora[0])
+    assert base["model"]["name_or_path"] == "openai-community/gpt2-large" and base["train"]["epochs"] == 1
+    for name in olora[1:]:
+        assert rest(name) == base, name
+        assert "  - base/olora" in (REPO / "conf" / "experiment" / f"{name}.yaml").read_text()
 
 
 # ------------------------------------------------------------------------------------------- local fixtures
@@ -130,6 +193,7 @@ def test_per_class_sampling_is_seeded(hub_tasks, tmp_path):
     assert prompts(0) != prompts(1)
 
 
+@pytest.mark.slow
 def test_a_hub_sequence_runs_end_to_end_on_local_files(hub_tasks, tmp_path):
     cfg = make_config("tasks=standard_order1", "train.epochs=1")
     local = [_write_fixture(hub_tasks[t.name], tmp_path, {"train": 4, "test": 2}) for t in cfg.tasks.tasks]
