@@ -11,8 +11,7 @@ from helpers import make_config, run_quietly
 from tiny_lm import logits, one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
 from cl_runner.errors import ConfigError
-from cl_runner.schema import AdaptersConfig, SharedLoRAConfig
-from cl_runner.strategies.adapters import Adapters, SharedLoRA
+from cl_runner.strategies.adapters import Adapters, AdaptersConfig, SharedLoRA, SharedLoRAConfig
 from cl_runner.strategies.lora import add_lora, lora_parameters, subspace_overlap
 
 
@@ -121,12 +120,23 @@ def test_resume_recreates_the_adapters_so_the_checkpoint_weights_fit():
 def test_shared_lora_trains_one_adapter_through_the_sequence():
     model = tiny_model()
     ctx, strategy = tiny_context(model), SharedLoRA(SharedLoRAConfig())
-    for task in range(2):
-        train(ctx, strategy, task)
-    assert {a for a in strategy.names()} == {"shared"}
-    assert strategy.accounting()["adapters"] == 1
+    train(ctx, strategy, 0)
+    lora = {n for n, _ in model.named_parameters() if ".lora_" in n}  # "...c_attn.lora_A.<adapter>.weight"
+    assert lora and {n.split(".lora_")[1].split(".")[1] for n in lora} == {"shared"}
+    after_first = snapshot(model)
+    ctx.task_index = 1
+    strategy.before_task(ctx)  # the next task neither adds an adapter nor re-initialises the one there is
+    assert {n for n, _ in model.named_parameters() if ".lora_" in n} == lora
+    assert all(torch.equal(v, after_first[k]) for k, v in model.state_dict().items())
+    train(ctx, strategy, 1)
+    after_second = snapshot(model)
+    moved = {k for k, v in after_second.items() if not torch.equal(v, after_first[k])}
+    assert moved and moved <= lora  # that same adapter trains on task 1; the base stays frozen
+    assert strategy.accounting()["extra_parameters"] == sum(p.numel() for n, p in model.named_parameters()
+                                                            if n in lora)
 
 
+@pytest.mark.slow
 def test_adapters_end_to_end_never_forget_and_report_their_cost(tmp_path):
     result = run_quietly(make_config("strategy=adapters", "train.epochs=1"), tmp_path)
     rows = [[stage["scores"][n]["score"] for n in result["tasks"]] for stage in result["stages"]][1:]

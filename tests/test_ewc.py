@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 import warnings
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny_lm import one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 from cl_runner.lm import collate
-from cl_runner.schema import EWCConfig, EWCReplayConfig, L2Config
 from cl_runner.strategies import build_strategy
+from cl_runner.strategies.anchor import LOG_EVERY
 from cl_runner.strategies.base import Context
-from cl_runner.strategies.ewc import EWC, L2
+from cl_runner.strategies.ewc import EWC, L2, EWCConfig, L2Config
+from cl_runner.strategies.ewc_replay import EWCReplayConfig
 from cl_runner.strategies.fisher import fisher_diagonal, fisher_diagonal_loop
 
-
-def tiny_model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    # pad_token_id set, as in the runner's models: HF then checks input_ids for padding (not vmap-able)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, pad_token_id=0)
-    return GPT2LMHeadModel(config)
+VOCAB = 50  # make_task draws token ids from 1..49
 
 
 def make_task(task: int, n: int) -> list[dict]:
@@ -32,7 +28,7 @@ def make_task(task: int, n: int) -> list[dict]:
     out = []
     for _ in range(n):
         length = 3 + int(torch.randint(0, 10, (1,), generator=g))
-        ids = torch.randint(1, 50, (length,), generator=g).tolist()
+        ids = torch.randint(1, VOCAB, (length,), generator=g).tolist()
         prompt = 1 + length // 3
         out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "task_id": task})
     return out
@@ -71,7 +67,10 @@ def fused_grad(strategy, ctx) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["empirical", "sampled"])
 def test_batched_fisher_equals_the_loop(mode):
-    model = tiny_model()
+    # pad_token_id is set, as in the runner's models: HF then checks input_ids for padding (not vmap-able);
+    # train mode, so that the Fisher's eval-mode passes have a mode to restore
+    model = tiny_model(vocab=VOCAB).train()
+    assert model.config.pad_token_id == 0
     ctx = make_ctx(model)
     examples = ctx.train_sets[0][:9]  # lengths 3..12: chunks of 4 are padded, the last chunk is short
     loop = fisher_diagonal_loop(ctx, examples, mode=mode, generator=torch.Generator().manual_seed(5))
@@ -91,13 +90,13 @@ def test_batched_fisher_equals_the_loop(mode):
 
 
 def test_fisher_param_filter():
-    ctx = make_ctx(tiny_model())
+    ctx = make_ctx(tiny_model(vocab=VOCAB))
     fisher = fisher_diagonal(ctx, ctx.train_sets[0][:4], param_regex=r"h\.1\.mlp")
     assert fisher and all(n.startswith("transformer.h.1.mlp") for n in fisher)
 
 
 def test_ewc_penalty_is_zero_at_anchor_and_exactly_quadratic():
-    model = tiny_model()
+    model = tiny_model(vocab=VOCAB)
     ctx = make_ctx(model)
     ewc = EWC(EWCConfig(ewc_lambda=50.0, fisher_samples=8, fisher_batch_size=4))
     ewc.after_task(ctx)
@@ -115,7 +114,7 @@ def test_ewc_penalty_is_zero_at_anchor_and_exactly_quadratic():
 
 @pytest.mark.parametrize("online", [False, True])
 def test_fused_gradient_equals_autograd_of_the_penalty(online):
-    model = tiny_model()
+    model = tiny_model(vocab=VOCAB)
     ctx = make_ctx(model)
     ewc = EWC(EWCConfig(ewc_lambda=7.0, fisher_samples=8, fisher_batch_size=4, online=online, gamma=0.5))
     anchors, fishers = [], []
@@ -146,7 +145,7 @@ def test_fused_gradient_equals_autograd_of_the_penalty(online):
 
 
 def test_l2_uses_unit_fisher_over_all_anchors():
-    model = tiny_model()
+    model = tiny_model(vocab=VOCAB)
     ctx = make_ctx(model)
     l2 = build_strategy(L2Config(l2_lambda=3.0, ewc_params=r"^transformer\.h\."))
     assert isinstance(l2, L2)
@@ -175,7 +174,7 @@ def test_l2_uses_unit_fisher_over_all_anchors():
 
 
 def test_bfloat16_state_and_state_dict_round_trip():
-    model = tiny_model()
+    model = tiny_model(vocab=VOCAB)
     ctx = make_ctx(model)
     cfg = EWCConfig(ewc_lambda=5.0, fisher_samples=6, fisher_batch_size=3, state_dtype="bfloat16")
     ewc = EWC(cfg)
@@ -194,7 +193,7 @@ def test_bfloat16_state_and_state_dict_round_trip():
 
 
 def test_ewc_replay_composes_both_parts():
-    model = tiny_model()
+    model = tiny_model(vocab=VOCAB)
     ctx = make_ctx(model)
     cfg = EWCReplayConfig(ewc_lambda=1.0, fisher_samples=4, buffer_size=5, replay_ratio=0.5)
     strategy = build_strategy(cfg)
@@ -206,3 +205,95 @@ def test_ewc_replay_composes_both_parts():
     accounting = strategy.accounting()
     assert accounting["buffer_examples"] == 5 and accounting["ewc_state_bytes"] > 0
     assert set(strategy.state_dict()) == {"ewc", "replay"}
+
+
+def test_nothing_is_penalised_before_the_first_anchor_and_the_model_given_is_measured():
+    model = tiny_model(vocab=VOCAB)
+    ctx = make_ctx(model)
+    ewc = EWC(EWCConfig(ewc_lambda=5.0, fisher_samples=4))
+    assert ewc.penalty(model) == 0.0  # the first task trains with no anchor yet
+    assert all(g is None for g in fused_grad(ewc, ctx).values()) and "ewc_penalty" not in ctx.extras
+    ewc.after_task(ctx)
+    other = copy.deepcopy(model)
+    perturb(other, 0.05, seed=6)
+    assert ewc.penalty(model) == 0.0 < ewc.penalty(other)  # the parameters of the model passed, not a cached one
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_ewc_lambda_one_applies_the_penalty_and_zero_switches_it_off(lam):
+    model = tiny_model(vocab=VOCAB)
+    ctx = make_ctx(model)
+    ewc = EWC(EWCConfig(ewc_lambda=lam, fisher_samples=8, fisher_batch_size=4))
+    fisher, anchor = ewc.estimate_fisher(ctx), snapshot(model)
+    ewc.after_task(ctx)
+    perturb(model, 0.05, seed=4)
+    got = fused_grad(ewc, ctx)  # ctx.step = 0: a step that logs the penalty
+    if lam == 0:
+        assert all(g is None for g in got.values()) and "ewc_penalty" not in ctx.extras
+        return
+    model.zero_grad(set_to_none=True)
+    expected = by_hand(model, [anchor], [fisher], lam=1.0)
+    expected.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6 * float(p.grad.abs().max()))
+    assert expected.item() > 0
+    assert ewc.penalty(model) == ctx.extras["ewc_penalty"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_penalty_is_logged_every_log_every_steps_only():
+    model = tiny_model(vocab=VOCAB)
+    ctx = make_ctx(model)
+    l2 = L2(L2Config(l2_lambda=2.0))
+    l2.after_task(ctx)
+    perturb(model, 0.05, seed=5)
+    logged = []
+    for step in range(2 * LOG_EVERY + 1):
+        ctx.step, ctx.extras = step, {}
+        l2.after_backward(ctx)
+        if "l2_penalty" in ctx.extras:
+            logged.append(step)
+            assert ctx.extras["l2_penalty"] == pytest.approx(l2.penalty(model)) and l2.penalty(model) > 0
+    assert logged == [0, LOG_EVERY, 2 * LOG_EVERY]
+
+
+@pytest.mark.parametrize(("state_dtype", "size"), [("float32", 4), ("bfloat16", 2)])
+def test_accounting_counts_the_penalised_parameters_and_their_state(state_dtype, size):
+    model = tiny_model(vocab=VOCAB)
+    ctx = make_ctx(model)
+    n = sum(p.numel() for name, p in model.named_parameters() if name.startswith("transformer.h.1.mlp."))
+    ewc = EWC(EWCConfig(ewc_params=r"h\.1\.mlp", fisher_samples=4, state_dtype=state_dtype))
+    assert ewc.accounting() == {"ewc_state_bytes": 0, "ewc_parameters": 0}  # nothing anchored yet
+    for task in range(2):  # the state stays one anchor and one Fisher, whatever the number of tasks
+        ctx.task_index = task
+        perturb(model, 0.05, seed=30 + task)
+        ewc.after_task(ctx)
+        assert ewc.accounting() == {"ewc_state_bytes": 2 * size * n, "ewc_parameters": n}
+    l2 = L2(L2Config(ewc_params=r"h\.1\.mlp", state_dtype=state_dtype))
+    l2.after_task(ctx)
+    assert l2.accounting() == {"l2_state_bytes": size * n, "l2_parameters": n}
+
+
+def test_a_checkpoint_taken_before_the_first_anchor_resumes():
+    cfg = EWCConfig(ewc_lambda=2.0, fisher_samples=4)
+    fresh = EWC(cfg).state_dict()  # a checkpoint during the first task
+    assert fresh == {"names": None, "anchor": None, "fisher": None, "weight": 0.0, "const": 0.0}
+    resumed = EWC(cfg)
+    resumed.load_state_dict(fresh)
+    model = tiny_model(vocab=VOCAB)
+    assert resumed.penalty(model) == 0.0 and resumed.accounting() == {"ewc_state_bytes": 0, "ewc_parameters": 0}
+
+
+def test_the_state_follows_the_model_to_its_device():
+    # "meta" stands in for an accelerator: a checkpoint's state (on the CPU) moves to wherever the model is
+    model = tiny_model(vocab=VOCAB)
+    ctx = make_ctx(model)
+    cfg = EWCConfig(ewc_lambda=2.0, fisher_samples=4)
+    ewc = EWC(cfg)
+    ewc.after_task(ctx)
+    resumed = EWC(cfg)
+    resumed.load_state_dict(ewc.state_dict())
+    model.to("meta")
+    ctx.step = 1  # not a logging step: a value on "meta" cannot be read
+    resumed.after_backward(ctx)
+    assert len(resumed.anchor) == len(resumed.fisher) == len(resumed.names) > 1
+    assert {t.device.type for t in resumed.anchor + resumed.fisher} == {"meta"}

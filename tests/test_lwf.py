@@ -8,27 +8,21 @@ import io
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny_lm import one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 from cl_runner.lm import causal_lm_loss, collate
-from cl_runner.schema import LwFConfig
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.distill import distillation_kl
-from cl_runner.strategies.lwf import LwF
+from cl_runner.strategies.lwf import LwF, LwFConfig
 
-
-def tiny_model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=64, bos_token_id=0,
-                        eos_token_id=0)
-    return GPT2LMHeadModel(config)
+VOCAB = 50  # make_ctx draws token ids from 1..49
 
 
 def make_ctx(model) -> tuple[Context, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     examples = []
     for length in (5, 9, 7):
-        ids = torch.randint(1, 50, (length,), generator=g).tolist()
+        ids = torch.randint(1, VOCAB, (length,), generator=g).tolist()
         examples.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:], "task_id": 0})
     ctx = Context(model=model, device=torch.device("cpu"), autocast=contextlib.nullcontext,
                   collate=functools.partial(collate, pad_id=0), task_names=["a", "b"],
@@ -60,8 +54,19 @@ def test_distillation_term_is_the_tempered_kl_on_target_tokens():
     assert float(distillation_kl(student, student, labels, temperature)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_distillation_defaults_to_temperature_one_and_averages_over_target_tokens_only():
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(1, 4, 7, generator=g), torch.randn(1, 4, 7, generator=g)
+    one_target = torch.tensor([[-100, -100, 3, -100]])  # one target token: predicted by the logits at t = 1
+    p, q = torch.softmax(teacher[0, 1], -1), torch.softmax(student[0, 1], -1)
+    by_hand = float((p * (p.log() - q.log())).sum())  # T = 1: no tempering
+    assert float(distillation_kl(student, teacher, one_target)) == pytest.approx(by_hand, rel=1e-5)
+    no_target = torch.full((1, 4), -100)
+    assert float(distillation_kl(student, teacher, no_target)) == 0.0  # zero, not 0 / 0
+
+
 def test_lwf_adds_alpha_t2_kl_and_nothing_before_a_teacher_exists():
-    model = tiny_model()
+    model = tiny_model(vocab=VOCAB)
     ctx, batch = make_ctx(model)
     lwf = LwF(LwFConfig(alpha=0.7, temperature=3.0))
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -69,8 +74,9 @@ def test_lwf_adds_alpha_t2_kl_and_nothing_before_a_teacher_exists():
     assert lwf.loss(ctx, batch, outputs, base) is base  # first task: no teacher
     lwf.after_task(ctx)
     teacher_logits = lwf.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    with torch.no_grad():
-        model.transformer.h[0].mlp.c_fc.weight.add_(0.5)  # the student moves away from the teacher
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    with torch.no_grad():  # the student moves away from the teacher (a constant shift would not: LayerNorm)
+        weight.add_(0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(2)))
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     base = causal_lm_loss(outputs.logits, batch["labels"])
     expected = base + 0.7 * 9.0 * distillation_kl(outputs.logits, teacher_logits, batch["labels"], 3.0)
@@ -81,7 +87,7 @@ def test_lwf_adds_alpha_t2_kl_and_nothing_before_a_teacher_exists():
 
 
 def test_zero_distillation_when_student_equals_teacher():
-    model = tiny_model().eval()  # no dropout: student and teacher compute the same function
+    model = tiny_model(vocab=VOCAB)  # eval mode: student and teacher compute the same function
     ctx, batch = make_ctx(model)
     lwf = LwF(LwFConfig(alpha=1.0, temperature=2.0))
     lwf.after_task(ctx)
@@ -91,7 +97,7 @@ def test_zero_distillation_when_student_equals_teacher():
 
 
 def test_teacher_is_frozen_and_unchanged_by_a_training_step():
-    model = tiny_model()
+    model = tiny_model(vocab=VOCAB).train()  # the student trains; its teacher must not
     ctx, batch = make_ctx(model)
     lwf = LwF(LwFConfig(alpha=1.0, temperature=2.0))
     lwf.after_task(ctx)
@@ -110,7 +116,7 @@ def test_teacher_is_frozen_and_unchanged_by_a_training_step():
 
 
 def test_state_dict_round_trip_rebuilds_the_teacher():
-    model = tiny_model().eval()
+    model = tiny_model(vocab=VOCAB)
     ctx, batch = make_ctx(model)
     lwf = LwF(LwFConfig(alpha=1.0, temperature=2.0))
     lwf.after_task(ctx)

@@ -55,3 +55,56 @@ def test_single_task_has_no_transfer_metrics():
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError):
         metrics.summarize([[0.1, 0.2]], [0.0], [True], ["a"])
+
+
+def test_forgetting_ignores_scores_before_the_task_was_trained():
+    # task 1 scored 0.95 before it was trained (after task 0): that is not a level it had learnt and lost
+    r = [[0.9, 0.95, 0.1], [0.5, 0.6, 0.2], [0.4, 0.5, 0.7]]
+    assert metrics.forgetting_per_task(r, UP) == pytest.approx([0.5, 0.1, None])
+    ppl = [[10.0, 2.0, 9.0], [12.0, 5.0, 9.0], [15.0, 6.0, 4.0]]  # lower is better: 2.0 came before training
+    assert metrics.forgetting_per_task(ppl, [False] * 3) == pytest.approx([5.0, 1.0, None])
+
+
+def test_best_is_the_highest_accuracy_from_the_task_on():
+    r = [[0.9, 0.95, 0.1], [0.5, 0.6, 0.2], [0.4, 0.5, 0.7]]
+    summary = metrics.summarize(r, [0.0, 0.0, 0.0], UP, ["a", "b", "c"])
+    assert [row["best"] for row in summary["per_task"]] == [0.9, 0.6, 0.7]
+
+
+def test_summary_holds_every_number():
+    # task 0 accuracy, task 1 perplexity (lower is better)
+    r = [[0.8, 40.0], [0.6, 10.0]]
+    init, up = [0.2, 50.0], [True, False]
+    s = metrics.summarize(r, init, up, ["acc", "ppl"])
+    # curves: acc 0.2, 0.8, 0.6 -> (0.5 + 0.7) / 2 = 0.6; ppl 50, 40, 10 -> (45 + 25) / 2 = 35
+    assert s["average_accuracy"] == pytest.approx((0.6 + 10.0) / 2)
+    assert s["average_forgetting"] == pytest.approx(0.2)
+    assert s["backward_transfer"] == pytest.approx(-0.2)
+    assert s["forward_transfer"] == pytest.approx(10.0)  # -(40 - 50)
+    assert s["average_learning_curve_area"] == pytest.approx((0.6 + 35.0) / 2)
+    assert s["per_task"] == [
+        {"task": "acc", "init": 0.2, "just_trained": 0.8, "final": 0.6, "best": 0.8,
+         "forgetting": pytest.approx(0.2), "learning_curve_area": pytest.approx(0.6)},
+        {"task": "ppl", "init": 50.0, "just_trained": 10.0, "final": 10.0, "best": 10.0, "forgetting": None,
+         "learning_curve_area": pytest.approx(35.0)},
+    ]
+
+
+def test_learning_curve_area_of_every_task():
+    areas = metrics.learning_curve_area(R, INIT)
+    # task 1: 0.1, 0.1, 0.8, 0.6 -> (0.1 + 0.45 + 0.7) / 3; task 2: 0.1, 0.2, 0.3, 0.7 -> (0.15 + 0.25 + 0.5) / 3
+    assert areas == pytest.approx([1.6 / 3, 1.25 / 3, 0.9 / 3])
+
+
+@pytest.mark.parametrize(
+    ("matrix", "init", "up", "message"),
+    [
+        ([], [], [], r"^score matrix must be T x T with T >= 1, got \[\]$"),
+        ([[0.1, 0.2], [0.3]], [0.0, 0.0], [True, True], r"^score matrix must be T x T with T >= 1, got \[2, 1\]$"),
+        ([[0.1]], [0.0, 0.0], [True], "^init row and higher_is_better must have one entry per task$"),
+        ([[0.1]], [0.0], [True, True], "^init row and higher_is_better must have one entry per task$"),
+    ],
+)
+def test_inconsistent_shapes_are_rejected_with_the_reason(matrix, init, up, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.summarize(matrix, init, up, ["a"] * len(up))

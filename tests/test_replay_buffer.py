@@ -9,20 +9,18 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny_lm import one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 from cl_runner.lm import causal_lm_loss, collate
-from cl_runner.schema import ReplayConfig
 from cl_runner.strategies.base import Context
-from cl_runner.strategies.buffer import ReplayBuffer, example_losses, importance_weights, task_quotas
-from cl_runner.strategies.replay import Replay
-
-
-def tiny_model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=64, bos_token_id=0,
-                        eos_token_id=0)
-    return GPT2LMHeadModel(config)
+from cl_runner.strategies.buffer import (
+    CANDIDATES_PER_SLOT,
+    ReplayBuffer,
+    example_losses,
+    importance_weights,
+    task_quotas,
+)
+from cl_runner.strategies.replay import Replay, ReplayConfig
 
 
 def make_task(task: int, n: int, vocab: int | None = None) -> list[dict]:
@@ -56,11 +54,13 @@ def test_reservoir_is_uniform_over_everything_seen():
     tasks = [make_task(t, n) for t, n in enumerate(sizes)]
     total = sum(sizes)
     counts = torch.zeros(total)
+    shares = set()
     for rep in range(reps):
         buffer = ReplayBuffer(capacity, "reservoir")
         for t, examples in enumerate(tasks):
             buffer.add_task(t, examples, torch.Generator().manual_seed(rep * 10 + t))
-        assert len(buffer) == capacity
+        assert len(buffer) == capacity and buffer.state_dict()["seen_total"] == total
+        shares.add(tuple(buffer.counts().get(t, 0) for t in range(3)))
         for e in buffer.examples:
             task, i = divmod(e["input_ids"][0], 1000)
             counts[sum(sizes[:task]) + i] += 1
@@ -70,6 +70,7 @@ def test_reservoir_is_uniform_over_everything_seen():
     bounds = [sum(sizes[:t]) for t in range(4)]
     per_task = [float(counts[bounds[t] : bounds[t + 1]].sum()) / (reps * capacity) for t in range(3)]
     assert per_task == pytest.approx([n / total for n in sizes], abs=0.02)
+    assert len(shares) > 10  # one reservoir over the stream: the task shares are random, not fixed quotas
 
 
 @pytest.mark.parametrize("sampling", ["reservoir", "random"])
@@ -130,6 +131,112 @@ def test_shrinking_keeps_a_subset_and_hardest_keeps_highest_loss():
     assert sorted(e["input_ids"][0] - 1000 for e in buffer.examples if e["task_id"] == 1) == [17, 18, 19]
 
 
+def test_task_quotas_give_leftover_slots_by_largest_remainder_then_task_order():
+    # exact shares 0.7, 2.1, 4.2: the one slot left after flooring goes to the largest remainder (task 0)
+    assert task_quotas({0: 10, 1: 30, 2: 60}, 7, equal=False) == {0: 1, 1: 2, 2: 4}
+    assert task_quotas({0: 20, 1: 80}, 6, equal=False) == {0: 1, 1: 5}  # 1.2, 4.8: the larger task's remainder
+    # shares 1.61, 2.58, 0.81: two slots left, to the largest remainders (task 2, then task 0)
+    assert task_quotas({0: 20, 1: 32, 2: 10}, 5, equal=False) == {0: 2, 1: 2, 2: 1}
+    assert task_quotas({0: 5, 1: 5, 2: 5, 3: 5}, 6, equal=True) == {0: 2, 1: 2, 2: 1, 3: 1}  # ties: earlier
+    # tasks smaller than their share keep everything; what they leave is shared again, round after round
+    assert task_quotas({0: 1, 1: 2, 2: 100, 3: 100}, 15, equal=True) == {0: 1, 1: 2, 2: 6, 3: 6}
+    assert task_quotas({0: 1, 1: 3, 2: 100}, 12, equal=True) == {0: 1, 1: 3, 2: 8}
+    assert task_quotas({0: 2, 1: 100}, 3, equal=True) == {0: 2, 1: 1}  # the last slot, given back by task 0
+    assert task_quotas({0: 5, 1: 5}, 1, equal=True) == {0: 1, 1: 0}
+    assert task_quotas({0: 3, 1: 4}, 10, equal=False) == {0: 3, 1: 4}  # room for everything
+    assert task_quotas({0: 0, 1: 5, 2: 1}, 3, equal=True) == {0: 0, 1: 2, 2: 1}  # a task with nothing seen
+    assert task_quotas({}, 3, equal=True) == {}
+
+
+def test_hardest_shrink_drops_the_lowest_losses_wherever_they_sit():
+    buffer = ReplayBuffer(4, "hardest", per_task=True)
+    losses = torch.tensor([3.0, 9.0, 1.0, 7.0])  # kept in descending order: 9, 7, 3, 1
+    buffer.add_task(0, make_task(0, 4), torch.Generator().manual_seed(0),
+                    score=lambda ex: losses[[e["input_ids"][0] for e in ex]])
+    state = buffer.state_dict()  # the slots in another order (as a resumed or reservoir-filled buffer may hold)
+    for key in ("examples", "tasks", "scores"):
+        state[key] = [state[key][i] for i in (2, 0, 3, 1)]  # losses by slot: 3, 9, 1, 7
+    buffer.load_state_dict(state)
+    buffer.add_task(1, make_task(1, 10), torch.Generator().manual_seed(1), score=lambda ex: torch.zeros(len(ex)))
+    # task 0 shrinks from 4 to 2: its two highest losses stay, in their slot order
+    assert [e["input_ids"][0] for e in buffer.examples if e["task_id"] == 0] == [1, 3]
+    assert [s for s, t in zip(buffer.scores, buffer.tasks, strict=True) if t == 0] == [9.0, 7.0]
+    assert buffer.counts() == {0: 2, 1: 2}
+
+
+def test_sample_draws_with_replacement_only_when_asked_for_more_than_it_holds():
+    buffer = ReplayBuffer(5, "random")
+    buffer.add_task(0, make_task(0, 5), torch.Generator().manual_seed(0))
+
+    def ids(examples):
+        return [e["input_ids"][0] for e in examples]
+
+    for seed in range(20):  # n <= len: without replacement
+        assert sorted(ids(buffer.sample(5, torch.Generator().manual_seed(seed)))) == [0, 1, 2, 3, 4]
+        assert len(set(ids(buffer.sample(3, torch.Generator().manual_seed(seed))))) == 3
+    draws = ids(buffer.sample(6, torch.Generator().manual_seed(0)))
+    assert len(draws) == 6 and set(draws) <= {0, 1, 2, 3, 4}
+    counts = torch.bincount(torch.tensor(ids(buffer.sample(5000, torch.Generator().manual_seed(1)))),
+                            minlength=5).float()
+    assert chi_square(counts, torch.full((5,), 1000.0)) < 18.5  # uniform with replacement: 4 dof, 0.999 quantile
+    assert buffer.sample(0, torch.Generator()) == [] and ReplayBuffer(5).sample(3, torch.Generator()) == []
+
+
+@pytest.mark.parametrize("sampling", ["importance", "hardest"])
+def test_scored_modes_draw_a_uniform_pool_of_candidates_per_slot_and_keep_distinct_examples(sampling):
+    examples, scored = make_task(0, 50), []
+
+    def score(ex):  # loss = the example's index; records which candidates were scored
+        scored.append([e["input_ids"][0] for e in ex])
+        return torch.tensor([float(i) for i in scored[-1]])
+
+    buffer = ReplayBuffer(3, sampling)
+    buffer.add_task(0, examples, torch.Generator().manual_seed(0), score=score)
+    (pool,) = scored
+    assert len(pool) == len(set(pool)) == CANDIDATES_PER_SLOT * 3 < 50  # a pool, not the whole task
+    kept = [e["input_ids"][0] for e in buffer.examples]
+    assert len(set(kept)) == 3 and set(kept) <= set(pool)
+    assert buffer.scores == [float(i) for i in kept]
+    if sampling == "hardest":
+        assert sorted(kept) == sorted(pool)[-3:]
+    for seed in range(5):  # the whole pool (a task of 4 in 4 slots): every example once, none twice
+        small = ReplayBuffer(4, sampling)
+        small.add_task(0, make_task(0, 4), torch.Generator().manual_seed(seed), score=lambda ex: torch.arange(4.0))
+        assert sorted(e["input_ids"][0] for e in small.examples) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("sampling", ["random", "importance", "hardest"])
+def test_a_task_left_without_a_slot_adds_nothing(sampling):
+    buffer = ReplayBuffer(2, sampling, per_task=True)
+    for t in range(3):  # equal shares of 2 slots among 3 tasks: 1, 1, 0
+        buffer.add_task(t, make_task(t, 5), torch.Generator().manual_seed(t), score=lambda ex: torch.rand(len(ex)))
+    assert buffer.counts() == {0: 1, 1: 1}
+
+
+def test_example_loss_of_a_single_target_token_is_its_nll():
+    model = tiny_model(vocab=50)
+    example = {"input_ids": [3, 4, 5, 6], "labels": [-100, -100, -100, 6], "task_id": 0}
+    (loss,) = example_losses(make_ctx(model, [[example]]), [example])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=torch.tensor([[3, 4, 5, 6]])).logits[0, 2], -1)
+    assert float(loss) == pytest.approx(-float(log_probs[6]), rel=1e-5)
+
+
+def test_the_buffer_holds_plain_copies_and_rejects_bad_options():
+    examples = [{"input_ids": torch.tensor([1, 2, 3]), "labels": [-100, 2, 3], "task_id": 0}]
+    buffer = ReplayBuffer(2, "random")
+    buffer.add_task(0, examples, torch.Generator().manual_seed(0))
+    examples[0]["labels"][1] = 99  # the task's own lists may change later: the buffer keeps its copy
+    assert buffer.examples == [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "task_id": 0}]
+    assert type(buffer.examples[0]["input_ids"][0]) is int
+    assert buffer.tokens() == 3 and len(buffer.sample(1, torch.Generator())) == 1
+    expected = "^sampling: expected one of reservoir, random, importance, hardest, got 'newest'$"
+    with pytest.raises(ValueError, match=expected):
+        ReplayBuffer(2, "newest")
+    with pytest.raises(ValueError, match=r"^sampling=hardest needs a score function \(per-example losses\)$"):
+        ReplayBuffer(2, "hardest").add_task(0, examples, torch.Generator())
+
+
 def test_importance_sampling_follows_exp_minus_loss_over_proposal():
     losses = torch.tensor([0.0, 1.0, 2.0, 3.0])
     assert torch.allclose(importance_weights(losses), torch.softmax(-losses.double(), 0))
@@ -150,10 +257,11 @@ def test_importance_sampling_follows_exp_minus_loss_over_proposal():
 
 
 def test_example_losses_equal_unpadded_losses():
-    model = tiny_model().eval()
+    model = tiny_model(vocab=50)
     examples = make_task(0, 7, vocab=50)
     ctx = make_ctx(model, [examples])
     batched = example_losses(ctx, examples, batch_size=3)
+    assert not batched.requires_grad  # scored without a graph
     with torch.no_grad():
         for e, value in zip(examples, batched, strict=True):
             ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
@@ -186,7 +294,7 @@ def test_replay_mixes_the_configured_fraction_and_nothing_when_empty():
 
 @pytest.mark.parametrize("sampling", ["reservoir", "importance"])
 def test_state_dict_round_trip_resumes_identically(sampling):
-    model = tiny_model()
+    model = tiny_model(vocab=50)
     tasks = [make_task(t, 30, vocab=50) for t in range(3)]
     ctx = make_ctx(model, tasks)
     cfg = ReplayConfig(buffer_size=10, sampling=sampling, replay_ratio=0.3)
