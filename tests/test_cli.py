@@ -9,6 +9,7 @@ from helpers import cl_run, write_jsonl
 QUICK = ["device=cpu", "train.epochs=2"]
 
 
+@pytest.mark.slow
 def test_run_writes_matrix_metrics_history_and_config(tmp_path):
     proc = cl_run(*QUICK, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -31,6 +32,7 @@ def test_run_writes_matrix_metrics_history_and_config(tmp_path):
     assert not list(run_dir.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_multirun_gives_each_job_a_numbered_directory(tmp_path):
     proc = cl_run("-m", "train.lr=1e-3,3e-3", "device=cpu", "train.epochs=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -57,6 +59,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_config_exits_2_with_one_line(tmp_path, args, message):
     proc = cl_run(*args, cwd=tmp_path)
@@ -67,6 +70,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path, args, message):
     assert not (tmp_path / "outputs").exists() or "name_or_path" in message
 
 
+@pytest.mark.slow
 def test_missing_column_exits_2_naming_the_column(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "reply": "a"}] * 4)
     proc = cl_run(_task_override(tmp_path, data_files="{train:d.jsonl,test:d.jsonl}"), "device=cpu", cwd=tmp_path)

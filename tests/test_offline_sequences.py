@@ -69,6 +69,7 @@ def test_wordnet_tasks_share_subjects_with_domain_specific_answers(offline_dir):
     assert all(r["gloss"] and r["domain"] == d for d, f in facts.items() for r in f.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["offline_lm_domains", "offline_wordnet_senses"])
 def test_cpu_smoke_run_of_each_offline_sequence(name, offline_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CL_DATA_DIR", str(offline_dir))
@@ -104,6 +105,7 @@ def test_missing_texts_name_the_debian_package(tmp_path, monkeypatch):
     assert not (tmp_path / "data" / offline.DIR_NAME).exists()  # nothing half-built
 
 
+@pytest.mark.slow
 def test_a_file_missing_from_an_existing_build_says_how_to_rebuild(offline_dir, tmp_path, monkeypatch):
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(offline_dir), str(copy)], check=True)
@@ -113,6 +115,7 @@ def test_a_file_missing_from_an_existing_build_says_how_to_rebuild(offline_dir, 
         load_sequence(make_config("tasks=offline_wordnet_senses").tasks, seed=0, base_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_the_builder_script(tmp_path):
     command = [sys.executable, str(REPO / "scripts" / "build_offline_data.py"), "--data-dir", str(tmp_path),
                "--lm-train", "4", "--lm-validation", "2", "--lm-test", "2", "--facts-per-domain", "4"]

@@ -45,6 +45,7 @@ def _job_metrics(sweep_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
 
 
+@pytest.mark.slow
 def test_sweep_jobs_are_named_by_number_and_overrides(sweep):
     jobs = sorted((p.name for p in sweep.iterdir() if p.is_dir()), key=lambda n: int(n.split("_")[0]))
     small = ",".join(SMALL_TASKS)
@@ -58,6 +59,7 @@ def test_sweep_jobs_are_named_by_number_and_overrides(sweep):
         assert f"seed={metrics['seed']}" in job and f"train.lr={metrics['config']['train']['lr']}" in job
 
 
+@pytest.mark.slow
 def test_sweep_json_lists_every_job_with_its_metrics(sweep):
     data = json.loads((sweep / "sweep.json").read_text())
     assert data["status"] == "completed" and data["counts"] == {"completed": 4}
@@ -72,6 +74,7 @@ def test_sweep_json_lists_every_job_with_its_metrics(sweep):
     assert not list(sweep.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_report_means_and_stds_match_the_jobs_by_hand(sweep, tmp_path, capsys):
     report.main([str(sweep), "--out", str(tmp_path)])
     rows = _read_csv(tmp_path / "report.csv")
@@ -100,6 +103,7 @@ def test_report_means_and_stds_match_the_jobs_by_hand(sweep, tmp_path, capsys):
     assert len(_read_csv(tmp_path / "jobs.csv")) == 4
 
 
+@pytest.mark.slow
 def test_sort_by_forgetting_puts_the_lowest_first(sweep, tmp_path):
     built = report.build_report([sweep], "forgetting")
     assert built.metric == "average_forgetting" and not built.higher
@@ -118,6 +122,7 @@ def _assert_png(path: Path, min_px: int = 400, max_px: int = 4000) -> None:
     assert min_px <= width <= max_px and min_px * 0.6 <= height <= max_px, (path, image.size)
 
 
+@pytest.mark.slow
 def test_each_run_and_the_sweep_write_plots(sweep, tmp_path):
     for job in (p for p in sweep.iterdir() if p.is_dir()):
         _assert_png(job / "score_matrix.png")
@@ -142,6 +147,7 @@ def _fake_job(path: Path, overrides: list[str], metrics: dict | None, strategy: 
     return path
 
 
+@pytest.mark.slow
 def test_failed_jobs_are_listed_as_failed_with_their_error(sweep, tmp_path, capsys):
     """Two more jobs of a third configuration: one that failed (metrics.json says so), one that died before its
     first evaluation (no metrics.json; its seed comes from its overrides)."""
@@ -218,6 +224,7 @@ def test_strategies_compared_over_seeds_give_one_row_and_a_bar_per_strategy(tmp_
     _assert_png(tmp_path / "out" / "average_accuracy_by_strategy.png")
 
 
+@pytest.mark.slow
 def test_bad_paths_exit_2_with_one_line(tmp_path):
     for args, message in [([str(tmp_path / "nope")], "not a directory"), ([str(tmp_path)], "no runs found")]:
         proc = subprocess.run([sys.executable, "-m", "cl_runner.report", *args], capture_output=True, text=True)
@@ -230,6 +237,7 @@ def _hydra_config(*overrides: str):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
+@pytest.mark.slow
 def test_default_config_composes_without_the_optional_plugins(tmp_path):
     """With no Hydra plugin installed (an empty ``hydra_plugins`` namespace) the default config, its sweep layout
     and callback still compose; choosing the Slurm launcher then names the missing plugin's config."""

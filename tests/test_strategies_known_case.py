@@ -17,16 +17,19 @@ def forgetting(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_replay_and_ewc_replay_forget_clearly_less_than_naive(forgetting):
     assert forgetting["naive"] >= 0.8
     assert forgetting["replay"] <= forgetting["naive"] - 0.5
     assert forgetting["ewc_replay"] <= forgetting["naive"] - 0.5
 
 
+@pytest.mark.slow
 def test_ewc_forgets_less_than_naive(forgetting):
     assert forgetting["ewc"] <= forgetting["naive"] - 0.2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sweep", [["strategy=ewc", "strategy.ewc_lambda=10,100"],
                                    ["strategy=replay", "strategy.buffer_size=50,200"]])
 def test_strategy_sweeps_run_as_multiruns(tmp_path, sweep):
