@@ -160,9 +160,9 @@ def test_the_example_of_the_docs_runs_as_written(tmp_path, monkeypatch):
     text = (REPO / "docs" / "extending.md").read_text()
     example = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S)
                    if block.startswith("# my_strategies.py"))
-    (tmp_path / "my_strategies.py").write_text(example)
+    (tmp_path / "docs_example_strategies.py").write_text(example)  # a module name no other test imports
     monkeypatch.chdir(tmp_path)
-    cfg = make_config("strategy._target_=my_strategies.WeightNoise", "strategy.name=weight_noise",
+    cfg = make_config("strategy._target_=docs_example_strategies.WeightNoise", "strategy.name=weight_noise",
                       "+strategy.std=1e-4", "train.epochs=1")
     result = run_quietly(cfg, tmp_path / "run")
     assert result["status"] == "completed" and result["config"]["strategy"]["std"] == 1e-4
