@@ -1,18 +1,71 @@
 """``cl-run``: compose the Hydra config, validate every job of a (multi)run up front, call run(), map errors
 to exit codes: 0 ok, 1 failed (unexpected error; in a sweep: some job failed), 2 bad input (config, data,
-model, paths), 3 training diverged (non-finite loss), 4 CUDA out of memory, 130 / 143 stopped by SIGINT /
-SIGTERM after writing a checkpoint."""
+model, paths), 3 training diverged (non-finite loss), 4 CUDA out of memory, 5 disk full, 130 / 143 stopped by SIGINT /
+SIGTERM (handled from the first line of ``main``: inside the task loop after writing a checkpoint, before it at once).
+
+Nothing is written into a run directory until the run is known to proceed: the config is validated, the directory
+locked and its saved config compared first; only then are Hydra's ``.hydra/*.yaml`` and the job log written."""
 
 from __future__ import annotations
 
-import itertools
+import logging
 import os
 import re
+import shutil
+import signal
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from cl_runner.preflight import CONF_DIR, checked, one_line, preflight, split_args
+
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 2, 1, 3, 4, 130
+CLAIMED: list[Path] = []  # run directories this process has locked and writes into
+NEW_DIRS: list[Path] = []  # directories a single run's output path needed that did not exist before cl-run
+
+
+class Stopped(BaseException):
+    """SIGINT/SIGTERM outside a run's own handling (imports, composition, checks): stop at once, cleanly."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNAL: list[int] = []  # the signal that stopped cl-run outside a run's own handling
+
+
+def _stop_now(signum, frame) -> None:
+    STOP_SIGNAL.append(signum)  # kept: a library that turns the exception into another one cannot hide it
+    raise Stopped(signum)
+
+
+def _check_stop() -> None:
+    """Stop now if a signal came while a library swallowed the exception it raised (e.g. during an import)."""
+    if STOP_SIGNAL:
+        raise Stopped(STOP_SIGNAL[0])
+
+
+def _stopped(signum: int) -> None:
+    name = signal.Signals(signum).name
+    if not CLAIMED:
+        _remove_new_dirs()  # Hydra creates the run directory before the run claims it
+    where = (f"; resume with: cl-run resume={CLAIMED[-1]}" if CLAIMED
+             else " before any run started; nothing was written")
+    print(f"cl-run: stopped by {name}{where}", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+class RunLogFile(logging.FileHandler):
+    """Hydra's job log file (conf/hydra/default.yaml), opened only once its directory is a run's own: a refused
+    start, or a sweep job refused for its directory, leaves no log file behind."""
+
+    def __init__(self, filename: str = os.devnull, mode: str = "a", encoding: str | None = None) -> None:
+        # no filename: a job_logging config without this handler (hydra/job_logging=disabled) never uses it
+        super().__init__(filename, mode, encoding, delay=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if Path(self.baseFilename).parent in CLAIMED:
+            super().emit(record)
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -20,106 +73,20 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
-def one_line(exc: BaseException) -> str:
-    """A Hydra/OmegaConf composition error as one readable line."""
-    from hydra.errors import MissingConfigException
-
-    text = str(exc)
-    if isinstance(exc, MissingConfigException):
-        found = re.search(r"Could not find '([^']+)'", text)
-        options = re.search(r"Available options in '([^']+)':\n((?:\t.*\n?)+)", text)
-        if found and options:
-            group, choices = options.group(1), [c.strip() for c in options.group(2).splitlines() if c.strip()]
-            value = found.group(1).split("/")[-1]
-            return f"{group}={value}: unknown option; expected one of {', '.join(choices)}"
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    cause = exc.__cause__
-    if cause is not None:
-        detail = str(cause).strip().splitlines()[0]
-        full = re.search(r"full_key: (\S+)", str(cause))
-        if full and "could not be converted" in detail:
-            value = re.search(r"Value '([^']*)'", detail)
-            kind = detail.rsplit(" ", 1)[-1].lower()
-            return f"{full.group(1)}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {value.group(1)!r}"
-        if full and "not in struct" not in str(cause) and "Key '" not in str(cause):
-            return f"{full.group(1)}: {detail}"
-        if "not in struct" in str(cause) or "Key '" in str(cause):
-            key = re.search(r"Key '([^']+)'", str(cause))
-            full = re.search(r"full_key: (\S+)", str(cause))
-            name = full.group(1) if full else key.group(1) if key else "?"
-            return f"{name}: unknown key (see docs/configuration.md)"
-        return f"{first}: {detail}"
-    if "Could not override" in text:
-        key = re.search(r"Could not override '([^']+)'", text)
-        return f"{key.group(1) if key else first}: unknown key (see docs/configuration.md)"
-    return first
-
-
-def _catalogue_hint(message: str, overrides: tuple[str, ...]) -> str:
-    """``tasks.tasks.N.key=`` cannot reach a sequence whose list comes from the task catalogue: say what can."""
-    by_index = [o.split("=", 1)[0] for o in overrides if o.startswith("tasks.tasks.")]
-    if not (by_index and message.startswith("tasks.[")):
-        return message
-    return (f"{by_index[0]}: this sequence's tasks come from conf/tasks/catalogue and cannot be changed by position; "
-            "change one by name: tasks.catalogue.<task>.<key>=... (e.g. tasks.catalogue.dbpedia.max_eval_examples=16)")
-
-
-def _split_args(argv: list[str]) -> tuple[list[str], bool, bool]:
-    """(overrides, multirun, introspection): introspection flags (--cfg, --help, ...) skip the preflight."""
-    overrides, multirun, introspect = [], False, False
-    for arg in argv:
-        if arg in ("-m", "--multirun"):
-            multirun = True
-        elif arg.startswith("-"):
-            introspect = True
-        else:
-            overrides.append(arg)
-    return overrides, multirun, introspect
-
-
-def preflight(overrides: list[str]) -> int:
-    """Compose and validate the config of every job the overrides describe; raise on the first bad one."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from cl_runner.schema import register_configs, validate
-
-    register_configs()
-    parser = OverridesParser.create()
-    try:
-        parsed = parser.parse_overrides(overrides)  # grammar errors of every override, hydra.* included
-    except Exception as exc:
-        raise ValueError(one_line(exc)) from None
-    parsed = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
-    choices = []
-    for override in parsed:
-        if override.is_sweep_override():
-            values = list(override.sweep_string_iterator())
-            prefix = override.get_key_element()
-            choices.append([f"{prefix}={v}" for v in values])
-        else:
-            choices.append([override.input_line])
-    jobs = 0
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        for combo in itertools.product(*choices):
-            try:
-                cfg = compose("config", overrides=list(combo))
-            except Exception as exc:
-                raise ValueError(_catalogue_hint(one_line(exc), combo)) from None
-            validate(cfg)
-            jobs += 1
-    return jobs
-
-
-def _check_writable(overrides: list[str], multirun: bool) -> None:
-    """Fail before any model is loaded when the run (or sweep) directory cannot be created."""
+def _plan_output(overrides: list[str], multirun: bool) -> list[str]:
+    """Fail before any model is loaded when the run (or sweep) directory cannot be created. For a single run,
+    note the directories cl-run will create (a refused start removes them again) and pin a time-stamped run
+    directory, so that Hydra uses the very path checked here; returns the override that pins it."""
     import tempfile
 
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
+    plain = [o.input_line for o in OverridesParser.create().parse_overrides(
+        [o for o in overrides if "glob(" not in o]) if not o.is_sweep_override()]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[o for o in overrides if "," not in o], return_hydra_config=True)
+        cfg = compose("config", overrides=plain, return_hydra_config=True)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     path = Path(str(OmegaConf.select(cfg, key))).absolute()
     existing = next(p for p in [path, *path.parents] if p.exists())
@@ -129,6 +96,13 @@ def _check_writable(overrides: list[str], multirun: bool) -> None:
         Path(tempfile.mkdtemp(dir=existing, prefix=".cl-run-probe-")).rmdir()
     except OSError as exc:
         raise ValueError(f"{key}: cannot write to {path} ({exc})") from None
+    if multirun:
+        return []
+    NEW_DIRS[:] = [p for p in [path, *path.parents] if not p.exists()]
+    raw, pinned = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"], str(OmegaConf.select(cfg, key))
+    if "${now:" in raw and re.fullmatch(r"[\w./-]+", pinned):
+        return [f"hydra.run.dir={pinned}"]
+    return []
 
 
 FAILURES: list[str] = []  # jobs of this process's sweep that failed (a sweep goes on past them)
@@ -144,7 +118,8 @@ def _execute(config, run_dir: Path, config_yaml: str, resume: bool) -> int:
         run(config, run_dir, config_yaml, base_dir=Path.cwd(), resume=resume)
         return 0
     except RunInterrupted as exc:
-        print(f"cl-run: {exc}; checkpoint written. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
+        saved = "checkpoint written" if exc.checkpointed else "no checkpoint yet (a resume starts from the beginning)"
+        print(f"cl-run: {exc}; {saved}. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
         return 128 + exc.signum
     except UserError as exc:
         return _report(str(exc), exc.exit_code)
@@ -184,11 +159,36 @@ def _record_failure(run_dir: Path, code: int, message: str) -> None:
     """A job that failed before its run wrote anything still leaves a metrics.json saying why (for cl-report)."""
     import json
 
+    from cl_runner.errors import UserError
     from cl_runner.results import write_atomic
 
     metrics = run_dir / "metrics.json"
     if code and code not in (EXIT_INTERRUPTED, 143) and run_dir.is_dir() and not metrics.exists():
-        write_atomic(metrics, json.dumps({"status": "failed", "exit_code": code, "error": message}, indent=2) + "\n")
+        try:
+            write_atomic(metrics, json.dumps({"status": "failed", "exit_code": code, "error": message}, indent=2)
+                         + "\n")
+        except (UserError, OSError):  # a full disk: the one-line error already said why
+            pass
+
+
+def _undo_start(run_dir: Path, before: set[str]) -> None:
+    """A single run refused for bad input before it computed anything: remove what this start wrote, and the
+    directories it created, so that the refused start leaves no trace."""
+    if "metrics.json" not in before and (run_dir / "metrics.json").exists():
+        return  # something was computed: keep it
+    for name in set(os.listdir(run_dir)) - before:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    _remove_new_dirs()
+
+
+def _remove_new_dirs() -> None:
+    """The directories this single run's output path needed, where still empty."""
+    for directory in NEW_DIRS:  # innermost first; one still in use by another start is not empty
+        try:
+            directory.rmdir()
+        except OSError:
+            break
 
 
 def _objective(run_dir: Path) -> float | None:
@@ -205,34 +205,49 @@ def _task(cfg) -> float | None:
     """The Hydra task function: one job of a run or a sweep. In a sweep a failed job does not stop the rest."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
 
+    import cl_runner.run  # noqa: F401 - the heavy imports (torch, transformers), before the directory is touched
     from cl_runner.errors import UserError
-    from cl_runner.run import run_is_finished
-    from cl_runner.schema import validate
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    _check_stop()
     try:
-        config = validate(cfg)
-        resume = _existing_run(run_dir, config_yaml)
+        code = _claim_and_run(cfg, checked(cfg), run_dir, multirun)
     except UserError as exc:
         code = _report(str(exc), exc.exit_code)
-        _record_failure(run_dir, code, str(exc))
-    else:
-        if resume and run_is_finished(run_dir):
-            print(f"cl-run: {run_dir} already finished; keeping its results")
-            return _objective(run_dir)
-        code = _execute(config, run_dir, config_yaml, resume)
-        _record_failure(run_dir, code, LAST_ERROR[0])
     if code and multirun and code not in (EXIT_INTERRUPTED, 143):
         FAILURES.append(f"{run_dir}: exit {code}")
         return None
     if code:
         sys.exit(code)
     return _objective(run_dir)
+
+
+def _claim_and_run(cfg, config, run_dir: Path, multirun: bool) -> int:
+    """Lock the job's directory and compare its saved config (a refusal raises UserError having written nothing),
+    then write Hydra's files and run the job; a single run refused for bad input is undone."""
+    from omegaconf import OmegaConf
+
+    from cl_runner.run import run_is_finished
+    from cl_runner.runtime import run_lock
+
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    before = set(os.listdir(run_dir))
+    with run_lock(run_dir):  # refused when in use
+        resume = _existing_run(run_dir, config_yaml)  # refused when it holds another experiment
+        if resume and run_is_finished(run_dir):
+            print(f"cl-run: {run_dir} already finished; keeping its results")
+            return 0
+        _write_hydra_files(cfg, run_dir, resume)
+        CLAIMED.append(run_dir)
+        code = _execute(config, run_dir, config_yaml, resume)
+        if code == EXIT_BAD_INPUT and not multirun:
+            _undo_start(run_dir, before)
+        else:
+            _record_failure(run_dir, code, LAST_ERROR[0])
+    return code
 
 
 def _existing_run(run_dir: Path, config_yaml: str) -> bool:
@@ -248,16 +263,39 @@ def _existing_run(run_dir: Path, config_yaml: str) -> bool:
     return True
 
 
+def _write_hydra_files(task_cfg, run_dir: Path, resume: bool) -> None:
+    """Hydra's ``.hydra/{config,hydra,overrides}.yaml``, as Hydra writes them, once the run is known to proceed
+    (conf/hydra/default.yaml sets ``hydra.output_subdir: null`` so that Hydra does not write them before). A
+    continued run keeps those of its first start."""
+    import copy
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, read_write
+
+    from cl_runner.results import write_atomic
+
+    out = run_dir / ".hydra"
+    if resume and (out / "overrides.yaml").exists():
+        return
+    hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
+    with read_write(hydra_cfg.hydra):
+        hydra_cfg.hydra.output_subdir = ".hydra"  # where they are, as in a plain Hydra run
+    for name, node in (("config.yaml", task_cfg), ("hydra.yaml", hydra_cfg),
+                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        write_atomic(out / name, OmegaConf.to_yaml(node))
+
+
 def resume_run(path: str, other_overrides: list[str]) -> int:
     """``cl-run resume=PATH``: continue the run in PATH with the config saved there."""
-    import logging
-
     from omegaconf import OmegaConf
 
     from cl_runner.errors import UserError
     from cl_runner.run import run_is_finished
-    from cl_runner.schema import Config, register_configs, validate
+    from cl_runner.schema import Config, register_configs
 
+    if path.strip() in ("", "null", "None", "~"):
+        return _report(f"resume: expected the path of a run directory, got {path.strip() or 'nothing'!r}",
+                       EXIT_BAD_INPUT)
     run_dir = Path(path).expanduser().absolute()
     if other_overrides:
         return _report(f"resume: cannot be combined with overrides ({' '.join(other_overrides)}); the run continues "
@@ -268,30 +306,84 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     if run_is_finished(run_dir):
         print(f"cl-run: {run_dir} already finished; nothing to resume (results in {run_dir})")
         return 0
+    if not os.access(run_dir, os.W_OK) or not run_dir.stat().st_mode & 0o222:
+        return _report(f"resume: {run_dir} is read-only; make it writable (chmod u+w {run_dir}) to continue the run",
+                       EXIT_BAD_INPUT)
     register_configs()
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
-        config = validate(cfg)
+        config = checked(cfg)
     except UserError as exc:
         return _report(f"resume: {run_dir / 'config.yaml'}: {exc}", EXIT_BAD_INPUT)
     except Exception as exc:
         return _report(f"resume: {saved} is not a valid cl-run config ({one_line(exc)})", EXIT_BAD_INPUT)
+    _check_stop()
+    CLAIMED.append(run_dir)
     return _execute(config, run_dir, saved.read_text(), resume=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides, multirun, introspect = _split_args(argv)
-    resume = [o for o in overrides if o.startswith("resume=")]
+    """``cl-run``. SIGINT/SIGTERM are handled from here on: one line and exit 130/143 at any moment."""
+    from cl_runner.threads import set_wait_policy
+
+    set_wait_policy()  # OpenMP reads OMP_WAIT_POLICY once, when torch loads: idle threads sleep (threads.py)
+    previous = {s: signal.signal(s, _stop_now) for s in (signal.SIGINT, signal.SIGTERM)}
+    for found in (CLAIMED, NEW_DIRS, FAILURES, STOP_SIGNAL):  # main() may run more than once in a process (tests)
+        found.clear()
+    try:
+        _main(list(sys.argv[1:] if argv is None else argv))
+    except BaseException:
+        if not STOP_SIGNAL:
+            raise
+        _stopped(STOP_SIGNAL[0])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if argv is None:  # the program itself, not a test calling main(argv)
+        _exit_without_teardown()
+
+
+def _exit_without_teardown() -> None:
+    """Exit 0 now, without the interpreter's teardown: once torch and transformers are loaded it frees every
+    module and object one by one (1 s and more), and nothing a finished run wrote depends on it. First, what the
+    teardown would have done that matters: other threads finish, exit handlers run (logging flushes), output."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _help(overrides: list[str]) -> int:
+    """``cl-run --help``: cl_runner/help.py's page (Hydra's own takes seconds; --hydra-help is still Hydra's)."""
+    from cl_runner.help import help_text
+
+    try:
+        print(help_text(CONF_DIR, overrides))
+    except Exception as exc:
+        _fail(one_line(exc))
+    return 0
+
+
+def _main(argv: list[str]) -> None:
+    overrides, multirun, introspect = split_args(argv)
+    resume = [o for o in overrides if o.split("=", 1)[0] == "resume"]
     if resume:
         sys.exit(resume_run(resume[0].split("=", 1)[1], [o for o in argv if o != resume[0]]))
+    if "--help" in argv or "-h" in argv:
+        sys.exit(_help(overrides))
     if not introspect:
         from cl_runner.errors import UserError
 
         try:
-            preflight(overrides)
-            _check_writable(overrides, multirun)
+            preflight(overrides, multirun)
+            argv = [*argv, *_plan_output(overrides, multirun)]
         except (ValueError, UserError) as exc:
             _fail(str(exc))
     import hydra

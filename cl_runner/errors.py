@@ -17,3 +17,14 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """A model or tokenizer cannot be loaded as a causal LM."""
+
+
+class DiskFullError(UserError):
+    """No space left (ENOSPC) or quota exceeded (EDQUOT) while writing a checkpoint or a result file: the run
+    stops with exit 5; once space is freed, ``cl-run resume=DIR`` continues from the newest checkpoint."""
+
+    exit_code = 5
+
+
+class CheckpointMismatch(UserError):
+    """An intact checkpoint does not fit the run's config.yaml (edited since the checkpoint was written)."""

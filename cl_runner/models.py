@@ -6,7 +6,10 @@ download. Loading never executes repository code unless ``model.trust_remote_cod
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +31,73 @@ def _looks_local(name: str) -> bool:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_json_files(directory: Path, key: str) -> None:
+    """Name a damaged ``*.json`` file of a model directory (config, tokenizer files): transformers reports it
+    as some other problem, or as missing tokenizer files."""
+    for file in sorted(directory.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            where = (f"line {exc.lineno}, column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError)
+                     else "not UTF-8")
+            raise ModelError(f"{key}: {file} is not valid JSON ({where}); the file is damaged") from None
+
+
+def check_weight_files(directory: Path, key: str) -> None:
+    """Open the header of every ``*.safetensors`` file: a truncated or garbage file fails here, with its name
+    (a flipped byte inside the tensor data cannot be seen without a checksum)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{key}: {file} is damaged or truncated ({_first_line(exc)}); save or download the "
+                             "model again") from None
+
+
+def shape_mismatch(directory: Path, config) -> str:
+    """The first tensor of the ``*.safetensors`` files whose shape differs from the one ``config`` gives it."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = {n: list(t.shape) for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():
+                shape = list(weights.get_slice(name).get_shape())
+                if name in expected and expected[name] != shape:
+                    return f"{name} is {shape} in {file.name} but {expected[name]} by config.json"
+    return "see the tensor shapes in config.json"
+
+
+@contextmanager
+def _quiet_load() -> Iterator[None]:
+    """Hold what transformers' loader logs (its load report) and pass it on only if the load succeeds, and
+    hide its weight-loading bar: a load that fails gets one line of its own instead of 20+."""
+    from transformers.utils import logging as hf_logging
+
+    held: list[logging.LogRecord] = []
+    logger, bar = logging.getLogger("transformers.modeling_utils"), hf_logging.is_progress_bar_enabled()
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+        if bar:
+            hf_logging.enable_progress_bar()
+    for record in held:
+        logger.handle(record)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -62,6 +132,8 @@ def load_tokenizer(cfg: ModelConfig, texts: list[str]):
     if _looks_local(source) and not any((Path(source).expanduser() / f).exists() for f in TOKENIZER_FILES):
         raise ModelError(f"{key}: no tokenizer files in {source} (expected one of {', '.join(TOKENIZER_FILES)}); "
                          "set model.tokenizer")
+    if _looks_local(source):
+        check_json_files(Path(source).expanduser(), key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             str(Path(source).expanduser()) if _looks_local(source) else source,
@@ -69,8 +141,8 @@ def load_tokenizer(cfg: ModelConfig, texts: list[str]):
             trust_remote_code=cfg.trust_remote_code,
         )
     except Exception as exc:
-        where = "no tokenizer files in that directory" if _looks_local(source) else _first_line(exc)
-        raise ModelError(f"{key}: cannot load a tokenizer from {source!r} ({where}); set model.tokenizer") from None
+        raise ModelError(f"{key}: cannot load a tokenizer from {source!r} ({_first_line(exc)}); set model.tokenizer"
+                         ) from None
     if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
         raise ModelError(f"{key}: the tokenizer of {source!r} encodes text to nothing")
     if tokenizer.eos_token_id is None:
@@ -83,38 +155,51 @@ def load_tokenizer(cfg: ModelConfig, texts: list[str]):
 
 def load_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
     """The causal LM: ``from_pretrained`` for a hub id or directory, ``from_config`` (seeded) for ``arch``."""
+    model = _build(cfg, tokenizer, seed) if cfg.name_or_path is None else _load_pretrained(cfg)
+    if cfg.name_or_path is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def _build(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = DTYPES[cfg.dtype]
-    if cfg.name_or_path is None:
-        arch = dict(cfg.arch)
-        model_type = arch.pop("model_type")
-        try:
-            config = AutoConfig.for_model(
-                model_type,
-                vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **arch,
-            )
-        except (ValueError, TypeError) as exc:
-            raise ModelError(f"model.arch: cannot build a {model_type!r} config: {_first_line(exc)}") from None
-        torch.manual_seed(seed)
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except ValueError as exc:
-            if "Unrecognized configuration class" in str(exc):
-                raise ModelError(f"model.arch.model_type: {model_type!r} is not a causal LM") from None
-            raise ModelError(f"model.arch: cannot build the model: {_first_line(exc)}") from None
-        except (RuntimeError, TypeError, ZeroDivisionError) as exc:
-            raise ModelError(f"model.arch: cannot build the model: {_first_line(exc)}") from None
-        return model
+    arch = dict(cfg.arch)
+    model_type = arch.pop("model_type")
+    try:
+        config = AutoConfig.for_model(
+            model_type,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **arch,
+        )
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"model.arch: cannot build a {model_type!r} config: {_first_line(exc)}") from None
+    torch.manual_seed(seed)
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise ModelError(f"model.arch.model_type: {model_type!r} is not a causal LM") from None
+        raise ModelError(f"model.arch: cannot build the model: {_first_line(exc)}") from None
+    except (RuntimeError, TypeError, ZeroDivisionError) as exc:
+        raise ModelError(f"model.arch: cannot build the model: {_first_line(exc)}") from None
+
+
+def _load_pretrained(cfg: ModelConfig) -> torch.nn.Module:
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     source = cfg.name_or_path
     local = _looks_local(source)
     path = str(Path(source).expanduser()) if local else source
     if local and not Path(path).is_dir():
         raise ModelError(f"model.name_or_path: directory not found: {source}")
+    if local:
+        check_json_files(Path(path), "model.name_or_path")
+        check_weight_files(Path(path), "model.name_or_path")
     try:
         model_config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:
@@ -122,20 +207,22 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
             f"model.name_or_path: cannot read a model config from {source!r} ({_first_line(exc)})"
         ) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=model_config, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
+        with _quiet_load():
+            return AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=DTYPES[cfg.dtype],
+                                                        revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise ModelError(
                 f"model.name_or_path: {source!r} is a {model_config.model_type!r} model, not a causal LM"
             ) from None
         raise ModelError(f"model.name_or_path: cannot load {source!r} ({_first_line(exc)})") from None
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # a hub model's damaged cache files end here
         raise ModelError(f"model.name_or_path: cannot load weights from {source!r} ({_first_line(exc)})") from None
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    return model
+    except RuntimeError as exc:
+        if not local or "mismatch" not in str(exc):
+            raise
+        raise ModelError(f"model.name_or_path: the weights in {source} do not fit its config.json "
+                         f"({shape_mismatch(Path(path), model_config)})") from None
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:

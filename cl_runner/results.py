@@ -5,24 +5,73 @@ as it exists."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from cl_runner.errors import DiskFullError
+
+log = logging.getLogger(__name__)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+RESULT_FILES = ("accuracy_matrix.csv", "metrics.json", "history.jsonl", "score_matrix.png", "learning_curves.png")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT, also when wrapped: torch.save raises a RuntimeError whose context is the OSError, and
+    safetensors a SafetensorError whose text ends in "(os error 28)"."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        if any(f"(os error {code})" in str(exc) for code in DISK_FULL):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(path: Path, needed: int) -> DiskFullError:
+    """The one line for a write that ran out of space: the path, the bytes it needed and the bytes left there."""
+    free = shutil.disk_usage(next(p for p in [Path(path), *Path(path).parents] if p.exists())).free
+    return DiskFullError(f"{path}: no space left on device (writing {human_bytes(needed)}; {human_bytes(free)} "
+                         f"free there); free some space, then continue with: cl-run resume={run_dir_of(path)}")
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run directory a written file belongs to (checkpoint files live two or three levels down)."""
+    path = Path(path).absolute()
+    return next((p for p in path.parents if (p / "config.yaml").exists()), path.parent)
+
+
+def human_bytes(n: float) -> str:
+    units = ["B", "kB", "MB", "GB", "TB"]
+    while n >= 1000 and len(units) > 1:
+        n, units = n / 1000, units[1:]
+    return f"{n:.1f} {units[0]}" if units[0] != "B" else f"{n:.0f} B"
+
 
 def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` whole (temporary name, fsync, rename); out of space: the temporary file is removed and
+    a ``DiskFullError`` names the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path, len(text.encode())) from exc
+        raise
 
 
 def stage_names(task_names: list[str]) -> list[str]:
@@ -35,11 +84,14 @@ class RunWriter:
     def __init__(self, run_dir: Path, task_names: list[str]) -> None:
         self.run_dir = Path(run_dir)
         self.task_names = task_names
-        self.rows: list[list[float]] = []
+        self.rows: list[list[float | None]] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, yaml_text: str) -> None:
-        write_atomic(self.run_dir / "config.yaml", yaml_text)
+        """Write config.yaml, unless it already holds exactly this text (a resume leaves it untouched)."""
+        path = self.run_dir / "config.yaml"
+        if not (path.is_file() and path.read_text(encoding="utf-8") == yaml_text):
+            write_atomic(path, yaml_text)
 
     def add_row(self, scores: list[float]) -> None:
         """Append one stage (init, then after each task) and rewrite the matrix CSV."""
@@ -52,17 +104,52 @@ class RunWriter:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["stage", *self.task_names])
         for stage, row in zip(stage_names(self.task_names), self.rows, strict=False):
-            writer.writerow([stage, *(repr(float(v)) for v in row)])  # exact: metrics recompute to the bit
+            # exact: metrics recompute to the bit; empty: a cell the stage schedule (eval.full_every) skipped
+            writer.writerow([stage, *("" if v is None else repr(float(v)) for v in row)])
         write_atomic(self.run_dir / "accuracy_matrix.csv", buffer.getvalue())
 
     def add_history(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Append one epoch line (a line cut short by a full disk is replaced on resume, see ``set_history``)."""
+        line, path = json.dumps(record) + "\n", self.run_dir / "history.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(path, len(line.encode())) from exc
+            raise
+
+    def set_history(self, records: list[dict[str, Any]]) -> None:
+        """Replace history.jsonl with ``records`` (on resume: the checkpoint's, so no epoch is doubled or lost)."""
+        write_atomic(self.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
-        write_atomic(self.run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+        """Rewrite metrics.json. Recording a failure or an interruption on a full disk only warns: the error
+        being recorded is the one to report."""
+        try:
+            write_atomic(self.run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+        except DiskFullError as exc:
+            if metrics.get("status") not in ("failed", "interrupted"):
+                raise
+            log.warning("could not record status %r: %s", metrics["status"], exc)
+
+    def supersede(self) -> Path | None:
+        """Move the results written so far into ``superseded/<n>/`` (a run restarting from the beginning keeps
+        them there); returns that folder, or None when there was nothing to move."""
+        found = [self.run_dir / name for name in RESULT_FILES if (self.run_dir / name).exists()]
+        if not found:
+            return None
+        number = 1
+        while (self.run_dir / "superseded" / str(number)).exists():
+            number += 1
+        target = self.run_dir / "superseded" / str(number)
+        target.mkdir(parents=True)
+        for path in found:
+            os.replace(path, target / path.name)
+        self.rows = []
+        return target
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

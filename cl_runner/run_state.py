@@ -21,8 +21,8 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # epoch records of the finished tasks
     next_task: int = 0
     wall_time_per_task_s: dict[str, float] = field(default_factory=dict)
-    checkpoints: dict[str, Any] = field(default_factory=lambda: {"count": 0})
-    checkpoint_seq: int = 0  # number of the newest checkpoint (names ckpt-<seq>)
+    checkpoints: dict[str, Any] = field(default_factory=lambda: {"count": 0})  # count: written over the run's life
+    checkpoint_seq: int = 0  # number of the newest checkpoint written (ckpt-<seq>; numbers only grow)
     elapsed_s: float | None = None  # wall time of the run when its newest checkpoint was written
     elapsed_before: float = 0.0  # wall time of the run's earlier lives (before a resume)
     status: str = "running"  # running | interrupted | failed | completed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import platform
 import random
 import signal
@@ -18,12 +19,13 @@ from cl_runner.errors import ConfigError, UserError
 from cl_runner.schema import DeviceConfig
 
 
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+class RunInterrupted(BaseException):
+    """SIGINT/SIGTERM stopped the run; ``checkpointed``: a checkpoint was written first. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way (data or model loading) can swallow it."""
 
-    def __init__(self, signum: int, run_dir: Path) -> None:
+    def __init__(self, signum: int, run_dir: Path, checkpointed: bool = True) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum, self.run_dir = signum, run_dir
+        self.signum, self.run_dir, self.checkpointed = signum, run_dir, checkpointed
 
 
 def resolve_device(cfg: DeviceConfig) -> tuple[torch.device, str]:
@@ -57,39 +59,77 @@ def seed_everything(seed: int) -> None:
 
 
 def package_versions() -> dict[str, str]:
-    import datasets
-    import hydra
-    import transformers
+    """Versions for metrics.json, read from the installed packages' metadata (no import: importing datasets
+    only for its version cost 0.6 s)."""
+    from importlib.metadata import version
 
     from cl_runner import __version__
 
-    return {"cl_runner": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
-            "transformers": transformers.__version__, "datasets": datasets.__version__, "hydra": hydra.__version__}
+    installed = {"torch": "torch", "transformers": "transformers", "datasets": "datasets", "hydra": "hydra-core"}
+    return {"cl_runner": __version__, "python": platform.python_version(),
+            **{name: version(distribution) for name, distribution in installed.items()}}
+
+
+_HELD: dict[Path, list] = {}  # run directories this process has locked: path -> [open lock file, depth]
 
 
 @contextmanager
 def run_lock(run_dir: Path):
-    """Hold ``<run_dir>/.lock`` for the whole run: a second cl-run on the same directory fails at once."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(f"run directory {run_dir} is in use by another cl-run (lock file {run_dir / '.lock'})") \
-            from None
+    """Hold ``<run_dir>/.lock`` for the whole run: a second cl-run on the same directory fails at once and writes
+    nothing (a lock file it had to create is removed again). Re-entrant within a process: the CLI locks the
+    directory before it writes anything into it, and run() keeps holding that same lock."""
+    key = Path(run_dir).absolute()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    handle, created = _acquire(key)
+    _HELD[key] = [handle, 1]
     try:
         yield
+    except UserError:
+        if created:  # a refused start leaves the directory as it found it
+            (key / ".lock").unlink(missing_ok=True)
+        raise
     finally:
+        del _HELD[key]
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
 
 
+def _acquire(run_dir: Path):
+    """Open and flock ``run_dir/.lock``; (file, whether this call created it). A lock file removed by a refused
+    start while we waited for it is opened anew, so two processes never hold different inodes of one path."""
+    path = run_dir / ".lock"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            created = not path.exists()
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise UserError(f"run directory {run_dir} is in use by another cl-run (lock file {path})") from None
+            if path.exists() and os.fstat(handle.fileno()).st_ino == path.stat().st_ino:
+                return handle, created
+            handle.close()
+    except OSError as exc:
+        raise UserError(f"run directory {run_dir}: cannot write to it ({exc.strerror or exc})") from None
+    raise UserError(f"run directory {run_dir}: its lock file {path} keeps changing; is another cl-run starting?")
+
+
 @dataclass
 class StopRequest:
-    """Set by SIGINT/SIGTERM: the run checkpoints and stops at the next step boundary."""
+    """Set by SIGINT/SIGTERM. ``deferred``: the run checkpoints and stops at the next step boundary; otherwise
+    (start-up: nothing to checkpoint yet) the signal stops the run in ``run_dir`` at once."""
 
     signum: int | None = None
+    deferred: bool = True
+    run_dir: Path | None = None
 
     def check(self, run_dir: Path) -> None:
         if self.signum is not None:
@@ -98,8 +138,11 @@ class StopRequest:
 
 @contextmanager
 def stop_signals(stop: StopRequest):
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary; a second SIGINT stops at once."""
+    """Route SIGINT/SIGTERM to ``stop`` (see StopRequest); when deferred, a second SIGINT stops at once."""
     def request(signum, frame):
+        if not stop.deferred:
+            stop.signum = signum  # kept: a library that turns the exception into another one cannot hide it
+            raise RunInterrupted(signum, stop.run_dir, checkpointed=False)
         if stop.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.signum = signum

@@ -1,10 +1,21 @@
 """cl-run through the real CLI in a subprocess: the files of a run, a multirun, and bad input (exit 2, one line)."""
 
 import csv
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from helpers import cl_run, write_jsonl
+
+from cl_runner import cli
+from cl_runner import run as run_module
 
 QUICK = ["device=cpu", "train.epochs=2"]
 
@@ -78,3 +89,171 @@ def test_missing_column_exits_2_naming_the_column(tmp_path):
     line = proc.stderr.strip()
     assert "tasks.tasks.0.target_column: column 'answer' not in" in line and "question, reply" in line
     assert "\n" not in line and "Traceback" not in proc.stdout
+
+
+# --- a refused start changes no byte of the run it refuses; signals at start-up (issue 12)
+def tree(root: Path) -> dict[str, str]:
+    """Every path under ``root``: directories as such, files by a hash of their bytes."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+@contextmanager
+def locked_by_another_process(run_dir: Path):
+    """``run_dir``'s lock held by a live process, as a running cl-run holds it."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
+                               str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def main_exit(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """cli.main in this process: (exit status, stderr lines)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_info.value.code, [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def unfinished_run(tmp_path, monkeypatch):
+    """A run of one epoch whose status is set back to interrupted, so that resume would continue it."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    proc = cl_run("device=cpu", "train.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "interrupted"}))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_every_refused_start_leaves_a_real_run_byte_identical(unfinished_run, capsys):
+    run_dir = unfinished_run
+    before = tree(run_dir)
+    refusals = [
+        (["device=cpu", "train.epochs=1", "train.lr=0.01", f"hydra.run.dir={run_dir}"], "different experiment"),
+        (["device=cpu", "train.epochs=1", "train.lr=-1", f"hydra.run.dir={run_dir}"], "train.lr: expected a positive"),
+        (["device=cpu", "model.name_or_path=/does/not/exist", f"hydra.run.dir={run_dir}"], "different experiment"),
+        ([f"resume={run_dir}", "train.lr=0.01"], "resume: cannot be combined with overrides"),
+    ]
+    for argv, message in refusals:
+        code, lines = main_exit(argv, capsys)
+        assert (code, len(lines)) == (2, 1) and message in lines[0], lines
+        assert tree(run_dir) == before, argv
+    with locked_by_another_process(run_dir):
+        for argv in (["device=cpu", "train.epochs=1", f"hydra.run.dir={run_dir}"], [f"resume={run_dir}"]):
+            code, lines = main_exit(argv, capsys)
+            assert code == 2 and f"run directory {run_dir} is in use by another cl-run" in lines[-1], lines
+            assert tree(run_dir) == before, argv
+    run_dir.chmod(0o555)
+    try:
+        code, lines = main_exit([f"resume={run_dir}"], capsys)
+    finally:
+        run_dir.chmod(0o755)
+    assert code == 2 and lines == [f"cl-run: error: resume: {run_dir} is read-only; make it writable "
+                                   f"(chmod u+w {run_dir}) to continue the run"]
+    assert tree(run_dir) == before
+    config_yaml = run_dir / "config.yaml"
+    config_yaml.write_text(config_yaml.read_text().replace("n_embd: 128", "n_embd: 64"))  # no longer the checkpoint's
+    before = tree(run_dir)
+    proc = cl_run(f"resume={run_dir}", cwd=run_dir.parent)  # its own process: no logging set up by the calls above
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) <= 3 and "Traceback" not in proc.stderr, proc.stderr
+    assert "does not match" in lines[-1] and "model.arch.n_embd" in lines[-1], proc.stderr
+    assert tree(run_dir) == before
+
+
+def test_losing_concurrent_start_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "live"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"status": "running"}\n')
+    before = tree(run_dir)
+    with locked_by_another_process(run_dir):
+        before = tree(run_dir)
+        code, lines = main_exit(["device=cpu", f"hydra.run.dir={run_dir}"], capsys)
+    assert code == 2 and lines == [f"cl-run: error: run directory {run_dir} is in use by another cl-run "
+                                   f"(lock file {run_dir / '.lock'})"]
+    assert tree(run_dir) == before  # no "failed" status written into the live run's metrics.json, no .hydra/
+
+
+def test_sweep_job_whose_directory_holds_another_experiment_is_left_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "sweep" / "job0"
+    (job / ".hydra").mkdir(parents=True)
+    for name, text in (("config.yaml", "seed: 7\n"), (".hydra/overrides.yaml", "- seed=7\n"),
+                       ("metrics.json", '{"status": "completed"}\n'), ("cli.log", "its own log\n")):
+        (job / name).write_text(text)
+    before = tree(job)
+    code, lines = main_exit(["-m", "device=cpu", "train.lr=0.01", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                             "hydra.sweep.subdir=job${hydra.job.num}"], capsys)
+    assert code == 1  # a sweep with a failed job
+    assert any(f"{job} already holds a different experiment" in line for line in lines), lines
+    assert tree(job) == before
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_before_any_run_starts_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, signum,
+                                                                        code):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "preflight", lambda *args: os.kill(os.getpid(), signum))
+    assert main_exit(["device=cpu"], capsys) == (code, [
+        f"cl-run: stopped by {signal.Signals(signum).name} before any run started; nothing was written"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def interrupt_build(signum: int, wrapped: bool):
+    """A build_parts that is stopped by ``signum``, optionally inside a library that re-raises it as its own."""
+    def build_parts(*args):
+        try:
+            os.kill(os.getpid(), signum)
+        except BaseException as exc:
+            if wrapped:
+                raise RuntimeError("a library's own error") from exc
+            raise
+    return build_parts
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "re-raised by a library"])
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_while_loading_marks_the_run_interrupted_and_it_can_be_resumed(tmp_path, monkeypatch, capsys,
+                                                                              signum, code, wrapped):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_module, "build_parts", interrupt_build(signum, wrapped))
+    run_dir = tmp_path / "run"
+    status, lines = main_exit(["device=cpu", f"hydra.run.dir={run_dir}"], capsys)
+    name = signal.Signals(signum).name
+    assert (status, lines) == (code, [f"cl-run: stopped by {name}; no checkpoint yet (a resume starts from the "
+                                      f"beginning). Resume with: cl-run resume={run_dir}"])
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
+    before = tree(run_dir)
+    assert main_exit([f"resume={run_dir}"], capsys)[0] == code  # accepted: it got as far as loading again
+    assert tree(run_dir) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("after", [0.3, 2.0, 6.0])
+def test_signal_early_in_a_real_start_up_is_one_clean_line(tmp_path, signum, code, after):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cl_runner", "device=cpu", f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)  # whichever moment this lands on (imports, composition, loading), the outcome is clean
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err
+    lines = [line for line in err.splitlines() if line.startswith("cl-run:")]
+    assert len(lines) == 1 and "Traceback" not in err and f"stopped by {signal.Signals(signum).name}" in lines[0]
+    if run_dir.exists():  # the run had begun: resumable
+        assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+        assert (run_dir / "config.yaml").is_file()

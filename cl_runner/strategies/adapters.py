@@ -14,6 +14,7 @@ from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.lora import (
     activate,
     add_lora,
+    check_targets,
     count,
     lora_a_pairs,
     lora_parameters,
@@ -96,6 +97,9 @@ class Adapters(Strategy):
         name = "shared" if self.shared else adapter_name(task)
         add_lora(ctx.model, name, self.cfg, seed=ctx.seed_for(INIT_SALT, task), device=ctx.device)
         self.created = task + 1
+
+    def check(self, ctx: Context) -> None:
+        check_targets(ctx.model, self.cfg.target_modules)
 
     def before_task(self, ctx: Context) -> None:
         if not (self.shared and self.created):

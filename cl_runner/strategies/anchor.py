@@ -11,15 +11,18 @@ backward pass, outside autograd: no graph, no extra activation memory.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 
-from cl_runner.strategies.base import Context, Strategy
+from cl_runner.errors import ConfigError
+from cl_runner.lazy import no_grad
+from cl_runner.strategies.base import Context, Strategy, trainable_parameters
 from cl_runner.strategies.common import selected_parameters, tensor_bytes
 
 LOG_EVERY = 10  # optimizer steps between penalty values logged (each is a pass over the penalised parameters)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")  # state_dtype: names of torch dtypes
 
 
 def merge_quadratics(f1: torch.Tensor, m1: torch.Tensor, f2: torch.Tensor, m2: torch.Tensor
@@ -33,7 +36,7 @@ def merge_quadratics(f1: torch.Tensor, m1: torch.Tensor, f2: torch.Tensor, m2: t
     return f, m, c
 
 
-@torch.no_grad()
+@no_grad
 def add_penalty_grad_(params: list[torch.Tensor], anchor: list[torch.Tensor],
                       fisher: list[torch.Tensor] | None, scale: float) -> None:
     """``p.grad += scale * F * (p - anchor)`` for every p (F = 1 when ``fisher`` is None).
@@ -49,7 +52,7 @@ def add_penalty_grad_(params: list[torch.Tensor], anchor: list[torch.Tensor],
     torch._foreach_add_([p.grad for p in params], diff, alpha=scale)
 
 
-@torch.no_grad()
+@no_grad
 def quadratic_sum(params: list[torch.Tensor], anchor: list[torch.Tensor],
                   fisher: list[torch.Tensor] | None) -> torch.Tensor:
     """``sum F (p - anchor)^2`` over all tensors, as a 0-dim fp32 tensor (no host sync)."""
@@ -72,7 +75,7 @@ class AnchorPenalty(Strategy):
 
     def __init__(self, cfg: Any, lam: float) -> None:
         super().__init__(cfg)
-        self.lam, self.dtype = lam, DTYPES[cfg.state_dtype]
+        self.lam, self.dtype = lam, getattr(torch, cfg.state_dtype)
         self.names: list[str] | None = None  # the penalised parameters, fixed at the first after_task
         self.anchor: list[torch.Tensor] | None = None  # m
         self.fisher: list[torch.Tensor] | None = None  # F (None: a scalar F = self.weight everywhere)
@@ -88,6 +91,14 @@ class AnchorPenalty(Strategy):
             named = dict(model.named_parameters())
             self._params = (id(model), [named[n] for n in self.names or []])
         return self._params[1]
+
+    def check(self, ctx: Context) -> None:
+        """``ewc_params`` must match some trainable parameter now, not when the first task is over."""
+        pattern = self.cfg.ewc_params
+        names = [n for n, _ in trainable_parameters(ctx.model)]
+        if pattern is not None and not any(re.search(pattern, n) for n in names):
+            example = f" (searched with re.search in names such as {names[0]!r})" if names else ""
+            raise ConfigError(f"strategy.ewc_params: {pattern!r} matches no trainable parameter name{example}")
 
     def after_task(self, ctx: Context) -> None:
         if self.names is None:

@@ -36,6 +36,7 @@ class Composite(Strategy):
         names = [part.name for part in self.parts]
         self.keys = [name if names.count(name) == 1 else f"{i}_{name}" for i, name in enumerate(names)]
 
+    check = _forward("check")
     before_task = _forward("before_task")
     before_epoch = _forward("before_epoch")
     after_epoch = _forward("after_epoch")

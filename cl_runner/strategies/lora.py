@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from cl_runner.errors import ConfigError
+from cl_runner.options import close_match
 from cl_runner.strategies.seeding import seeded_rng
 
 LORA_PARAM = re.compile(r"\.lora_(?:A|B)\.([^.]+)\.")  # ``...c_attn.lora_A.<adapter>.weight``
@@ -35,6 +36,24 @@ def add_lora(model: torch.nn.Module, name: str, cfg: Any, seed: int, device: tor
             inject_adapter_in_model(config, model, adapter_name=name)
         except ValueError as exc:  # e.g. no module of the model matches target_modules
             raise ConfigError(f"strategy.target_modules: {exc}") from None
+
+
+def check_targets(model: torch.nn.Module, targets: list[str] | None) -> None:
+    """Raise ``ConfigError`` unless every entry of ``target_modules`` names, or ends the name of, a layer LoRA
+    can adapt (peft's rule for a list: the full name or its last components)."""
+    if not targets:
+        return
+    from transformers.pytorch_utils import Conv1D
+
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+    modules = dict(model.named_modules())
+    choices = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, adaptable)})
+    for target in targets:
+        matched = [m for n, m in modules.items() if n == target or n.endswith(f".{target}")]
+        if not any(isinstance(m, adaptable) for m in matched):
+            what = f"is a {type(matched[0]).__name__}, which LoRA cannot adapt" if matched else "matches no module"
+            raise ConfigError(f"strategy.target_modules: {target!r} {what}{close_match(target, choices)} "
+                              f"(adaptable layers: {', '.join(choices)})")
 
 
 def lora_parameters(model: torch.nn.Module, name: str | None = None) -> list[tuple[str, torch.nn.Parameter]]:

@@ -6,8 +6,12 @@ is loaded.
 
 from __future__ import annotations
 
+import csv
+import json
 import random
 import string
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,9 @@ from cl_runner.tasks.facts import RELATIONS, fact_rows
 from cl_runner.tasks.offline import ensure_offline_data
 
 Rows = list[dict[str, Any]]
+# One row of a data file: the json loader of ``datasets`` reads 10 MiB chunks, and a longer row is no prompt or
+# document a causal LM trains on (a run on one 30 MB row was still preparing its data after 5 minutes).
+MAX_LINE_BYTES = 10 << 20
 
 
 def load_sequence(cfg: TasksConfig, seed: int, base_dir: Path | None = None) -> list[Task]:
@@ -108,28 +115,106 @@ def _resolve_files(value: Any, base_dir: Path, key: str) -> Any:
     return str(path)
 
 
-def _check_jsonl(files: Any, key: str) -> None:
-    """Name the line of a malformed JSON-lines file (``datasets`` reports only a generic parse error)."""
-    import json
+def _local_files(files: Any) -> list[Path]:
+    """The local files among ``data_files`` (resolved), each once; URLs and globs are left to ``datasets``."""
+    if isinstance(files, dict):
+        return list(dict.fromkeys(p for v in files.values() for p in _local_files(v)))
+    if isinstance(files, list | tuple):
+        return list(dict.fromkeys(p for v in files for p in _local_files(v)))
+    return [Path(files)] if files is not None and Path(str(files)).is_file() else []
 
-    paths = files.values() if isinstance(files, dict) else files if isinstance(files, list) else [files]
-    for path in paths:
-        if isinstance(path, list):
-            _check_jsonl(path, key)
+
+def _lines(path: Path, key: str, max_bytes: int | None = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
+    """``(number, text)`` of every line, stopping at the first bytes that are not UTF-8 (``datasets`` reads
+    UTF-8 and names neither the file nor the line) and at a line longer than ``max_bytes``."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(iter(partial(handle.readline, max_bytes + 1 if max_bytes else -1), b""), 1):
+            if max_bytes and len(raw) > max_bytes:
+                raise DataError(f"{key}: {path} line {number} is longer than {max_bytes >> 20} MiB, the most one "
+                                "row may hold; split its text over several rows")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{key}: {path} line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                                f"position {exc.start + 1} of the line); save the file as UTF-8") from None
+            yield number, text.removeprefix("\ufeff") if number == 1 else text
+
+
+def _check_json_lines(path: Path, key: str) -> None:
+    """One JSON object per line (blank lines skipped), and at least one; a ``.json`` file holding one JSON
+    document (a list, or an object spread over lines) is only checked for UTF-8 and left to ``datasets``."""
+    with open(path, "rb") as handle:
+        if path.suffix == ".json" and handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+            return _check_utf8(path, key, max_bytes=None)
+    rows = 0
+    for number, line in _lines(path, key):
+        if not line.strip():
             continue
-        if not str(path).endswith((".jsonl", ".json")) or not Path(path).is_file():
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if path.suffix == ".json" and rows == 0 and line.lstrip()[:1] == "{":  # an object over lines
+                return _check_utf8(path, key, max_bytes=None)
+            raise DataError(f"{key}: {path} line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{key}: {path} line {number} is not a JSON object but {_json_kind(value)}; each "
+                            "line must hold one {...} row")
+        rows += 1
+    if not rows:
+        raise DataError(f"{key}: {path} has no rows (only blank lines)")
+
+
+def _check_utf8(path: Path, key: str, max_bytes: int | None = MAX_LINE_BYTES) -> None:
+    for _ in _lines(path, key, max_bytes):
+        pass
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _check_csv(path: Path, key: str) -> None:
+    """A header, then at least one row, and no row with more fields than the header (``datasets`` via pandas
+    rejects those with a generic message); blank lines are skipped, as pandas does."""
+    reader = csv.reader(text for _, text in _lines(path, key))
+    header, header_line, rows = None, 0, 0
+    for row in reader:
+        if not any(field.strip() for field in row):
             continue
-        with open(path, encoding="utf-8") as handle:
-            first = handle.read(1)
-            if first in ("[", "{") and str(path).endswith(".json"):
-                continue  # a whole-file JSON document; datasets parses it
-            handle.seek(0)
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{key}: {path} line {number} is not valid JSON ({exc.msg})") from None
+        if header is None:
+            header, header_line = row, reader.line_num
+            continue
+        if len(row) > len(header):
+            raise DataError(f"{key}: {path} line {reader.line_num} has {len(row)} fields, the header (line "
+                            f"{header_line}) has {len(header)}")
+        rows += 1
+    if header is None:
+        raise DataError(f"{key}: {path} has no rows (only blank lines)")
+    if not rows:
+        raise DataError(f"{key}: {path} has a header (line {header_line}) but no rows")
+
+
+# builder (TaskConfig.path) -> (file suffixes read line by line, check); other files go to ``datasets`` unread
+LINE_CHECKS = {"json": ((".jsonl", ".json"), _check_json_lines), "jsonl": ((".jsonl", ".json"), _check_json_lines),
+               "csv": ((".csv",), _check_csv), "text": ((".txt",), _check_utf8)}
+
+
+def _check_files(files: Any, builder: str | None, key: str) -> None:
+    """Read each local file of a json/csv/text task once before ``datasets`` does, so that what it would reject
+    with "An error occurred while generating the dataset" is named with its file and line instead."""
+    suffixes, check = LINE_CHECKS.get(builder or "", ((), None))
+    for path in _local_files(files):
+        if check is not None and path.suffix in suffixes:
+            check(path, key)
+
+
+def _load_error(exc: Exception) -> str:
+    """The first line of a ``datasets`` error, with the first line of its cause when it only says that
+    something went wrong."""
+    lines = [str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+             for e in (exc, exc.__cause__) if e is not None]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ({type(exc.__cause__).__name__}: {lines[1]})"
 
 
 def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dict[str, Rows]:
@@ -137,8 +222,7 @@ def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dic
 
     ensure_offline_data(_plain(cfg.data_files), base_dir, f"{key}.data_files")  # bundled offline texts: build once
     data_files = _resolve_files(_plain(cfg.data_files), base_dir, f"{key}.data_files")
-    if data_files is not None and cfg.path in ("json", "jsonl"):
-        _check_jsonl(data_files, f"{key}.data_files")
+    _check_files(data_files, cfg.path, f"{key}.data_files")
     data_dir = cfg.data_dir
     if data_dir and not Path(data_dir).is_absolute():
         data_dir = str(base_dir / data_dir)
@@ -153,8 +237,7 @@ def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dic
             path, name=cfg.subset, data_files=data_files, data_dir=data_dir, revision=cfg.revision
         )
     except Exception as exc:  # datasets raises many types; the user needs the first line and the key
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{key}.path: could not load dataset {cfg.path!r}: {first}") from None
+        raise DataError(f"{key}.path: could not load dataset {cfg.path!r}: {_load_error(exc)}") from None
     available = list(loaded.keys())
 
     def split(name: str, split_key: str) -> Rows:
