@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TypedDict
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -35,7 +34,16 @@ def collate(examples: list[Encoded], pad_id: int, device: torch.device | str = "
         mask[row, :n] = 1
     task_ids = torch.tensor([e["task_id"] for e in examples], dtype=torch.long)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": task_ids}
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if torch.device(device).type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    # page-locked host memory (torch's caching host allocator) makes the copy truly asynchronous: with no host
+    # sync in the loop, the next batch is built while the GPU still runs the current step
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def target_count(example: Encoded) -> int:
+    """How many target positions ``target_mask`` finds in ``example`` once collated, counted on the host."""
+    return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
 
 
 def target_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -46,7 +54,7 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-position negative log-likelihood (B, L-1) of the next token, zero where there is no target."""
     shifted = labels[:, 1:]
-    nll = F.cross_entropy(
+    nll = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.size(-1)),
         shifted.reshape(-1).clamp_min(0),
         reduction="none",
@@ -54,7 +62,25 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll * target_mask(labels)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over target tokens only (prompt and padding masked)."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over target tokens only (prompt and padding masked).
+
+    With ``chunk_tokens`` the fp32 log-softmax is computed over about that many positions at a time and
+    recomputed in backward (activation checkpointing), so the loss's own memory no longer grows with
+    batch x length x vocabulary; the logits the model returns (and their gradient) still do. Same value and
+    gradient up to float rounding (a sum in another order).
+    """
     mask = target_mask(labels)
-    return token_nll(logits, labels).sum() / mask.sum().clamp_min(1)
+    if chunk_tokens is None:
+        return token_nll(logits, labels).sum() / mask.sum().clamp_min(1)
+    width, positions = max(1, chunk_tokens // logits.size(0)), logits.size(1) - 1
+    total = sum(torch.utils.checkpoint.checkpoint(_summed_nll, logits[:, p : min(p + width, positions)],
+                                                  labels[:, p + 1 : min(p + width, positions) + 1],
+                                                  use_reentrant=False)
+                for p in range(0, positions, width))
+    return total / mask.sum().clamp_min(1)
+
+
+def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,29 +1,49 @@
 """Train one task: AdamW, linear warmup + decay, gradient accumulation, clipping, autocast, strategy hooks.
 
-The loss of a micro-batch is its mean over target tokens; before backward it is weighted by the micro-batch's
-share of the optimizer step's target tokens, so ``grad_accum`` micro-batches give exactly the gradient of one
-large batch. After each epoch the validation score is computed; with ``keep_best`` the best epoch's weights are
-restored at the end of the task.
+Batches. An epoch's data order is a seeded permutation cut into optimizer-step batches of ``batch_size``
+examples. The strategy's ``train_batches`` sees these step batches (replay adds its buffer examples to them),
+and only then is each cut into ``grad_accum`` micro-batches (sizes differing by at most one). The loss of a
+micro-batch is its mean over target tokens, weighted before backward by the micro-batch's share of the step's
+target tokens (counted on the host from the examples' labels, before anything is sent to the device), so the
+gradient is that of one large batch and nothing a strategy draws depends on ``grad_accum``. What still differs
+between ``grad_accum`` values: float rounding (sums in another order, other padded shapes), and dropout, whose
+masks are drawn per micro-batch, in the micro-batch's shape, from the global RNG stream: with dropout on, the
+masks (not their distribution) change with ``grad_accum``. With dropout off, the results agree up to rounding.
+
+Host syncs. Nothing in a step reads the device: each step's loss stays a device tensor until the loop reads the
+pending ones (one sync) every ``log_every`` steps, at the end of an epoch and when the caller checkpoints
+(``Boundary.state_dict``). The read checks every loss is finite (the error names the first bad step and the
+steps read), adds them to the epoch's sums in step order (so where reads fall never changes a sum), converts
+what strategies logged, and sends a ``step`` event (the progress bar) for the steps read at a ``log_every`` mark.
+
+History. ``seconds`` is the epoch's training time, without validation and without the time the callbacks take
+(checkpoints, progress bar). ``tokens_per_s`` counts the real (non-padding) tokens of the batches trained on,
+replayed and pseudo-examples included, not the extra forward passes of a strategy (a teacher, LAMOL's generation
+pass); ``mfu`` is computed from it (``flops.py``; None on CPU or an unknown GPU). After each validated epoch,
+``keep_best`` keeps the best weights and restores them at the end of the task.
 
 Everything needed to continue a task lives in ``LoopState`` plus the optimizer, scheduler, scaler and best
 weights, handed to ``LoopCallbacks.on_boundary`` after every optimizer step and every epoch: the caller
 checkpoints there, and ``TaskRun.resume`` continues bit-for-bit (the epoch's data order is recomputed from the
-seed and the micro-batches already consumed are skipped before the strategy sees them).
+seed and the step batches already trained on are skipped before the strategy sees them).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from cl_runner.lm import Encoded, causal_lm_loss, target_mask
+from cl_runner.flops import flops_per_token, mfu, peak_flops
+from cl_runner.lm import Encoded, causal_lm_loss, target_count
 from cl_runner.schema import TrainConfig
-from cl_runner.strategies.base import Context, Strategy
+from cl_runner.strategies.base import Context, MicroBatch, Strategy
+
+GROUP_WINDOW = 50  # train.group_by_length sorts by length within windows of this many step batches
 
 
 @dataclass
@@ -38,6 +58,7 @@ class EpochRecord:
     seconds: float
     lr: float
     skipped_steps: int  # fp16 steps the GradScaler skipped (inf/nan gradients)
+    mfu: float | None = None  # model FLOPs utilisation (flops.py); None on CPU or a GPU without a known peak
     extras: dict[str, float] = field(default_factory=dict)  # the latest values strategies logged (ctx.log)
 
 
@@ -47,7 +68,7 @@ class LoopState:
 
     epoch: int = 0  # epochs finished
     step: int = 0  # optimizer steps taken in this task
-    batches_done: int = 0  # micro-batches of the current epoch already trained on
+    batches_done: int = 0  # step batches (optimizer steps) of the current epoch already trained on
     best_score: float = -math.inf
     loss_sum: float = 0.0
     loss_steps: int = 0
@@ -67,8 +88,10 @@ class Boundary:
     scaler: torch.amp.GradScaler | None
     best_state: dict[str, torch.Tensor] | None
     kind: str  # "step" | "epoch"
+    read: Callable[[], None] = lambda: None  # brings ``loop`` up to date (reads the pending losses)
 
     def state_dict(self) -> dict[str, Any]:
+        self.read()
         return {"loop": asdict(self.loop), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None}
@@ -78,11 +101,12 @@ class LoopCallbacks:
     """What the caller hears from ``train_task``; every method is a no-op here: override the ones you need."""
 
     def on_step(self, event: dict[str, Any]) -> None:
-        """Once ``{"event": "task_start", "total_steps", "epochs", "step"}``, then after every optimizer step
-        ``{"event": "step", "step", "epoch", "loss", "tokens_per_s", "extras"}``."""
+        """Once ``{"event": "task_start", "total_steps", "epochs", "step"}``, then every ``train.log_every``
+        steps and at the end of each epoch ``{"event": "step", "step", "epoch", "loss", "tokens_per_s", "mfu",
+        "extras"}`` (``loss``: the mean over the steps since the previous event)."""
 
     def on_epoch(self, record: EpochRecord) -> None:
-        """An epoch is finished and validated; ``record`` is its line of history.jsonl."""
+        """An epoch is finished (and validated when due); ``record`` is its line of history.jsonl."""
 
     def on_boundary(self, boundary: Boundary) -> None:
         """After every optimizer step and every epoch: where the caller checkpoints (or stops)."""
@@ -105,13 +129,14 @@ class TaskRun:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and norms; the fused kernel on CUDA."""
+    """AdamW with no weight decay on biases and norms; the fused kernel on CUDA and CPU, else foreach."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused, foreach=None if fused else True)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -125,9 +150,37 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def micro_batches(examples: list[Encoded], size: int, generator: torch.Generator) -> list[list[Encoded]]:
+def step_batches(examples: list[Encoded], size: int, generator: torch.Generator,
+                 group_by_length: bool = False) -> list[list[Encoded]]:
+    """One epoch's optimizer-step batches: a seeded permutation of ``examples`` cut every ``size``.
+
+    ``group_by_length``: the permutation is sorted by length within windows of ``GROUP_WINDOW`` batches before
+    it is cut (less padding), and the batches are then shuffled (the same generator), so batch order stays random.
+    """
     order = torch.randperm(len(examples), generator=generator).tolist()
-    return [[examples[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+    if group_by_length:
+        window = size * GROUP_WINDOW
+        order = [i for k in range(0, len(order), window)
+                 for i in sorted(order[k : k + window], key=lambda i: len(examples[i]["input_ids"]))]
+    batches = [[examples[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def split(batch: list[Encoded], parts: int) -> list[list[Encoded]]:
+    """``batch`` cut into ``parts`` consecutive micro-batches whose sizes differ by at most one (none empty)."""
+    size, extra = divmod(len(batch), parts)
+    ends = [(i + 1) * size + min(i + 1, extra) for i in range(parts)]
+    return [batch[start:end] for start, end in zip([0, *ends], ends, strict=False) if end > start]
+
+
+def weighted(micro: list[list[Encoded]]) -> list[tuple[list[Encoded], float]]:
+    """Each micro-batch with its share of the step's target tokens (equal shares when the step has none)."""
+    counts = [sum(target_count(e) for e in examples) for examples in micro]
+    total = sum(counts)
+    return [(examples, count / total if total else 1 / len(micro)) for examples, count in zip(micro, counts,
+                                                                                               strict=True)]
 
 
 def read_extras(extras: dict[str, Any]) -> dict[str, float]:
@@ -157,7 +210,6 @@ class _TaskTrainer:
     def __init__(self, job: TaskRun, examples: list[Encoded]) -> None:
         ctx, cfg = job.ctx, job.cfg
         self.job, self.ctx, self.cfg, self.examples = job, ctx, cfg, examples
-        self.micro = cfg.batch_size // cfg.grad_accum
         steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
         self.total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
         self.epochs = math.ceil(self.total_steps / steps_per_epoch)
@@ -173,6 +225,10 @@ class _TaskTrainer:
         ctx.optimizer, ctx.step = self.optimizer, self.state.step
         self.params = [p for p in ctx.model.parameters() if p.requires_grad]
         self.validation_tasks = job.strategy.validation_tasks(ctx)
+        self.flops, self.peak = flops_per_token(ctx.model), peak_flops(ctx.device)
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (step, loss, skipped) unread
+        self.window: list[float] = []  # losses read since the last step event
+        self.mark = time.perf_counter()  # training time is counted from here (reset after every callback)
 
     def train(self) -> None:
         self.ctx.model.train()
@@ -185,75 +241,117 @@ class _TaskTrainer:
     def _train_epoch(self, epoch: int) -> None:
         """The epoch's optimizer steps (those left of it on resume), until its data or the step budget ends."""
         ctx, state, strategy = self.ctx, self.state, self.job.strategy
-        ctx.epoch = epoch
-        started = time.perf_counter()
+        ctx.epoch, self.mark = epoch, time.perf_counter()
         strategy.before_epoch(ctx)
-        epoch_batches = micro_batches(self.examples, self.micro, ctx.generator(salt=100_000 + epoch))
-        batches = iter(strategy.train_batches(ctx, epoch_batches[state.batches_done :]))
-        while ctx.step < self.total_steps:
-            group = [ctx.collate(b) for _, b in zip(range(self.cfg.grad_accum), batches, strict=False)]
-            if not group:
-                break
-            step_loss = self._step(group, epoch)
-            state.step, state.batches_done = ctx.step, state.batches_done + len(group)
-            state.loss_sum, state.loss_steps = state.loss_sum + step_loss, state.loss_steps + 1
-            elapsed = state.seconds + time.perf_counter() - started
-            self.job.callbacks.on_step({"event": "step", "step": ctx.step, "epoch": epoch + 1, "loss": step_loss,
-                                        "tokens_per_s": state.tokens / max(elapsed, 1e-9),
-                                        "extras": dict(ctx.extras)})
+        epoch_batches = step_batches(self.examples, self.cfg.batch_size, ctx.generator(salt=100_000 + epoch),
+                                     self.cfg.group_by_length)
+        batches: Iterator[list[Encoded]] = iter(strategy.train_batches(ctx, epoch_batches[state.batches_done :]))
+        while ctx.step < self.total_steps and (batch := next(batches, None)) is not None:
+            self._step(batch)
+            state.step, state.batches_done = ctx.step, state.batches_done + 1
+            logging = ctx.step % self.cfg.log_every == 0
+            if logging:
+                self._read()
+            self._tick()
+            if logging:
+                self._report(epoch)
             self._boundary("step")
         strategy.after_epoch(ctx)  # also when the step budget, not the data, ended the epoch
-        state.seconds += time.perf_counter() - started
+        self._read()
+        self._tick()
+        if self.window:
+            self._report(epoch)
 
-    def _step(self, group: list[dict[str, torch.Tensor]], epoch: int) -> float:
-        """One optimizer step over the micro-batches of ``group``; returns its loss."""
-        ctx, strategy, scaler = self.ctx, self.job.strategy, self.job.scaler
-        step_tokens = sum(int(target_mask(b["labels"]).sum()) for b in group)
-        step_loss = 0.0
-        for batch in group:
-            with ctx.autocast():
-                outputs = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                loss = causal_lm_loss(outputs.logits, batch["labels"])
-                loss = strategy.loss(ctx, batch, outputs, loss)
-            weight = int(target_mask(batch["labels"]).sum()) / max(step_tokens, 1)
-            (scaler.scale(loss * weight) if scaler else loss * weight).backward()
-            step_loss += float(loss.detach()) * weight
-            self.state.tokens += int(batch["attention_mask"].sum())
-        read_extras(ctx.extras)  # the loss was just read: the device is in sync, logged tensors cost no more
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"non-finite loss ({step_loss}) in task {ctx.task_name!r}, epoch {epoch + 1}, step {ctx.step + 1}"
-            )
+    def _step(self, batch: list[Encoded]) -> None:
+        """One optimizer step over ``batch``, cut into micro-batches; its loss is left on the device."""
+        ctx, strategy = self.ctx, self.job.strategy
+        losses = [self._micro_step(examples, batch, weight)
+                  for examples, weight in weighted(split(batch, self.cfg.grad_accum))]
+        ctx.micro = None
+        self.state.tokens += sum(len(e["input_ids"]) for e in batch)
+        skipped = self._optimizer_step()
+        self.pending.append((ctx.step + 1, torch.stack(losses).sum(), skipped))
+        ctx.step += 1
+        strategy.after_step(ctx)
+
+    def _micro_step(self, examples: list[Encoded], step: list[Encoded], weight: float) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its weighted loss (detached, on the device)."""
+        ctx, scaler = self.ctx, self.job.scaler
+        ctx.micro = MicroBatch(examples, step, weight)
+        batch = ctx.collate(examples)
+        with ctx.autocast():
+            outputs = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = causal_lm_loss(outputs.logits, batch["labels"], self.cfg.loss_chunk_tokens)
+            loss = self.job.strategy.loss(ctx, batch, outputs, loss)
+        (scaler.scale(loss * weight) if scaler else loss * weight).backward()
+        return loss.detach().float() * weight
+
+    def _optimizer_step(self) -> torch.Tensor | None:
+        """Unscale, gradient surgery, clipping, the step; returns (fp16) whether the scaler skipped it."""
+        scaler, skipped = self.job.scaler, None
         if scaler:
             scaler.unscale_(self.optimizer)
-        strategy.after_backward(ctx)
+        self.job.strategy.after_backward(self.ctx)
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         if scaler:
-            scale = scaler.get_scale()
+            scale = scaler._get_scale_async().clone()  # a device tensor: comparing it later costs no sync
             scaler.step(self.optimizer)
             scaler.update()
-            self.state.skipped += int(scaler.get_scale() < scale)
+            skipped = scaler._get_scale_async() < scale
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        ctx.step += 1
-        strategy.after_step(ctx)
-        return step_loss
+        return skipped
+
+    def _read(self) -> None:
+        """Read the pending steps' losses (one device sync), check them, add them to the epoch's sums."""
+        if not self.pending:
+            return
+        steps = [step for step, _, _ in self.pending]
+        values = torch.stack([loss for _, loss, _ in self.pending]).tolist()
+        skips = [bool(s) for _, _, s in self.pending if s is not None]
+        self.pending = []
+        for step, value in zip(steps, values, strict=True):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"non-finite loss ({value}) in task {self.ctx.task_name!r}, epoch {self.ctx.epoch + 1}, step "
+                    f"{step} (losses are read every train.log_every={self.cfg.log_every} steps; this read covered "
+                    f"steps {steps[0]}-{steps[-1]})")
+            self.state.loss_sum, self.state.loss_steps = self.state.loss_sum + value, self.state.loss_steps + 1
+        self.state.skipped += sum(skips)
+        self.window.extend(values)
+        read_extras(self.ctx.extras)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.state.seconds += now - self.mark
+        self.mark = now
+
+    def _report(self, epoch: int) -> None:
+        """The ``step`` event of the steps read since the last one (the progress bar)."""
+        ctx, state = self.ctx, self.state
+        loss, self.window = sum(self.window) / len(self.window), []
+        speed = state.tokens / max(state.seconds, 1e-9)
+        self.job.callbacks.on_step({"event": "step", "step": ctx.step, "epoch": epoch + 1, "loss": loss,
+                                    "tokens_per_s": speed, "mfu": mfu(self.flops, speed, self.peak),
+                                    "extras": dict(ctx.extras)})
+        self.mark = time.perf_counter()
 
     def _end_epoch(self, epoch: int) -> None:
         """Validate, keep the best weights, record the epoch and hand the boundary to the caller."""
         ctx, state = self.ctx, self.state
-        score = self.job.validate(self.validation_tasks) if self.cfg.keep_best else None
+        score = self.job.validate(self.validation_tasks) if self.cfg.validates(epoch + 1, self.epochs) else None
         if score is not None and score > state.best_score:
             state.best_score = score
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in ctx.model.state_dict().items()}
+        speed = state.tokens / max(state.seconds, 1e-9)
         record = EpochRecord(
             task=ctx.task_name, task_index=ctx.task_index, epoch=epoch + 1, step=ctx.step,
-            train_loss=state.loss_sum / max(state.loss_steps, 1), validation_score=score,
-            tokens_per_s=state.tokens / max(state.seconds, 1e-9), seconds=state.seconds,
-            lr=self.scheduler.get_last_lr()[0], skipped_steps=state.skipped, extras=read_extras(ctx.extras),
+            train_loss=state.loss_sum / max(state.loss_steps, 1), validation_score=score, tokens_per_s=speed,
+            seconds=state.seconds, lr=self.scheduler.get_last_lr()[0], skipped_steps=state.skipped,
+            mfu=mfu(self.flops, speed, self.peak), extras=read_extras(ctx.extras),
         )
         state.records.append(asdict(record))
         state.epoch, state.batches_done = epoch + 1, 0
@@ -263,5 +361,6 @@ class _TaskTrainer:
         self._boundary("epoch")
 
     def _boundary(self, kind: str) -> None:
-        self.job.callbacks.on_boundary(
-            Boundary(self.state, self.optimizer, self.scheduler, self.job.scaler, self.best_state, kind))
+        self.job.callbacks.on_boundary(Boundary(self.state, self.optimizer, self.scheduler, self.job.scaler,
+                                                self.best_state, kind, self._read))
+        self.mark = time.perf_counter()

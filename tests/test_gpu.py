@@ -28,3 +28,14 @@ def test_auto_device_picks_cuda_with_bf16_or_fp16():
     with autocast_factory(device, precision)():
         x = torch.ones(4, 4, device=device)
         assert (x @ x).dtype in (torch.bfloat16, torch.float16)
+
+
+def test_batches_reach_the_gpu_through_pinned_memory_unchanged():
+    from cl_runner.lm import collate
+
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "task_id": 0},
+                {"input_ids": [8, 9], "labels": [-100, 9], "task_id": 1}]
+    on_gpu, on_cpu = collate(examples, pad_id=0, device="cuda"), collate(examples, pad_id=0, device="cpu")
+    torch.cuda.synchronize()
+    for key, value in on_cpu.items():
+        assert on_gpu[key].is_cuda and torch.equal(on_gpu[key].cpu(), value)

@@ -99,7 +99,7 @@ class Recorder(Strategy):
 def test_every_hook_is_reached_in_order():
     data = examples(8)
     strategy, model = Recorder(), tiny_model()
-    cfg = TrainConfig(epochs=2, batch_size=4, grad_accum=2, keep_best=True)
+    cfg = TrainConfig(epochs=2, batch_size=4, grad_accum=2, keep_best=True, validate_every=1)
     train_task(TaskRun(context(model, data), strategy, data, cfg, validate=validation(model, strategy, data)))
     assert strategy.calls[:3] == ["before_task", "train_dataset", "validation_tasks"]
     # 8 examples, batch 4 = 2 optimizer steps of 2 micro-batches each, then the validation pass
@@ -145,7 +145,7 @@ class Events(LoopCallbacks):
 def test_logged_values_reach_step_events_and_epoch_records_as_floats():
     data = examples(8)
     events = Events()
-    cfg = TrainConfig(epochs=2, batch_size=4, keep_best=False)
+    cfg = TrainConfig(epochs=2, batch_size=4, keep_best=False, log_every=1)
     train_task(TaskRun(context(tiny_model(), data), Logger(), data, cfg, validate=lambda idx: 0.0,
                        callbacks=events))
     assert [type(v) for e in events.steps for v in e["extras"].values()] == [float] * 8
@@ -182,7 +182,7 @@ def test_best_epoch_weights_are_restored():
         snapshots.append(copy.deepcopy(model.state_dict()))
         return next(scores)
 
-    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2)
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2, validate_every=1)
     train_task(TaskRun(context(model, data), Strategy(), data, cfg, validate))
     for key, value in model.state_dict().items():
         assert torch.equal(value, snapshots[0][key])

@@ -4,14 +4,21 @@ A strategy overrides only the hooks it needs. Hooks never touch files or Hydra; 
 the ``Context``. Order within one task::
 
     before_task -> train_dataset -> validation_tasks
-      -> [before_epoch -> train_batches -> [loss per micro-batch -> after_backward -> after_step]*
+      -> [before_epoch -> train_batches -> [[loss per micro-batch]* -> after_backward -> after_step]*
           -> after_epoch -> (validation)]*
     -> after_task
 
 and every evaluation pass (an epoch's validation, or the scoring of the sequence after a stage) is
 ``[before_eval(task) -> scoring of that task]* -> after_eval``. ``after_epoch`` runs after the epoch's last
 optimizer step, also when the task's step budget (``train.max_steps``) ends the epoch early. On resume in the
-middle of an epoch, ``before_epoch`` runs again before the remaining micro-batches (keep it free of counters).
+middle of an epoch, ``before_epoch`` runs again before the remaining step batches (keep it free of counters).
+
+``train_batches`` sees optimizer-step batches (``batch_size`` examples each; whatever it adds joins that step);
+the loop then cuts each into ``train.grad_accum`` micro-batches. So nothing a strategy draws depends on
+``grad_accum``; the loop weights each micro-batch's loss by its share of the step's target tokens
+(``ctx.micro.weight``), which makes a per-micro-batch mean over target tokens, or a penalty added to every
+micro-batch, sum to the step's value. A term normalised by some other count (LAMOL's generation loss, averaged
+over every real token) rescales itself from the host-side ``ctx.micro`` to stay invariant.
 
 Numbers a strategy wants to see in ``history.jsonl`` and on the progress bar go through ``ctx.log(name=value)``
 (a float or a 0-dim tensor: the loop converts it where it reads the loss, so logging costs no extra device sync).
@@ -28,6 +35,15 @@ import torch
 from omegaconf import MISSING
 
 from cl_runner.lm import Encoded
+
+
+@dataclass
+class MicroBatch:
+    """The micro-batch being trained on, as the ``loss`` hook sees it (host lists: reading them costs no sync)."""
+
+    examples: list[Encoded]  # this micro-batch's encoded examples
+    step: list[Encoded]  # every example of its optimizer step (what ``train_batches`` yielded)
+    weight: float  # the factor the loop multiplies the returned loss by: its share of the step's target tokens
 
 
 @dataclass
@@ -50,6 +66,7 @@ class Context:
     artifacts: dict[str, str] = field(default_factory=dict)  # file name -> text the run writes to its directory
     eos_id: int | None = None  # the tokenizer's EOS id (ends every target); None when unknown
     decode: Callable[[list[int]], str] | None = None  # token ids -> text, for artifacts users read
+    micro: MicroBatch | None = None  # set by the loop around each micro-batch's forward pass and ``loss``
 
     @property
     def task_name(self) -> str:
@@ -104,6 +121,11 @@ class Strategy:
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg if cfg is not None else self.Config(name=self.name)
 
+    def check(self, ctx: Context) -> None:
+        """Once the model is built, before any evaluation or training (also on resume): raise ``ConfigError``
+        (one line naming the option) for an option that cannot apply to ``ctx.model``, e.g. a parameter or
+        module name that matches nothing. Only look: change nothing."""
+
     def before_task(self, ctx: Context) -> None:
         """Called before training task ``ctx.task_index`` (snapshot a teacher, add an adapter...)."""
 
@@ -122,13 +144,17 @@ class Strategy:
         return [ctx.task_index]
 
     def train_batches(self, ctx: Context, batches: Iterable[list[Encoded]]) -> Iterator[list[Encoded]]:
-        """The micro-batches (lists of encoded examples) actually trained on; replay mixes its buffer in."""
+        """The optimizer-step batches (lists of ``ctx.batch_size`` encoded examples, the last of an epoch maybe
+        fewer) actually trained on; replay adds its buffer examples here. The loop splits each into micro-batches.
+        Draw lazily, for one batch at a time as the loop asks for it: a checkpoint taken after a step must hold
+        the state of exactly the batches trained on."""
         yield from batches
 
     def loss(
         self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor
     ) -> torch.Tensor:
-        """The loss to minimise for one micro-batch; return ``loss + penalty``, never modify in place."""
+        """The loss to minimise for one micro-batch (``loss``: its mean over target tokens); return
+        ``loss + penalty``, never modify in place. The loop multiplies the result by ``ctx.micro.weight``."""
         return loss
 
     def after_backward(self, ctx: Context) -> None:

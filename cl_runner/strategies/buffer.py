@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from cl_runner.lazy import no_grad
 from cl_runner.lm import Encoded, target_mask, token_nll
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.common import evaluating
@@ -40,7 +41,7 @@ SAMPLINGS = ("reservoir", "random", "importance", "hardest")
 CANDIDATES_PER_SLOT = 8  # importance / hardest score at most this many candidates per buffer slot of the task
 
 
-@torch.no_grad()
+@no_grad
 def example_losses(ctx: Context, examples: Sequence[Encoded], batch_size: int = 32) -> torch.Tensor:
     """Mean target-token NLL of each example under ``ctx.model`` (eval mode, no grad); CPU float32."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding

@@ -39,10 +39,25 @@ class LAMOLConfig(StrategyConfig):
         return errs
 
 
+def generation_share(ctx: Context) -> float:
+    """What makes the generation loss of the micro-batch (a mean over its real tokens) add up, once the loop
+    has weighted it by the micro-batch's share of the step's *target* tokens, to the generation loss of the
+    whole optimizer step (a mean over the step's real tokens): its share of the step's real tokens over that
+    weight; 1 with one micro-batch per step, 0 (the term is dropped) for a micro-batch without targets."""
+    micro = ctx.micro
+    if micro is None or len(micro.examples) == len(micro.step):
+        return 1.0
+    if micro.weight == 0:
+        return 0.0
+    real = sum(len(e["input_ids"]) for e in micro.examples) / sum(len(e["input_ids"]) for e in micro.step)
+    return real / micro.weight
+
+
 class LAMOL(Strategy):
     """One generation token per task (``GEN_t``, new rows of the embedding matrix, added before the first
-    task). Every micro-batch (real and pseudo examples) gets ``loss + lm_lambda * generation loss``, the latter
-    on ``[GEN_t] + prompt + answer + [EOS]`` with every token a target (a second forward pass).
+    task). Every optimizer step (real and pseudo examples) gets ``loss + lm_lambda * generation loss``, the
+    latter on ``[GEN_t] + prompt + answer + [EOS]`` with every token a target (a second forward pass), averaged
+    over the step's real tokens whatever ``train.grad_accum`` is (``generation_share``).
 
     Before task t, for every earlier task s, ``round(gen_ratio * |D_t|)`` sequences are sampled after
     ``GEN_s`` (top-k, ``temperature``, a generator seeded from the run seed, t and s), parsed at task s's answer
@@ -134,7 +149,8 @@ class LAMOL(Strategy):
         logits = ctx.model(input_ids=gen["input_ids"], attention_mask=gen["attention_mask"]).logits
         generation_loss = causal_lm_loss(logits, gen["labels"])
         ctx.log(lamol_generation_loss=generation_loss.detach())
-        return loss + self.cfg.lm_lambda * generation_loss
+        scale = generation_share(ctx)
+        return loss if scale == 0 else loss + self.cfg.lm_lambda * scale * generation_loss
 
     def after_task(self, ctx: Context) -> None:
         rows = len(ctx.task_names) if self.first_gen_id is not None else 0

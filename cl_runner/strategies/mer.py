@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from cl_runner.lazy import no_grad
 from cl_runner.options import check_positive
 from cl_runner.strategies.base import Context, Strategy, trainable_parameters
 from cl_runner.strategies.common import tensor_bytes
@@ -17,7 +18,7 @@ from cl_runner.strategies.replay import Replay, ReplayConfig
 @dataclass
 class MERConfig(ReplayConfig):
     name: str = "mer"
-    inner_steps: int = 5  # optimizer steps (micro-batches) per meta-batch
+    inner_steps: int = 5  # optimizer steps (replay-mixed step batches) per meta-batch
     beta: float = 0.5  # within-batch Reptile rate: theta_0 + beta (theta - theta_0)
     gamma: float = 1.0  # across-batch Reptile rate, every meta_batches meta-batches
     meta_batches: int = 1  # meta-batches per across-batch update
@@ -33,7 +34,7 @@ class MERConfig(ReplayConfig):
         return errs
 
 
-@torch.no_grad()
+@no_grad
 def reptile_update(params: dict[str, torch.Tensor], start: dict[str, torch.Tensor], rate: float) -> None:
     """``theta <- theta_0 + rate * (theta - theta_0)`` in place (``rate = 1`` leaves ``theta`` untouched)."""
     if rate == 1:
@@ -125,10 +126,10 @@ class MER(Composite):
     meta-updates.
 
     Differences from the paper: the inner steps use the run's optimizer (AdamW, its schedule and clipping)
-    on micro-batches rather than plain SGD on single examples, and each meta-batch of a group has its own new
-    examples (the paper repeats the current one in its ``s`` batches), so the run keeps the budget of the
-    other strategies. With ``inner_steps = 1`` and ``beta = gamma = 1`` no meta-update happens: MER is
-    exactly replay (same buffer, same batches, same steps).
+    on replay-mixed step batches (whatever ``train.grad_accum`` cuts them into) rather than plain SGD on single
+    examples, and each meta-batch of a group has its own new examples (the paper repeats the current one in
+    its ``s`` batches), so the run keeps the budget of the other strategies. With ``inner_steps = 1`` and
+    ``beta = gamma = 1`` no meta-update happens: MER is exactly replay (same buffer, same batches, same steps).
     """
 
     name = "mer"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from cl_runner.lazy import no_grad
 from cl_runner.lm import IGNORE_INDEX, Encoded
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.common import evaluating
@@ -40,7 +41,7 @@ def generation_batch(batch: dict[str, torch.Tensor], gen_ids: torch.Tensor) -> d
     return {"input_ids": ids, "attention_mask": torch.cat([torch.ones_like(prefix), mask], dim=1), "labels": labels}
 
 
-@torch.no_grad()
+@no_grad
 def sample_after(ctx: Context, gen_id: int, n: int, max_tokens: int, eos_id: int, min_tokens: int, top_k: int,
                  temperature: float, generator: torch.Generator, batch_size: int) -> list[list[int]]:
     """``n`` sequences sampled after the token ``gen_id`` with top-k sampling (``generator``: CPU, seeded).

@@ -37,17 +37,18 @@ class ReplayConfig(StrategyConfig):
 
 
 class Replay(Strategy):
-    """Fills the buffer in ``after_task`` (rules in ``buffer.py``); adds buffer examples to every micro-batch.
+    """Fills the buffer in ``after_task`` (rules in ``buffer.py``); adds buffer examples to every step batch.
 
-    For a micro-batch of ``b`` new examples the expected number of buffer examples added is
-    ``x = replay_ratio * b / (1 - replay_ratio)``, so that buffer examples make up the fraction
-    ``replay_ratio`` of the resulting batch; when ``replay_batch_size`` is set,
-    ``x = replay_batch_size * b / ctx.batch_size``,
-    i.e. ``replay_batch_size`` buffer examples per optimizer step of ``ctx.batch_size`` new examples, spread
-    over its micro-batches. Whole examples are added by error diffusion: with ``S`` the running sum of ``x``,
-    the k-th micro-batch gets ``floor(S_k) - floor(S_{k-1})``; over a task the totals match the formula to
-    within one example. The examples are drawn uniformly from the buffer (``ReplayBuffer.sample``) with a
-    generator seeded per task and saved in ``state_dict``. Nothing is added while the buffer is empty.
+    ``train_batches`` sees optimizer-step batches (the loop cuts them into micro-batches afterwards), so what
+    is drawn does not depend on ``train.grad_accum``. For a step batch of ``b`` new examples the expected
+    number of buffer examples added is ``x = replay_ratio * b / (1 - replay_ratio)``, so that buffer examples
+    make up the fraction ``replay_ratio`` of the resulting batch; when ``replay_batch_size`` is set,
+    ``x = replay_batch_size * b / ctx.batch_size``, i.e. ``replay_batch_size`` buffer examples per full step
+    (proportionally fewer for an epoch's last, shorter one). Whole examples are added by error diffusion: with
+    ``S`` the running sum of ``x``, the k-th step batch gets ``floor(S_k) - floor(S_{k-1})``; over a task the
+    totals match the formula to within one example. The examples are drawn uniformly from the buffer
+    (``ReplayBuffer.sample``) with a generator seeded per task and saved in ``state_dict``, one draw per step
+    batch pulled. Nothing is added while the buffer is empty.
     """
 
     name = "replay"
@@ -61,7 +62,7 @@ class Replay(Strategy):
         self.rng_task = -1  # task whose MIX_SALT generator ``rng`` is
 
     def expected_replay(self, ctx: Context, new: int) -> float:
-        """``x``: buffer examples owed to a micro-batch of ``new`` examples (see the class docstring)."""
+        """``x``: buffer examples owed to a step batch of ``new`` examples (see the class docstring)."""
         if self.cfg.replay_batch_size is not None:
             return self.cfg.replay_batch_size * new / max(ctx.batch_size, 1)
         return self.cfg.replay_ratio * new / (1.0 - self.cfg.replay_ratio)
