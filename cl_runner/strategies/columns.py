@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from cl_runner.errors import ConfigError
 
@@ -28,37 +27,43 @@ def adapted_layers(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     prefix = next(name for name, module in model.named_modules() if module is blocks)
     out = {}
     for name, module in blocks.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, torch.nn.Linear):
             out[f"{prefix}.{name}".replace(".", "-")] = (module.in_features, module.out_features)
         elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight is (in, out)
             out[f"{prefix}.{name}".replace(".", "-")] = tuple(module.weight.shape)
     return out
 
 
-class LoRAColumn(nn.Module):
-    def __init__(self, layers: dict[str, tuple[int, int]], rank: int, alpha: float, n_earlier: int) -> None:
-        super().__init__()
-        self.scale = alpha / rank
-        self.A = nn.ParameterDict({k: nn.Parameter(torch.empty(rank, i)) for k, (i, o) in layers.items()})
-        self.B = nn.ParameterDict({k: nn.Parameter(torch.zeros(o, rank)) for k, (i, o) in layers.items()})
-        self.gates = nn.ParameterDict({k: nn.Parameter(torch.zeros(n_earlier, o)) for k, (i, o) in layers.items()}
-                                      if n_earlier else {})
-        for a in self.A.values():
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear (and LoRA's A)
-
-    def delta(self, key: str, x: torch.Tensor, earlier: list[torch.Tensor]) -> torch.Tensor:
-        """This column's update of layer ``key`` for input ``x``, given the earlier columns' updates."""
-        out = (x @ self.A[key].T) @ self.B[key].T * self.scale
-        for j, other in enumerate(earlier if self.gates else []):
-            out = out + self.gates[key][j] * other
-        return out
+def lora_column(layers: dict[str, tuple[int, int]], rank: int, n_earlier: int) -> torch.nn.ModuleDict:
+    """A new column: ``A`` (rank x in) and ``B`` (out x rank) of every adapted layer, and its lateral ``gates``
+    (one row of ``out`` per earlier column). A plain ModuleDict: no ``nn.Module`` subclass here, so that importing
+    this module (the strategy registry imports them all) does not import torch."""
+    nn = torch.nn
+    column = nn.ModuleDict({
+        "A": nn.ParameterDict({k: nn.Parameter(torch.empty(rank, i)) for k, (i, o) in layers.items()}),
+        "B": nn.ParameterDict({k: nn.Parameter(torch.zeros(o, rank)) for k, (i, o) in layers.items()}),
+        "gates": nn.ParameterDict({k: nn.Parameter(torch.zeros(n_earlier, o)) for k, (i, o) in layers.items()}
+                                  if n_earlier else {}),
+    })
+    for a in column.A.values():
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear (and LoRA's A)
+    return column
 
 
-def transformer_blocks(model: torch.nn.Module) -> nn.ModuleList:
+def column_delta(column: torch.nn.ModuleDict, key: str, x: torch.Tensor, earlier: list[torch.Tensor],
+                 scale: float) -> torch.Tensor:
+    """``column``'s update of layer ``key`` for input ``x``, given the earlier columns' updates."""
+    out = (x @ column.A[key].T) @ column.B[key].T * scale
+    for j, other in enumerate(earlier if column.gates else []):
+        out = out + column.gates[key][j] * other
+    return out
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The model's list of transformer blocks: the first ModuleList as long as ``config.num_hidden_layers``."""
     n_layers = model.config.num_hidden_layers
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return module
     raise ConfigError(f"strategy=progressive: found no list of {n_layers} transformer blocks in "
                       f"{type(model).__name__}")
@@ -66,21 +71,21 @@ def transformer_blocks(model: torch.nn.Module) -> nn.ModuleList:
 
 class ColumnHooks:
     """Forward hooks on the adapted layers that add the active column's update (``active`` None: the bare
-    backbone). ``columns`` is a ModuleDict ``str(task) -> LoRAColumn`` registered on the model, so it is
-    saved, restored and moved with it."""
+    backbone). ``columns`` is a ModuleDict ``str(task) -> column`` (``lora_column``) registered on the model, so
+    it is saved, restored and moved with it; ``scale`` is alpha / rank."""
 
-    def __init__(self, model: torch.nn.Module, columns: nn.ModuleDict) -> None:
-        self.columns, self.active = columns, None
+    def __init__(self, model: torch.nn.Module, columns: torch.nn.ModuleDict, scale: float) -> None:
+        self.columns, self.active, self.scale = columns, None, scale
         for key in adapted_layers(model):  # the hooks live as long as the model: never removed
             model.get_submodule(key.replace("-", ".")).register_forward_hook(self._hook(key))
 
     def _hook(self, key: str):
-        def run(module: nn.Module, args: tuple, output: torch.Tensor):
+        def run(module: torch.nn.Module, args: tuple, output: torch.Tensor):
             if self.active is None:
                 return None
             deltas: list[torch.Tensor] = []
             for task in sorted(int(k) for k in self.columns if int(k) <= self.active):
-                deltas.append(self.columns[str(task)].delta(key, args[0], deltas))
+                deltas.append(column_delta(self.columns[str(task)], key, args[0], deltas, self.scale))
             return output + deltas[-1].to(output.dtype)
 
         return run

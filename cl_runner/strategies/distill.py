@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from cl_runner.lm import target_mask
 
@@ -16,6 +15,7 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     where ``labels[:, 1:] != -100``. Only those rows are gathered before the softmax, which bounds memory by
     the number of target tokens rather than batch x length x vocabulary. Zero when there is no target token.
     """
+    F = torch.nn.functional
     mask = target_mask(labels)
     student = F.log_softmax(student_logits[:, :-1][mask].float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, dim=-1)

@@ -18,8 +18,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch.func import functional_call, grad, vmap
 
+from cl_runner.lazy import no_grad
 from cl_runner.lm import IGNORE_INDEX, Encoded, causal_lm_loss
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.common import evaluating, selected_parameters
@@ -27,7 +27,7 @@ from cl_runner.strategies.common import evaluating, selected_parameters
 MODES = ("empirical", "sampled")
 
 
-@torch.no_grad()
+@no_grad
 def sample_targets(ctx: Context, examples: Sequence[Encoded], generator: torch.Generator,
                    batch_size: int = 16) -> list[Encoded]:
     """Copies of ``examples`` whose target labels are drawn from the model (inverse CDF of its softmax)."""
@@ -102,11 +102,11 @@ def fisher_diagonal(ctx: Context, examples: Sequence[Encoded], *, mode: str = "e
     buffers = dict(model.named_buffers())
 
     def example_loss(params: dict[str, torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor):
-        out = functional_call(model, (params, frozen, buffers), args=(),
-                              kwargs={"input_ids": input_ids[None], "use_cache": False})
+        out = torch.func.functional_call(model, (params, frozen, buffers), args=(),
+                                         kwargs={"input_ids": input_ids[None], "use_cache": False})
         return causal_lm_loss(out.logits, labels[None])
 
-    per_example_grads = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    per_example_grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))
     params = {n: p.detach() for n, p in named}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
     labelled = _labelled(ctx, examples, mode, generator, batch_size)

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+import torch
 
 from cl_runner.options import check_positive
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
-from cl_runner.strategies.columns import ColumnHooks, LoRAColumn, adapted_layers
+from cl_runner.strategies.columns import ColumnHooks, adapted_layers, lora_column
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.seeding import seeded_rng
 
@@ -55,18 +55,18 @@ class Progressive(Strategy):
         self.trainable: dict[str, int] = {}  # task name -> parameters trained on it
         self.costs: dict[str, Any] = {}
 
-    def _columns(self, model: nn.Module) -> nn.ModuleDict:
+    def _columns(self, model: torch.nn.Module) -> torch.nn.ModuleDict:
         if not hasattr(model, ATTRIBUTE):
-            model.add_module(ATTRIBUTE, nn.ModuleDict())
-            self.hooks = ColumnHooks(model, getattr(model, ATTRIBUTE))
+            model.add_module(ATTRIBUTE, torch.nn.ModuleDict())
+            self.hooks = ColumnHooks(model, getattr(model, ATTRIBUTE), self.cfg.alpha / self.cfg.rank)
         return getattr(model, ATTRIBUTE)
 
-    def _add(self, ctx: Context, task: int) -> LoRAColumn:
+    def _add(self, ctx: Context, task: int) -> torch.nn.ModuleDict:
         model = getattr(ctx.model, "_orig_mod", ctx.model)  # under torch.compile: the model itself
         n_earlier = len(self.tasks) if self.cfg.lateral else 0
         dtype = model.get_output_embeddings().weight.dtype
         with seeded_rng(ctx.seed_for(INIT_SALT, task), ctx.device):
-            column = LoRAColumn(adapted_layers(model), self.cfg.rank, self.cfg.alpha, n_earlier)
+            column = lora_column(adapted_layers(model), self.cfg.rank, n_earlier)
         self._columns(model)[str(task)] = column.to(ctx.device, dtype)
         self.tasks.append(task)
         return column
@@ -91,7 +91,7 @@ class Progressive(Strategy):
     def after_task(self, ctx: Context) -> None:
         trained = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
         self.trainable[ctx.task_name] = trained
-        columns = getattr(getattr(ctx.model, "_orig_mod", ctx.model), ATTRIBUTE, nn.ModuleDict())
+        columns = getattr(getattr(ctx.model, "_orig_mod", ctx.model), ATTRIBUTE, torch.nn.ModuleDict())
         lateral = sum(p.numel() for c in columns.values() for p in c.gates.values())
         extra = sum(p.numel() for p in columns.parameters())
         self.costs = {"trainable_parameters_per_task": dict(self.trainable), "trainable_parameters": trained,

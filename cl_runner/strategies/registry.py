@@ -24,8 +24,10 @@ PACKAGE = "cl_runner.strategies"
 
 
 def is_strategy(obj: Any) -> bool:
-    """A class that declares its own ``name`` and ``Config`` (parts such as MER's Reptile declare no Config)."""
-    return (isinstance(obj, type) and issubclass(obj, Strategy) and obj is not Strategy
+    """A class that declares its own ``name`` and ``Config`` (parts such as MER's Reptile declare no Config).
+    ``type(obj)``, not ``isinstance(obj, type)``: that reads ``obj.__class__``, which loads a deferred module
+    (``import torch`` in a strategy module is deferred: cl_runner/lazy.py)."""
+    return (issubclass(type(obj), type) and issubclass(obj, Strategy) and obj is not Strategy
             and "name" in obj.__dict__ and "Config" in obj.__dict__)
 
 
