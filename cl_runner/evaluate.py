@@ -1,7 +1,9 @@
 """Score one task: exact match (batched greedy generation), label accuracy (cached-prefix scoring), perplexity.
 
 All scoring runs under ``torch.no_grad`` and the caller's autocast, in batches sorted by length so padding
-stays small. Generation uses left padding with explicit position ids, so it works for any causal LM.
+stays small; a batch holds at most ``batch_size`` examples and, when ``batch_tokens`` is set, at most that many
+padded tokens (its longest example's length x its size; generation counts its token budget too). Generation
+uses left padding with explicit position ids, so it works for any causal LM.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ _TRAILING = re.compile(r"[\s.,;:!?]+$")
 
 @dataclass
 class Scorer:
-    """What scoring needs besides the items: the model, padding/EOS ids, device, autocast, batch size."""
+    """What scoring needs besides the items: the model, padding/EOS ids, device, autocast, batch limits."""
 
     model: torch.nn.Module
     pad_id: int
@@ -33,6 +35,7 @@ class Scorer:
     batch_size: int
     cfg: EvalConfig
     decode: Callable[[list[int]], str]
+    batch_tokens: int | None = None  # padded tokens per batch (None: batch_size examples per batch)
 
 
 def normalize_answer(text: str, stop: str, lowercase: bool = True, strip_punctuation: bool = True) -> str:
@@ -45,9 +48,19 @@ def normalize_answer(text: str, stop: str, lowercase: bool = True, strip_punctua
     return text.lower() if lowercase else text
 
 
-def _batches(items: list, size: int, key: Callable) -> list[list[int]]:
-    order = sorted(range(len(items)), key=key)
-    return [order[i : i + size] for i in range(0, len(order), size)]
+def _batches(scorer: Scorer, lengths: list[int]) -> list[list[int]]:
+    """Indices in batches of similar length: at most ``batch_size`` examples and ``batch_tokens`` padded tokens
+    (a single example longer than the token budget is a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    budget = scorer.batch_tokens or math.inf
+    batches: list[list[int]] = []
+    for i in order:  # ascending lengths: the newest example is the batch's longest
+        batch = batches[-1] if batches else None
+        if batch is None or len(batch) == scorer.batch_size or (len(batch) + 1) * lengths[i] > budget:
+            batches.append([i])
+        else:
+            batch.append(i)
+    return batches
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +103,7 @@ def greedy_generate(scorer: Scorer, prompts: list[list[int]], max_new_tokens: in
 
 def exact_match(scorer: Scorer, items: list[EvalItem], stop: str, max_new_tokens: int) -> dict:
     correct = blank = 0
-    for batch in _batches(items, scorer.batch_size, key=lambda i: len(items[i].prompt_ids)):
+    for batch in _batches(scorer, [len(it.prompt_ids) + max_new_tokens for it in items]):
         outputs = greedy_generate(scorer, [items[i].prompt_ids for i in batch], max_new_tokens)
         for i, tokens in zip(batch, outputs, strict=True):
             rule = {"stop": stop, "lowercase": scorer.cfg.lowercase, "strip_punctuation": scorer.cfg.strip_punctuation}
@@ -139,7 +152,7 @@ def label_logprobs(scorer: Scorer, prompts: list[list[int]], labels: list[list[i
 
 def label_accuracy(scorer: Scorer, items: list[EvalItem], labels: list[list[int]], label_texts: list[str]) -> dict:
     correct = 0
-    for batch in _batches(items, scorer.batch_size, key=lambda i: len(items[i].prompt_ids)):
+    for batch in _batches(scorer, [len(it.prompt_ids) for it in items]):
         scores = label_logprobs(scorer, [items[i].prompt_ids for i in batch], labels)
         for i, choice in zip(batch, scores.argmax(-1).tolist(), strict=True):
             correct += label_texts[choice] == items[i].target
@@ -155,7 +168,7 @@ def perplexity(scorer: Scorer, items: list[EvalItem]) -> dict:
          "task_id": 0}
         for it in items
     ]
-    for batch in _batches(encoded, scorer.batch_size, key=lambda i: len(encoded[i]["input_ids"])):
+    for batch in _batches(scorer, [len(e["input_ids"]) for e in encoded]):
         tensors = collate([encoded[i] for i in batch], scorer.pad_id, scorer.device)
         with scorer.autocast():
             logits = scorer.model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits

@@ -15,13 +15,19 @@ worse, BWT/FWT > 0 mean better.
   task 1, ..., after task T) divided by T, i.e. the curve's mean height; ``average_learning_curve_area`` is
   the mean over tasks.
 With one task, forgetting, BWT and FWT are undefined and reported as None.
+
+Unscored cells: a matrix cell may be None when the stage schedule (``eval.full_every``) did not score that task
+at that stage; the init and final rows are always complete, and so are R[j][j] and R[j-1][j], so ACC, BWT and
+FWT stay exact. Forgetting and "best" then take the best over the *scored* stages (a lower bound on the
+forgetting of the full matrix), and the learning-curve area joins the scored points with straight lines. A
+metric whose cells are missing is None.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-Matrix = Sequence[Sequence[float]]
+Matrix = Sequence[Sequence[float | None]]
 
 
 def _check(matrix: Matrix, init: Sequence[float], higher_is_better: Sequence[bool]) -> int:
@@ -30,6 +36,8 @@ def _check(matrix: Matrix, init: Sequence[float], higher_is_better: Sequence[boo
         raise ValueError(f"score matrix must be T x T with T >= 1, got {[len(r) for r in matrix]}")
     if len(init) != t or len(higher_is_better) != t:
         raise ValueError("init row and higher_is_better must have one entry per task")
+    if None in matrix[-1] or None in init:
+        raise ValueError("the init row and the final row must score every task")
     return t
 
 
@@ -49,8 +57,8 @@ def forgetting_per_task(matrix: Matrix, higher_is_better: Sequence[bool]) -> lis
         if j == t - 1:
             out.append(None)
             continue
-        best = max(signs[j] * matrix[i][j] for i in range(j, t - 1))
-        out.append(best - signs[j] * matrix[t - 1][j])
+        scored = [signs[j] * matrix[i][j] for i in range(j, t - 1) if matrix[i][j] is not None]
+        out.append(max(scored) - signs[j] * matrix[t - 1][j] if scored else None)
     return out
 
 
@@ -64,6 +72,8 @@ def backward_transfer(matrix: Matrix, higher_is_better: Sequence[bool]) -> float
     if t < 2:
         return None
     signs = _signs(higher_is_better)
+    if any(matrix[j][j] is None for j in range(t - 1)):
+        return None
     return sum(signs[j] * (matrix[t - 1][j] - matrix[j][j]) for j in range(t - 1)) / (t - 1)
 
 
@@ -72,6 +82,8 @@ def forward_transfer(matrix: Matrix, init: Sequence[float], higher_is_better: Se
     if t < 2:
         return None
     signs = _signs(higher_is_better)
+    if any(matrix[j - 1][j] is None for j in range(1, t)):
+        return None
     return sum(signs[j] * (matrix[j - 1][j] - init[j]) for j in range(1, t)) / (t - 1)
 
 
@@ -79,8 +91,8 @@ def learning_curve_area(matrix: Matrix, init: Sequence[float]) -> list[float]:
     t = len(matrix)
     areas = []
     for j in range(t):
-        curve = [init[j]] + [matrix[i][j] for i in range(t)]
-        areas.append(sum((a + b) / 2 for a, b in zip(curve, curve[1:], strict=False)) / t)
+        curve = [(0, init[j])] + [(i + 1, matrix[i][j]) for i in range(t) if matrix[i][j] is not None]
+        areas.append(sum((x1 - x0) * (a + b) / 2 for (x0, a), (x1, b) in zip(curve, curve[1:], strict=False)) / t)
     return areas
 
 
@@ -98,7 +110,8 @@ def summarize(
             "init": init[j],
             "just_trained": matrix[j][j],
             "final": matrix[-1][j],
-            "best": (max if signs[j] > 0 else min)(matrix[i][j] for i in range(j, len(matrix))),
+            "best": (max if signs[j] > 0 else min)(matrix[i][j] for i in range(j, len(matrix))
+                                                    if matrix[i][j] is not None),
             "forgetting": forgetting[j],
             "learning_curve_area": areas[j],
         }

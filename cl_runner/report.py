@@ -432,7 +432,7 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
         tasks = runs[0].metrics["tasks"]
         kinds = runs[0].metrics.get("metric_per_task") or ["score"] * len(tasks)
         matrices = [j.score_rows() for j in runs]
-        mean_rows = [[statistics.fmean(m[i][j] for m in matrices) for j in range(len(tasks))]
+        mean_rows = [[_mean_or_none([m[i][j] for m in matrices]) for j in range(len(tasks))]
                      for i in range(len(matrices[0]))]
         setting = " ".join([best.strategy, *(f"{k}={compact(best.settings[k])}" for k in report.keys
                                              if k in best.settings)])
@@ -440,6 +440,12 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
         written.append(plots.score_matrix(out_dir / "best_score_matrix.png", tasks, mean_rows, kinds, title))
         written.append(plots.learning_curves(out_dir / "best_learning_curves.png", tasks, mean_rows, kinds, title))
     return written
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """The mean of a matrix cell over seeds; None where no run scored it (``eval.full_every`` skips cells)."""
+    scored = [v for v in values if v is not None]
+    return statistics.fmean(scored) if scored else None
 
 
 def compact(value: str) -> str:

@@ -1,5 +1,5 @@
 """Scoring: cached label scoring equals brute force, batched left-padded generation equals one-by-one,
-exact-match normalisation, and the prompt-cutting rule."""
+exact-match normalisation, the prompt-cutting rule, and token-sized batches scoring as example-count ones."""
 
 from contextlib import nullcontext
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cl_runner.evaluate import Scorer, greedy_generate, label_logprobs, normalize_answer
+from cl_runner.evaluate import Scorer, _batches, greedy_generate, label_logprobs, normalize_answer, score_task
 from cl_runner.models import train_tokenizer
 from cl_runner.schema import EvalConfig
 from cl_runner.tasks.base import Example, Task
-from cl_runner.tasks.encode import encode_task
+from cl_runner.tasks.encode import EncodedTask, EvalItem, encode_task
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,41 @@ def test_long_prompts_are_cut_in_the_middle_never_the_target():
     kept = ex["input_ids"][: 32 - len(target)]
     assert kept[:3] == prompt_ids[:3] and kept[-2:] == prompt_ids[-2:]  # head and answer cue kept
     assert enc.cut["train"] == 1
+
+
+def _items(n: int, seed: int = 1) -> list[EvalItem]:
+    """Prompts of 1..13 tokens and targets of 1..3 tokens (+ EOS), ids in the fixture model's vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        prompt = torch.randint(2, 64, (1 + i * 7 % 13,), generator=gen).tolist()
+        target = torch.randint(2, 64, (1 + i % 3,), generator=gen).tolist()
+        items.append(EvalItem(prompt_ids=prompt, target_ids=target + [1], target=str(target)))
+    return items
+
+
+def test_token_budget_batches_hold_similar_lengths_within_both_limits():
+    lengths = [5, 1, 9, 3, 3, 7, 2, 8]
+    scorer = Scorer(model=None, pad_id=0, eos_id=1, device=None, autocast=nullcontext, batch_size=3,
+                    cfg=EvalConfig(), decode=str, batch_tokens=10)
+    # sorted: 1 2 3 3 5 7 8 9 -> [1 2 3] (3 examples x 3 = 9 tokens), [3 5] (2 x 5 = 10), then one each: 7 8 9
+    assert [[lengths[i] for i in b] for b in _batches(scorer, lengths)] == [[1, 2, 3], [3, 5], [7], [8], [9]]
+    by_count = Scorer(**{**scorer.__dict__, "batch_tokens": None})
+    assert [[lengths[i] for i in b] for b in _batches(by_count, lengths)] == [[1, 2, 3], [3, 5, 7], [8, 9]]
+
+
+@pytest.mark.parametrize("metric", ["exact_match", "label_accuracy", "perplexity"])
+def test_token_sized_batches_score_exactly_as_example_count_batches(scorer, metric):
+    items = _items(24)
+    # half the exact-match references are the model's own answers, so the score is neither 0 nor 1
+    own = [greedy_generate(scorer, [it.prompt_ids], max_new_tokens=6)[0] for it in items]  # 6: longest target + 2
+    items = [EvalItem(it.prompt_ids, it.target_ids, str(o) if i % 2 else it.target)
+             for i, (it, o) in enumerate(zip(items, own, strict=True))]
+    task = EncodedTask(name="t", train=[], validation=[], test=items, label_ids=[[20], [21, 22], [23]])
+    labels = ["[20]", "[21, 22]", "[23]"]
+    by_count = score_task(Scorer(**{**scorer.__dict__, "batch_tokens": None}), task, metric, "\n", labels)
+    by_tokens = score_task(Scorer(**{**scorer.__dict__, "batch_tokens": 24}), task, metric, "\n", labels)
+    assert len(_batches(Scorer(**{**scorer.__dict__, "batch_tokens": 24}), [len(i.prompt_ids) for i in items])) > 3
+    if metric == "exact_match":
+        assert 0 < by_count["score"] < 1
+    assert by_tokens == pytest.approx(by_count, rel=1e-6)

@@ -1,0 +1,46 @@
+"""Budgets that fit the sequence: a sequence's training defaults (conf/tasks/budget/<file>.yaml, in its defaults
+list) beat conf/config.yaml's; an experiment file and the command line beat the sequence's."""
+
+import pytest
+from helpers import REPO, make_config
+from omegaconf import OmegaConf
+
+ROOT = OmegaConf.load(REPO / "conf" / "config.yaml")
+SEQUENCES = sorted(p.stem for p in (REPO / "conf" / "tasks").glob("*.yaml"))
+
+
+def budget(sequence: str) -> dict:
+    """The budget file a sequence lists in its defaults (``budget/<file>``), as plain data."""
+    entries = OmegaConf.load(REPO / "conf" / "tasks" / f"{sequence}.yaml").defaults
+    (name,) = [e.split("/", 1)[1] for e in entries if isinstance(e, str) and e.startswith("budget/")]
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "tasks" / "budget" / f"{name}.yaml"))
+
+
+@pytest.mark.parametrize("sequence", SEQUENCES)
+def test_every_sequence_composes_with_its_own_budget(sequence):
+    cfg = make_config(f"tasks={sequence}", small=False)
+    own = budget(sequence)
+    assert "epochs" in own["train"] or "max_steps" in own["train"]
+    for group, values in own.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, group), key) == value, f"{group}.{key}"
+
+
+def test_a_sequence_budget_beats_the_root_config_and_loses_to_the_command_line():
+    own = budget("offline_lm_domains")["train"]
+    assert own["epochs"] != ROOT.train.epochs  # the sequence really replaces the root default
+    assert make_config("tasks=offline_lm_domains", small=False).train.epochs == own["epochs"]
+    cfg = make_config("tasks=offline_lm_domains", "train.epochs=2", f"train.lr={own['lr'] * 2}", small=False)
+    assert (cfg.train.epochs, cfg.train.lr) == (2, own["lr"] * 2)
+
+
+def test_an_experiment_file_beats_the_sequence_budget():
+    cfg = make_config("experiment=olora_standard_order1", "tasks=offline_lm_domains", small=False)
+    assert cfg.tasks.name == "offline_lm_domains"
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.keep_best) == (1, 1.0e-5, False)  # base/olora.yaml
+
+
+def test_keys_a_budget_does_not_set_keep_the_root_defaults():
+    cfg = make_config("tasks=offline_lm_domains", small=False)
+    assert "batch_size" not in budget("offline_lm_domains")["train"]
+    assert cfg.train.batch_size == ROOT.train.batch_size and cfg.eval.full_every == ROOT.eval.full_every
