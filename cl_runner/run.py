@@ -14,7 +14,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cl_runner import metrics as cl_metrics
-from cl_runner.checkpoint import latest_intact, load_weights, read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from cl_runner.errors import ConfigError
+from cl_runner.checkpoint import (
+    Checkpoint,
+    load_weights,
+    move_aside,
+    newest_readable,
+    next_number,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    weights_mismatch,
+)
+from cl_runner.errors import CheckpointMismatch, ConfigError
 from cl_runner.evaluate import Scorer
 from cl_runner.lm import collate
 from cl_runner.loop import Boundary, EpochRecord, LoopCallbacks, TaskRun, read_extras, train_task
@@ -49,6 +59,7 @@ from cl_runner.strategies import Context, Strategy, build_strategy
 from cl_runner.tasks import encode_task, load_sequence
 from cl_runner.tasks.base import Task
 from cl_runner.tasks.encode import EncodedTask
+from cl_runner.threads import apply_threads
 
 log = logging.getLogger(__name__)
 AUTO_CHECKPOINT_FACTOR = 50  # automatic checkpoints: interval >= 50 x the cost of one, i.e. < 2% overhead
@@ -92,6 +103,7 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
     tasks = load_sequence(cfg.tasks, cfg.seed, base_dir)
     tokenizer = load_tokenizer(cfg.model, [text for t in tasks for text in t.texts()])
     model = load_model(cfg.model, tokenizer, cfg.seed).to(device)
+    apply_threads(cfg.device.threads, model)  # before the first step (auto: re-checked as the model runs)
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if context and cfg.train.max_length > context:
         raise ConfigError(f"train.max_length: {cfg.train.max_length} exceeds the model's context of {context} "
@@ -106,8 +118,10 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
         seed=cfg.seed, eos_id=tokenizer.eos_token_id, decode=partial(tokenizer.decode, skip_special_tokens=True),
     )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return RunParts(cfg, run_dir, tasks, encoded, tokenizer, model, build_strategy(cfg.strategy), ctx, device,
-                    precision, scaler)
+    parts = RunParts(cfg, run_dir, tasks, encoded, tokenizer, model, build_strategy(cfg.strategy), ctx, device,
+                     precision, scaler)
+    parts.strategy.check(ctx)  # options that name parameters or modules: before any evaluation or training
+    return parts
 
 
 def run_info(parts: RunParts) -> dict[str, Any]:
@@ -130,36 +144,88 @@ def sequence_scorer(parts: RunParts) -> SequenceScorer:
     tokenizer = parts.tokenizer
     scorer = Scorer(model=parts.model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                     device=parts.device, autocast=parts.ctx.autocast, batch_size=parts.cfg.train.eval_batch_size,
-                    cfg=parts.cfg.eval, decode=partial(tokenizer.decode, skip_special_tokens=True))
-    return SequenceScorer(scorer, parts.tasks, parts.encoded, parts.strategy, parts.ctx)
+                    cfg=parts.cfg.eval, decode=partial(tokenizer.decode, skip_special_tokens=True),
+                    batch_tokens=parts.cfg.train.eval_batch_tokens)
+    return SequenceScorer(scorer, parts.tasks, parts.encoded, parts.strategy, parts.ctx, parts.cfg.eval.full_every,
+                          parts.cfg.train.max_validation_examples, parts.cfg.seed)
 
 
-def restore(parts: RunParts, path: Path, started: float) -> tuple[RunState, dict[str, Any] | None]:
-    """Continue from checkpoint ``path`` (its state.pt read once): strategy state, the modules it adds, weights,
-    logged values, RNG. Returns the run state and the interrupted task's loop state (None between tasks)."""
-    saved, best = read_checkpoint(path)
-    parts.strategy.load_state_dict(saved["strategy"])
-    parts.strategy.on_resume(parts.ctx)  # re-create modules (adapters) before the weights are loaded into them
-    load_weights(path, parts.model)
+def restore(parts: RunParts, checkpoint: Checkpoint, started: float) -> tuple[RunState, dict[str, Any] | None]:
+    """Continue from ``checkpoint`` (read and checked by ``read_checkpoint``): the strategy state and the modules
+    it re-creates, then, once the weights are known to fit, weights, logged values, RNG. Returns the run state
+    and the interrupted task's loop state (None between tasks). A checkpoint that does not fit config.yaml
+    raises ``CheckpointMismatch`` before any weight or file is touched."""
+    problem = misfit(parts, checkpoint)
+    if problem:
+        raise CheckpointMismatch(f"resume: checkpoint {checkpoint.path} does not match "
+                                 f"{parts.run_dir / 'config.yaml'} ({problem})")
+    saved = checkpoint.state
+    load_weights(checkpoint.path, parts.model)
     parts.ctx.extras.update(saved["extras"])
     set_rng_state(saved["rng"])
-    task = None if saved["task"] is None else saved["task"] | {"best": best}
+    task = None if saved["task"] is None else saved["task"] | {"best": checkpoint.best}
     return RunState.from_checkpoint(saved["run"], started), task
+
+
+def misfit(parts: RunParts, checkpoint: Checkpoint) -> str | None:
+    """How an intact checkpoint fails to fit the run config.yaml builds (tasks, strategy state, weight names and
+    shapes, compared after the strategy re-created its modules), plus the config keys edited since; or None."""
+    info = checkpoint.state["run"]["info"]
+    if info.get("tasks") != parts.names:
+        problem = f"tasks {info.get('tasks')} in the checkpoint, {parts.names} in config.yaml"
+    else:
+        problem = _strategy_misfit(parts, checkpoint.state["strategy"]) or weights_mismatch(checkpoint, parts.model)
+    edited = config_changes(info.get("config") or {}, as_dict(parts.cfg))
+    if problem and edited:
+        problem += f"; edited since: {', '.join(edited[:4])}{', ...' * (len(edited) > 4)}"
+    return problem
+
+
+def _strategy_misfit(parts: RunParts, state: dict[str, Any]) -> str | None:
+    try:
+        parts.strategy.load_state_dict(state)
+        parts.strategy.on_resume(parts.ctx)  # re-create modules (adapters) before the weights are compared
+    except Exception as exc:  # a state written by another strategy or with other options
+        return f"strategy state: {type(exc).__name__} {exc}"
+    return None
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs (nested dicts)."""
+    changed = []
+    for key in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += config_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def start_state(parts: RunParts, writer: RunWriter, console: Console, resume: bool,
                 started: float) -> tuple[RunState, dict[str, Any] | None]:
-    """A fresh run state, or with ``resume`` the newest intact checkpoint's (and its files rewritten to match)."""
-    path = latest_intact(parts.run_dir) if resume and parts.cfg.checkpoint.enabled else None
-    if path is None:
-        if resume:
-            log.warning("no usable checkpoint in %s: starting the run from the beginning", parts.run_dir)
+    """A fresh run state; with ``resume`` the state of the newest checkpoint that reads back whole (newer damaged
+    ones are moved aside), or with none the beginning again. On resume the matrix, history.jsonl and
+    metrics.json are rewritten from that state, so no epoch is doubled or lost; a restart after damage first
+    moves the earlier results to ``superseded/<n>/``."""
+    if not resume:
         return RunState(info=run_info(parts), started=started), None
-    state, task = restore(parts, path, started)
+    checkpoint, damaged = newest_readable(parts.run_dir) if parts.cfg.checkpoint.enabled else (None, [])
+    if checkpoint is not None:
+        state, task = restore(parts, checkpoint, started)  # a mismatch raises before anything is written
+    else:
+        state, task = RunState(info=run_info(parts), started=started), None
+    for path, reason in damaged:
+        move_aside(path, reason)
+    kept = writer.supersede() if damaged and checkpoint is None else None
     writer.set_rows(state.rows())
-    pending = state.history + (task["loop"]["records"] if task else [])
-    write_atomic(parts.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in pending))
-    console.print(f"resuming from {path} (task {state.next_task + 1}/{len(parts.tasks)})")
+    writer.set_history(state.history + (task["loop"]["records"] if task else []))
+    writer.write_metrics(state.to_metrics())
+    if checkpoint is not None:
+        console.print(f"resuming from {checkpoint.path} (task {state.next_task + 1}/{len(parts.tasks)})")
+    else:
+        log.warning("no usable checkpoint in %s: starting the run from the beginning%s", parts.run_dir,
+                    f" (the earlier results are kept in {kept})" if kept else "")
     return state, task
 
 
@@ -181,15 +247,18 @@ class CheckpointPolicy:
         return time.perf_counter() - self.last_time >= interval
 
     def save(self, state: RunState, task: dict[str, Any] | None, best: dict[str, torch.Tensor] | None) -> None:
-        """Write the next checkpoint; ``task`` is the loop's ``Boundary.state_dict()`` (None between tasks)."""
-        state.checkpoint_seq += 1
-        state.elapsed_s = state.elapsed()
-        payload = {"run": state.to_checkpoint(), "task": task, "strategy": self.parts.strategy.state_dict(),
+        """Write the next checkpoint; ``task`` is the loop's ``Boundary.state_dict()`` (None between tasks). Its
+        number is 1 + the highest the run has used, which is also ``checkpoints.count``: the checkpoints written
+        over the run's life (the checkpoint holds its own count, so a resume keeps it)."""
+        number = next_number(self.parts.run_dir, state.checkpoint_seq)
+        saved = replace(state, checkpoint_seq=number, elapsed_s=state.elapsed(),
+                        checkpoints={**state.checkpoints, "count": number})
+        payload = {"run": saved.to_checkpoint(), "task": task, "strategy": self.parts.strategy.state_dict(),
                    "extras": read_extras(self.parts.ctx.extras), "rng": rng_state()}
-        path, cost = save_checkpoint(self.parts.run_dir, f"ckpt-{state.checkpoint_seq:06d}", self.parts.model,
-                                     payload, best, self.cfg.keep_last)
+        path, cost = save_checkpoint(self.parts.run_dir, number, self.parts.model, payload, best, self.cfg.keep_last)
         self.last_time, self.last_cost = time.perf_counter(), cost
-        state.checkpoints = {"count": state.checkpoints["count"] + 1, "last_seconds": round(cost, 4),
+        state.checkpoint_seq, state.elapsed_s = number, saved.elapsed_s
+        state.checkpoints = {"count": number, "last_seconds": round(cost, 4),
                              "bytes": sum(f.stat().st_size for f in path.iterdir())}
 
 
@@ -227,7 +296,7 @@ class SequenceRun:
             state.wall_time_per_task_s.get(name, 0.0) + time.perf_counter() - task_started, 3)
         for file_name, text in parts.ctx.artifacts.items():  # e.g. generated pseudo-examples, for users to read
             write_atomic(parts.run_dir / file_name, text)
-        self.add_stage(f"after_{name}", self.scoring.score())
+        self.add_stage(f"after_{name}", self.scoring.score_after(i))
         state.next_task = i + 1
         if parts.cfg.checkpoint.enabled:
             self.policy.save(state, None, None)
@@ -251,8 +320,9 @@ class _TaskCallbacks(LoopCallbacks):
             self.epochs = event["epochs"]
             self.progress.update(self.bar, total=event["total_steps"], completed=event["step"])
         else:
+            mfu = "" if event["mfu"] is None else f"MFU {event['mfu']:.1%} · "
             self.progress.update(self.bar, completed=event["step"], loss=f"{event['loss']:.3f}",
-                                 speed=f"{event['tokens_per_s']:,.0f}", extras=format_extras(event["extras"]),
+                                 speed=f"{event['tokens_per_s']:,.0f}", extras=mfu + format_extras(event["extras"]),
                                  description=f"{self.label} · epoch {event['epoch']}/{self.epochs}")
 
     def on_epoch(self, record: EpochRecord) -> None:
@@ -268,19 +338,37 @@ class _TaskCallbacks(LoopCallbacks):
 def run(cfg: Config, run_dir: Path, config_yaml: str = "", console: Console | None = None,
         base_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Execute the whole task sequence (or continue it from its newest checkpoint when ``resume``);
-    returns the contents of metrics.json."""
+    returns the contents of metrics.json. ``config_yaml`` is saved first (unless the run has one), before
+    anything is loaded, so that a run stopped at any moment can be resumed. Until the task loop starts,
+    SIGINT/SIGTERM stop the run at once, with status ``interrupted``."""
     run_dir = Path(run_dir)
-    with run_lock(run_dir):
-        return _run(cfg, run_dir, config_yaml, console or Console(), base_dir, resume)
+    stop = StopRequest(deferred=False, run_dir=run_dir)
+    with run_lock(run_dir), stop_signals(stop):
+        if config_yaml and not (run_dir / "config.yaml").exists():
+            write_atomic(run_dir / "config.yaml", config_yaml)
+        try:
+            return _run(cfg, run_dir, console or Console(), base_dir, resume)
+        except BaseException as exc:
+            if stop.signum is None or (isinstance(exc, RunInterrupted) and exc.checkpointed):
+                raise
+            _mark_interrupted(run_dir)  # stopped outside the task loop (even if a library re-raised it as another)
+            raise RunInterrupted(stop.signum, run_dir, checkpointed=False) from None
 
 
-def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_dir: Path | None,
-         resume: bool) -> dict[str, Any]:
+def _mark_interrupted(run_dir: Path) -> None:
+    """metrics.json says ``interrupted`` (keeping what it already holds) after a stop outside the task loop."""
+    path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    write_atomic(path, json.dumps({**metrics, "status": "interrupted"}, indent=2) + "\n")
+
+
+def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
     parts = build_parts(cfg, run_dir, base_dir)
     writer = RunWriter(run_dir, parts.names)
-    if config_yaml:
-        writer.write_config(config_yaml)
     policy = CheckpointPolicy(cfg.checkpoint, parts)
     state, task_resume = start_state(parts, writer, console, resume, started)
     if parts.device.type == "cuda" and cfg.device.compile:
@@ -293,7 +381,8 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_di
                   f"{state.info['parameters']['total']:,} parameters")
     try:
         SequenceRun(parts, state, writer, policy).train(console, task_resume)
-    except RunInterrupted:
+        return finish(parts, state, writer, console)  # a full disk while writing the results is a failure too
+    except (RunInterrupted, KeyboardInterrupt):
         state.status = "interrupted"
         writer.write_metrics(state.to_metrics())
         raise
@@ -301,7 +390,6 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_di
         state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
         writer.write_metrics(state.to_metrics())
         raise
-    return finish(parts, state, writer, console)
 
 
 def finish(parts: RunParts, state: RunState, writer: RunWriter, console: Console) -> dict[str, Any]:

@@ -13,10 +13,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from cl_runner.errors import ConfigError
-from cl_runner.options import WEIGHT_DTYPES
+from cl_runner.options import SEED_MAX, WEIGHT_DTYPES, arch_errors
 from cl_runner.options import check_choice as _choice
 from cl_runner.options import check_fraction as _fraction
 from cl_runner.options import check_positive as _positive
+from cl_runner.threads import parse_setting as parse_threads
 
 METRICS = ("exact_match", "label_accuracy", "perplexity")
 TASK_SOURCES = ("facts", "datasets")
@@ -41,6 +42,12 @@ class ModelConfig:
         _choice(errs, f"{key}.dtype", self.dtype, WEIGHT_DTYPES)
         return errs
 
+    def arch_errors(self, key: str) -> list[str]:
+        """``arch`` against its architecture's config class (imports transformers and torch: see Config.errors)."""
+        if self.name_or_path is not None or "model_type" not in self.arch:
+            return []
+        return arch_errors(self.arch, f"{key}.arch")
+
 
 @dataclass
 class DeviceConfig:
@@ -48,10 +55,15 @@ class DeviceConfig:
     precision: str = "auto"  # auto (bf16 on cuda when supported, else fp16; fp32 elsewhere) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model (CUDA)
     tf32: bool = True  # allow TF32 matmuls on Ampere+ GPUs
+    threads: str = "auto"  # CPU threads: auto (cl_runner/threads.py) | a positive integer
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         _choice(errs, f"{key}.type", self.type, ("auto", "cpu", "cuda", "mps"))
+        try:
+            parse_threads(self.threads)
+        except ValueError as exc:
+            errs.append(f"{key}.threads: {exc}")
         _choice(errs, f"{key}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if self.type == "cpu" and self.precision == "fp16":
             errs.append(f"{key}.precision: fp16 needs a GPU (device.type=cpu); use fp32 or bf16")
@@ -139,19 +151,32 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps per task; overrides epochs when set
     batch_size: int = 8  # examples per optimizer step (= micro-batch x grad_accum)
     grad_accum: int = 1  # micro-batches per optimizer step
+    log_every: int = 10  # read the loss from the device (progress bar, finiteness check) every N optimizer steps
+    loss_chunk_tokens: int | None = None  # training loss over about this many positions at a time (null: all)
+    group_by_length: bool = False  # step batches of similar lengths (sorted within windows of 50 batches)
     lr: float = 3e-3
     warmup_ratio: float = 0.1  # fraction of each task's steps with linear warmup, then linear decay to 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0  # null disables clipping
     eval_batch_size: int = 64
     max_length: int = 256  # prompt + target tokens; longer prompts are cut in the middle, never the target
-    keep_best: bool = True  # validate every epoch, restore the best epoch's weights at the end of the task
+    keep_best: bool = True  # validate during the task, restore the best validated epoch's weights at its end
+    validate_every: int = 5  # keep_best: validate every N epochs, and always after the task's last epoch
+    max_validation_examples: int | None = None  # keep_best: validate on this many examples per task (seeded)
+    eval_batch_tokens: int | None = 8192  # padded tokens per evaluation batch (eval_batch_size caps the examples)
+
+    def validates(self, epoch: int, last_epoch: int) -> bool:
+        """Whether the task is validated after ``epoch`` (1-based) of ``last_epoch``."""
+        return self.keep_best and (epoch % self.validate_every == 0 or epoch == last_epoch)
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
-        for name in ("epochs", "batch_size", "grad_accum", "lr", "eval_batch_size", "max_length", "max_steps"):
+        for name in ("epochs", "batch_size", "grad_accum", "lr", "eval_batch_size", "max_length", "max_steps",
+                     "validate_every", "max_validation_examples", "eval_batch_tokens"):
             _positive(errs, f"{key}.{name}", getattr(self, name))
         _fraction(errs, f"{key}.warmup_ratio", self.warmup_ratio, closed_right=False)
+        _positive(errs, f"{key}.log_every", self.log_every)
+        _positive(errs, f"{key}.loss_chunk_tokens", self.loss_chunk_tokens)
         _positive(errs, f"{key}.weight_decay", self.weight_decay, allow_zero=True)
         _positive(errs, f"{key}.max_grad_norm", self.max_grad_norm)
         if self.batch_size > 0 and self.grad_accum > 0 and self.batch_size % self.grad_accum:
@@ -165,10 +190,12 @@ class EvalConfig:
     lowercase: bool = True  # exact match: compare case-insensitively
     strip_punctuation: bool = True  # exact match: drop trailing . , ; : ! ? and surrounding quotes
     max_new_tokens: int | None = None  # generation budget; null = longest target of the task + 2
+    full_every: int = 1  # score every task after every N-th task (and the last); other stages: what metrics need
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         _positive(errs, f"{key}.max_new_tokens", self.max_new_tokens)
+        _positive(errs, f"{key}.full_every", self.full_every)
         return errs
 
 
@@ -203,8 +230,10 @@ class Config:
         errs = self.model.errors("model") + self.device.errors("device") + self.tasks.errors("tasks")
         errs += self.train.errors("train") + self.eval.errors("eval") + self.strategy.errors("strategy")
         errs += self.checkpoint.errors("checkpoint")
-        if self.seed < 0:
-            errs.append(f"seed: expected a non-negative integer, got {self.seed}")
+        if not 0 <= self.seed <= SEED_MAX:
+            errs.append(f"seed: expected a non-negative integer, at most {SEED_MAX}, got {self.seed}")
+        if not errs:  # last: its import costs seconds that a plain error need not wait for (the run pays it anyway)
+            errs += self.model.arch_errors("model")
         return errs
 
 

@@ -2,302 +2,249 @@
 
 What it measures, all in one process so that the ratios compare like with like:
 
-1. Training-step time per strategy, as a ratio to naive. Every strategy gets the same initial weights, its own
-   AdamW, and its state set up by its real ``after_task`` on task 0 (buffer filled, Fisher estimated, teacher
-   copied; the time this takes is reported as ``setup_s``). Then optimizer steps on task 1 go through the
-   real hooks in the training loop's order: ``before_task -> train_dataset -> train_batches`` (micro-batch)
-   -> ``ctx.collate`` -> forward under ``ctx.autocast()`` -> ``causal_lm_loss`` -> ``strategy.loss`` ->
-   backward -> ``after_backward`` -> clip -> ``optimizer.step`` -> ``after_step`` (one micro-batch per
-   step). Steps of the strategies are interleaved (one step of each in turn), ``--warmup`` steps are
-   dropped, the device is synchronised around each step, and the median of ``--steps`` is reported.
-   Replay's steps carry more examples (its buffer share is added to each batch): ``ex/step`` shows it.
+1. Training-step time per strategy, as a ratio to naive, through the real loop (``cl_runner.loop.train_task``).
+   Every strategy (all of conf/strategy/*.yaml by default, with their shipped options) gets the same initial
+   weights and is first trained on task 0 for ``--setup-steps`` steps, so that its real ``after_task`` sets up
+   its state (buffer filled, Fisher estimated, teacher copied, adapter or column added); the time from task 0's
+   last step to the end of ``train_task`` is ``setup_s``. Then each strategy trains task 1 in one
+   ``train_task`` that pauses at every optimizer step (see ``Relay`` in bench_loop.py): after ``--warmup``
+   steps each, the strategies take turns of ``--block`` steps for ``--rounds`` rounds, timed between device
+   syncs, and the median is reported. ``ex/step`` counts the examples the strategy's ``train_batches`` hands
+   the loop per optimizer step (replay adds its buffer share); ``vs naive/tok`` compares time per token.
 2. Fisher estimation: examples/s of ``fisher_diagonal_loop`` (one backward per example) against the batched
    ``fisher_diagonal`` (vmap of per-example gradients) on the same examples, and their max abs difference.
 3. Memory of the strategies' state, from their ``accounting()``: EWC's Fisher + anchor, L2's anchor, LwF's
-   teacher copy, replay's buffer.
+   teacher copy, replay's buffer, adapters' and columns' parameters.
 
-Models: on CPU a tiny GPT-2 built from a config (2 layers, 64 wide, vocabulary 512), batch 8 x 64 tokens,
-one CPU thread unless ``--threads``; on CUDA a GPT-2-small-shaped model from ``GPT2Config()`` (124M
-parameters, random init, nothing downloaded) with bf16 autocast, batch 16 x 512 tokens. Examples are random
-tokens; the second half of each is the target.
+Models (built from a config, nothing downloaded; sizes as in bench_loop.py): CPU ``tiny`` (conf/model/tiny.yaml),
+batch 8 x 64 tokens, fp32; CUDA ``gpt2`` (GPT-2 small, 124M), batch 16 x 512, bf16 autocast. Examples are random
+tokens; the second half of each is the target. torch's thread count is left as users get it (``--threads``).
 
-    python scripts/bench_strategies.py                       # CPU defaults: well under a minute
+    python scripts/bench_strategies.py                       # CPU defaults: a minute or two
     python scripts/bench_strategies.py --device cuda --out bench.json
-    python scripts/bench_strategies.py --strategies naive,ewc --steps 50 --batch-size 4 --seq-len 128
+    python scripts/bench_strategies.py --strategies naive,ewc --rounds 7 --batch-size 4 --seq-len 128
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
+import dataclasses
 import functools
-import itertools
 import json
+import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from bench_loop import (
+    SIZES,
+    Relay,
+    build_model,
+    compose_config,
+    environment,
+    load_line,
+    make_context,
+    progress,
+    random_rows,
+    step_callbacks,
+    sync,
+    timed_block,
+    train_task_target,
+)
 
-from cl_runner.lm import causal_lm_loss, collate
-from cl_runner.strategies import build_strategy, strategy_class
-from cl_runner.strategies.base import Context, Strategy
+from cl_runner.cli import CONF_DIR
+from cl_runner.loop import TaskRun, train_task
+from cl_runner.strategies import build_strategy
+from cl_runner.strategies.base import Context
 from cl_runner.strategies.fisher import fisher_diagonal, fisher_diagonal_loop
 
-ALL = ("naive", "replay", "ewc", "l2", "lwf", "ewc_replay")
-
-
-def build_model(cuda: bool, seq_len: int) -> GPT2LMHeadModel:
-    if cuda:
-        config = GPT2Config(n_positions=max(1024, seq_len))
-    else:
-        config = GPT2Config(
-            n_layer=2,
-            n_embd=64,
-            n_head=2,
-            vocab_size=512,
-            n_positions=max(64, seq_len),
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    return GPT2LMHeadModel(config)
+ALL = tuple(sorted((p.stem for p in (CONF_DIR / "strategy").glob("*.yaml")), key=lambda n: (n != "naive", n)))
+DEFAULT_SIZE = {"cpu": "tiny", "cuda": "gpt2"}
 
 
 def make_task(task: int, n: int, seq_len: int, vocab: int) -> list[dict]:
-    g = torch.Generator().manual_seed(1000 + task)
-    ids = torch.randint(1, vocab, (n, seq_len), generator=g).tolist()
-    half = seq_len // 2
-    return [{"input_ids": row, "labels": [-100] * half + row[half:], "task_id": task} for row in ids]
+    """Random examples: a prompt ending in a fixed answer cue (LAMOL needs one), a target ending in EOS (0)."""
+    half, cue = seq_len // 2, [1, 2]
+    rows = [row[: half - len(cue)] + cue + row[half:-1] + [0] for row in random_rows(task, n, seq_len, vocab)]
+    return [{"input_ids": row, "labels": [-100] * half + row[half:], "task_id": task} for row in rows]
 
 
-def make_ctx(
-    model: torch.nn.Module,
-    device: torch.device,
-    train_sets: list[list[dict]],
-    batch_size: int,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-) -> Context:
-    return Context(
-        model=model,
-        device=device,
-        autocast=autocast,
-        collate=functools.partial(collate, pad_id=0, device=device),
-        task_names=[f"task{i}" for i in range(len(train_sets))],
-        train_sets=train_sets,
-        batch_size=batch_size,
-        seed=0,
-    )
+class Counted:
+    """Counts the examples and tokens a strategy's ``train_batches`` hands the loop."""
+
+    def __init__(self, train_batches: Callable[[Context, Iterable[list[dict]]], Iterator[list[dict]]]) -> None:
+        self.train_batches, self.examples, self.tokens = train_batches, 0, 0
+
+    def __call__(self, ctx: Context, batches: Iterable[list[dict]]) -> Iterator[list[dict]]:
+        for batch in self.train_batches(ctx, batches):
+            self.examples += len(batch)
+            self.tokens += sum(len(e["input_ids"]) for e in batch)
+            yield batch
 
 
-def train_step(ctx: Context, strategy: Strategy, batches: Iterator[list[dict]]) -> int:
-    """One optimizer step of one micro-batch, in the training loop's order; returns its example count."""
-    micro = next(batches)
-    batch = ctx.collate(micro)
-    with ctx.autocast():
-        outputs = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    loss = causal_lm_loss(outputs.logits, batch["labels"])
-    loss = strategy.loss(ctx, batch, outputs, loss)
-    loss.backward()
-    strategy.after_backward(ctx)
-    torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), 1.0)
-    ctx.optimizer.step()
-    ctx.optimizer.zero_grad(set_to_none=True)
-    strategy.after_step(ctx)
-    ctx.step += 1
-    return len(micro)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def strategy_config(name: str, fisher_samples: int, fisher_batch_size: int):
-    cfg = strategy_class(name).Config()
-    if hasattr(cfg, "fisher_samples"):
-        cfg.fisher_samples, cfg.fisher_batch_size = fisher_samples, fisher_batch_size
+def strategy_config(name: str, args: argparse.Namespace):
+    cfg = compose_config(f"device={args.device}", f"strategy={name}", f"train.batch_size={args.batch_size}")
+    if hasattr(cfg.strategy, "fisher_samples"):
+        cfg.strategy.fisher_samples = args.fisher_samples
     return cfg
 
 
-def bench_steps(args, device, autocast, init_state, train_sets) -> dict[str, dict]:
+def set_up(name: str, args: argparse.Namespace, model: torch.nn.Module, train_sets: list[list[dict]]) -> dict:
+    """Train task 0 briefly through ``train_task`` (its ``after_task`` timed), then relay task 1."""
+    cfg = strategy_config(name, args)
+    ctx = make_context(cfg, copy.deepcopy(model), train_sets)
+    strategy = build_strategy(cfg.strategy)
+    last_step = []
+
+    def mark() -> None:
+        sync(ctx.device)
+        last_step.append(time.perf_counter())
+
+    train_task(TaskRun(ctx=ctx, strategy=strategy, examples=train_sets[0], validate=lambda tasks: 0.0,
+                       cfg=dataclasses.replace(cfg.train, max_steps=args.setup_steps, keep_best=False),
+                       callbacks=step_callbacks(mark)))
+    sync(ctx.device)
+    setup = time.perf_counter() - last_step[-1]
+    ctx.task_index = 1
+    counted = strategy.train_batches = Counted(strategy.train_batches)
+    steps = args.warmup + args.rounds * args.block
+    relay = Relay(train_task_target(ctx, strategy, train_sets[1], cfg, steps))
+    return {"relay": relay, "strategy": strategy, "counted": counted, "setup_s": setup, "steps": steps,
+            "times": [], "ctx": ctx}
+
+
+def bench_steps(args: argparse.Namespace, model: torch.nn.Module, train_sets: list[list[dict]]) -> dict[str, dict]:
     runs = {}
     for name in args.strategies:
-        model = build_model(device.type == "cuda", args.seq_len).to(device)
-        model.load_state_dict(init_state)
-        ctx = make_ctx(model, device, train_sets, args.batch_size, autocast)
-        ctx.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        strategy = build_strategy(strategy_config(name, args.fisher_samples, args.fisher_batch_size))
-        sync(device)
-        start = time.perf_counter()
-        strategy.before_task(ctx)
-        strategy.after_task(ctx)  # task 0 "finished": sets up the buffer, Fisher, teacher
-        sync(device)
-        setup = time.perf_counter() - start
-        ctx.task_index, ctx.step = 1, 0
-        strategy.before_task(ctx)
-        examples = strategy.train_dataset(ctx, train_sets[1])
-        plain = (
-            examples[i : i + args.batch_size]
-            for i in itertools.cycle(range(0, len(examples), args.batch_size))
-        )
-        batches = iter(strategy.train_batches(ctx, plain))
-        runs[name] = {
-            "ctx": ctx,
-            "strategy": strategy,
-            "batches": batches,
-            "times": [],
-            "examples": [],
-            "setup_s": setup,
-        }
-    for rep in range(args.warmup + args.steps):
+        progress(f"setting up {name}")
+        runs[name] = set_up(name, args, model, train_sets)
+    device = next(iter(runs.values()))["ctx"].device
+    for run in runs.values():
+        run["relay"].run(args.warmup)
+    for round_ in range(args.rounds):
+        progress(f"round {round_ + 1}/{args.rounds}")
         for run in runs.values():
-            sync(device)
-            start = time.perf_counter()
-            n = train_step(run["ctx"], run["strategy"], run["batches"])
-            sync(device)
-            if rep >= args.warmup:
-                run["times"].append(time.perf_counter() - start)
-                run["examples"].append(n)
-    base = statistics.median(runs["naive"]["times"]) if "naive" in runs else None
+            run["times"].append(timed_block(device, run["relay"].run, args.block))
+    for run in runs.values():
+        run["relay"].close()
     results = {}
     for name, run in runs.items():
-        median = statistics.median(run["times"])
-        results[name] = {
-            "median_ms": 1000 * median,
-            "ratio_vs_naive": None if base is None else median / base,
-            "examples_per_step": statistics.mean(run["examples"]),
-            "setup_s": run["setup_s"],
-            "accounting": run["strategy"].accounting(),
-        }
+        counted, steps = run["counted"], run["steps"]
+        results[name] = {"step_ms": 1000 * statistics.median(run["times"]),
+                         "step_ms_spread": [1000 * min(run["times"]), 1000 * max(run["times"])],
+                         "examples_per_step": counted.examples / steps, "tokens_per_step": counted.tokens / steps,
+                         "setup_s": run["setup_s"], "accounting": run["strategy"].accounting()}
+    base = results.get("naive")
+    for r in results.values():
+        r["vs_naive"] = None if base is None else r["step_ms"] / base["step_ms"]
+        r["vs_naive_per_token"] = None if base is None else (
+            r["step_ms"] / r["tokens_per_step"] / (base["step_ms"] / base["tokens_per_step"]))
     return results
 
 
-def bench_fisher(args, device, autocast, init_state, train_sets) -> dict[str, float]:
-    model = build_model(device.type == "cuda", args.seq_len).to(device)
-    model.load_state_dict(init_state)
-    ctx = make_ctx(model, device, train_sets, args.batch_size, autocast)
+def bench_fisher(args: argparse.Namespace, model: torch.nn.Module, train_sets: list[list[dict]]) -> dict:
+    ctx = make_context(strategy_config("naive", args), copy.deepcopy(model), train_sets)
     examples = train_sets[0][: args.fisher_samples]
     fisher_diagonal(ctx, examples[:2], batch_size=2)  # one-time costs (kernels, functorch) out of the timing
     fisher_diagonal_loop(ctx, examples[:2])
     timings, values = {}, {}
-    for label, fn in (
-        ("loop", fisher_diagonal_loop),
-        ("batched", functools.partial(fisher_diagonal, batch_size=args.fisher_batch_size)),
-    ):
-        sync(device)
+    for label, fn in (("loop", fisher_diagonal_loop),
+                      ("batched", functools.partial(fisher_diagonal, batch_size=args.fisher_batch_size))):
+        sync(ctx.device)
         start = time.perf_counter()
         values[label] = fn(ctx, examples)
-        sync(device)
+        sync(ctx.device)
         timings[label] = time.perf_counter() - start
     diff = max(float((values["loop"][n] - values["batched"][n]).abs().max()) for n in values["loop"])
     scale = max(float(f.abs().max()) for f in values["loop"].values())
-    return {
-        "examples": len(examples),
-        "loop_examples_per_s": len(examples) / timings["loop"],
-        "batched_examples_per_s": len(examples) / timings["batched"],
-        "speedup": timings["loop"] / timings["batched"],
-        "max_abs_diff": diff,
-        "max_abs_fisher": scale,
-    }
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
+    return {"examples": len(examples), "loop_examples_per_s": len(examples) / timings["loop"],
+            "batched_examples_per_s": len(examples) / timings["batched"],
+            "speedup": timings["loop"] / timings["batched"], "max_abs_diff": diff, "max_abs_fisher": scale,
+            "fisher_batch_size": args.fisher_batch_size}
 
 
 def describe_state(accounting: dict) -> str:
     parts = []
     for key, value in accounting.items():
         if key.endswith("_bytes"):
-            parts.append(f"{key.removesuffix('_bytes')} {mib(value)}")
+            parts.append(f"{key.removesuffix('_bytes')} {value / 2**20:.2f} MiB")
         elif key in ("buffer_examples", "buffer_tokens"):
             parts.append(f"{key} {value}")
     return ", ".join(parts) or "-"
 
 
-def main() -> None:
+def print_steps(steps: dict[str, dict]) -> None:
+    print(f"\n{'strategy':<12} {'step ms':>9} {'min-max ms':>15} {'vs naive':>9} {'vs naive/tok':>12} "
+          f"{'ex/step':>8} {'setup s':>8}  state")
+    for name, r in steps.items():
+        ratio = "-" if r["vs_naive"] is None else f"{r['vs_naive']:.2f}x"
+        per_token = "-" if r["vs_naive_per_token"] is None else f"{r['vs_naive_per_token']:.2f}x"
+        spread = "{:.2f}-{:.2f}".format(*r["step_ms_spread"])
+        print(f"{name:<12} {r['step_ms']:>9.2f} {spread:>15} {ratio:>9} {per_token:>12} "
+              f"{r['examples_per_step']:>8.1f} {r['setup_s']:>8.2f}  {describe_state(r['accounting'])}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per strategy (median reported)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per strategy first")
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per step (CPU 8, CUDA 16)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (CPU 64, CUDA 512)")
-    parser.add_argument(
-        "--strategies", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}"
-    )
-    parser.add_argument(
-        "--fisher-samples", type=int, default=None, help="examples for the Fisher (CPU 32, CUDA 64)"
-    )
+    parser.add_argument("--size", default=None, choices=tuple(SIZES), help="model (CPU tiny, CUDA gpt2)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per strategy (median reported)")
+    parser.add_argument("--block", type=int, default=10, help="optimizer steps per strategy per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per strategy on task 1 first")
+    parser.add_argument("--setup-steps", type=int, default=2, help="steps on task 0 before its after_task")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default per size)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (default per size)")
+    parser.add_argument("--strategies", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--fisher-samples", type=int, default=None, help="examples for the Fisher (CPU 32, CUDA 64)")
     parser.add_argument("--fisher-batch-size", type=int, default=16)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (CPU default 1: the tiny model only pays for thread sync)",
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args()
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
-    args.batch_size = args.batch_size or (16 if cuda else 8)
-    args.seq_len = args.seq_len or (512 if cuda else 64)
-    args.fisher_samples = args.fisher_samples or (64 if cuda else 32)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.size = args.size or DEFAULT_SIZE[args.device]
+    args.batch_size = args.batch_size or SIZES[args.size]["batch"]
+    args.seq_len = args.seq_len or SIZES[args.size]["seq_len"]
+    args.fisher_samples = args.fisher_samples or (64 if args.device == "cuda" else 32)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = sorted(set(args.strategies) - set(ALL))
-    if unknown:
-        parser.error(f"--strategies: unknown {', '.join(unknown)}; expected names from {', '.join(ALL)}")
-    if args.threads or not cuda:
-        torch.set_num_threads(args.threads or 1)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-    else:
-        autocast = contextlib.nullcontext
-    torch.manual_seed(0)
-    model = build_model(cuda, args.seq_len)
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
-    vocab, params = model.config.vocab_size, sum(p.numel() for p in model.parameters())
-    n_examples = max(4 * args.batch_size, args.fisher_samples)
-    train_sets = [make_task(t, n_examples, args.seq_len, vocab) for t in range(2)]
-    del model
+    if unknown or not args.strategies:
+        parser.error(f"--strategies: unknown {', '.join(unknown) or 'empty list'}; expected names from "
+                     f"{', '.join(ALL)}")
+    if min(args.rounds, args.block, args.warmup, args.setup_steps) < 1:
+        parser.error("--rounds, --block, --warmup, --setup-steps: expected positive integers")
+    return args
 
-    print(
-        f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), "
-        f"GPT-2 {params / 1e6:.2f}M params, batch {args.batch_size} x {args.seq_len} tokens, "
-        f"{'bf16 autocast' if cuda else 'fp32'}"
-    )
-    steps = bench_steps(args, device, autocast, init_state, train_sets)
-    print(f"\n{'strategy':<11} {'step ms':>9} {'vs naive':>9} {'ex/step':>8} {'setup s':>8}  state")
-    for name, r in steps.items():
-        ratio = "-" if r["ratio_vs_naive"] is None else f"{r['ratio_vs_naive']:.2f}x"
-        print(
-            f"{name:<11} {r['median_ms']:>9.2f} {ratio:>9} {r['examples_per_step']:>8.1f} "
-            f"{r['setup_s']:>8.2f}  {describe_state(r['accounting'])}"
-        )
-    fisher = bench_fisher(args, device, autocast, init_state, train_sets)
-    print(
-        f"\nFisher on {fisher['examples']} examples: loop {fisher['loop_examples_per_s']:.1f} ex/s, batched "
-        f"{fisher['batched_examples_per_s']:.1f} ex/s (x{fisher['speedup']:.2f}, fisher_batch_size "
-        f"{args.fisher_batch_size}); max |loop - batched| {fisher['max_abs_diff']:.3g} "
-        f"(max |F| {fisher['max_abs_fisher']:.3g})"
-    )
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = environment(torch.device(args.device))
+    model = build_model(args.size, compose_config(f"device={args.device}"))
+    vocab, params = model.config.vocab_size, sum(p.numel() for p in model.parameters())
+    n_examples = max(args.batch_size * (args.warmup + args.rounds * args.block), args.fisher_samples)
+    train_sets = [make_task(t, n_examples, args.seq_len, vocab) for t in range(2)]
+    print(f"device {report['device']} ({report['device_name']}), {report['threads']} torch threads; {args.size}: "
+          f"{params / 1e6:.2f}M parameters, batch {args.batch_size} x {args.seq_len} tokens; {load_line()}")
+    steps = bench_steps(args, model, train_sets)
+    print_steps(steps)
+    fisher = bench_fisher(args, model, train_sets)
+    print(f"\nFisher on {fisher['examples']} examples: loop {fisher['loop_examples_per_s']:.1f} ex/s, batched "
+          f"{fisher['batched_examples_per_s']:.1f} ex/s (x{fisher['speedup']:.2f}, fisher_batch_size "
+          f"{args.fisher_batch_size}); max |loop - batched| {fisher['max_abs_diff']:.3g} "
+          f"(max |F| {fisher['max_abs_fisher']:.3g})")
+    print(load_line())
+    report.update(size=args.size, parameters=params, batch_size=args.batch_size, seq_len=args.seq_len,
+                  rounds=args.rounds, block=args.block, warmup=args.warmup, strategies=steps, fisher=fisher,
+                  loadavg_end=list(os.getloadavg()))
     if args.out:
-        report = {
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "parameters": params,
-            "batch_size": args.batch_size,
-            "seq_len": args.seq_len,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "precision": "bf16" if cuda else "fp32",
-            "strategies": steps,
-            "fisher": {**fisher, "fisher_batch_size": args.fisher_batch_size},
-        }
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
+    return report
 
 
 if __name__ == "__main__":

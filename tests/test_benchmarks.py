@@ -1,0 +1,79 @@
+"""The benchmarks in scripts/ run end to end at their smallest size and report every row with sane fields
+(timings themselves are never asserted)."""
+
+import json
+import math
+
+import pytest
+from helpers import REPO
+
+TINY = ["--device", "cpu", "--rounds", "1", "--block", "1", "--warmup", "1", "--batch-size", "2",
+        "--seq-len", "16"]
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import bench_loop
+    import bench_strategies
+
+    return bench_loop, bench_strategies
+
+
+def check_loop_report(report: dict, contenders: tuple[str, ...]) -> None:
+    size = report["sizes"]["tiny"]
+    assert set(size["contenders"]) == set(contenders)
+    for name, row in size["contenders"].items():
+        assert "error" not in row, (name, row)
+        assert row["tokens_per_s"] > 0 and math.isclose(row["step_ms"] * row["tokens_per_s"], 1000 * 2 * 16)
+        assert row["vs_plain"] > 0 and row["peak_memory_mib"] >= 0
+        assert row["mfu"] is None  # CPU: no peak FLOP/s
+    assert size["contenders"]["plain"]["vs_plain"] == 1.0
+    assert report["threads"] >= 1 and size["parameters"] > 0
+
+
+def test_bench_loop_reports_cl_runner_against_the_plain_loop(scripts, tmp_path, capsys):
+    bench_loop, _ = scripts
+    report = bench_loop.main([*TINY, "--sizes", "tiny", "--contenders", "cl_runner,plain",
+                              "--out", str(tmp_path / "loop.json")])
+    check_loop_report(report, ("cl_runner", "plain"))
+    assert json.loads((tmp_path / "loop.json").read_text()) == report
+    out = capsys.readouterr().out
+    assert "torch threads" in out and all(f"\n{name} " in out for name in ("cl_runner", "plain"))
+
+
+@pytest.mark.slow
+def test_bench_loop_every_contender(scripts, tmp_path, capsys):
+    bench_loop, _ = scripts
+    report = bench_loop.main([*TINY, "--sizes", "tiny"])
+    check_loop_report(report, bench_loop.CONTENDERS)
+    out = capsys.readouterr().out
+    assert all(f"\n{name} " in out for name in bench_loop.CONTENDERS)
+
+
+def test_bench_loop_rejects_an_unknown_contender(scripts, capsys):
+    bench_loop, _ = scripts
+    with pytest.raises(SystemExit) as exit_info:
+        bench_loop.main(["--contenders", "plain,keras"])
+    assert exit_info.value.code == 2 and "keras" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_strategies_every_strategy_through_the_real_loop(scripts, tmp_path, capsys):
+    _, bench_strategies = scripts
+    report = bench_strategies.main([*TINY, "--setup-steps", "1", "--fisher-samples", "4",
+                                    "--fisher-batch-size", "2", "--out", str(tmp_path / "strategies.json")])
+    rows = report["strategies"]
+    expected = {p.stem for p in (REPO / "conf" / "strategy").glob("*.yaml")}
+    assert set(rows) == expected and len(expected) >= 12
+    for name, row in rows.items():
+        assert row["step_ms"] > 0 and row["vs_naive"] > 0 and row["setup_s"] >= 0, name
+    assert rows["naive"]["vs_naive"] == 1.0
+    assert rows["naive"]["examples_per_step"] == 2  # the real loop pulled the strategy's batches
+    assert rows["replay"]["examples_per_step"] > 2  # replay adds its buffer share to every step
+    fisher = report["fisher"]
+    assert fisher["speedup"] > 0 and fisher["max_abs_diff"] <= 1e-4 * fisher["max_abs_fisher"]
+    saved = json.loads((tmp_path / "strategies.json").read_text())
+    assert set(saved["strategies"]) == expected and saved["fisher"]["speedup"] == fisher["speedup"]
+    out = capsys.readouterr().out
+    assert all(f"\n{name} " in out for name in expected)
