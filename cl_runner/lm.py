@@ -8,6 +8,7 @@ position t predicts token t + 1, so the loss compares ``logits[:, :-1]`` with ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypedDict
 
 import torch
@@ -84,3 +85,44 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
 def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def pack(examples: list[Encoded], max_length: int,
+         collate: Callable[[list[Encoded]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``examples`` concatenated into rows of at most ``max_length`` tokens (first fit, in order), collated.
+
+    Each example keeps its own targets: the first label of every example is ``IGNORE_INDEX`` (as unpacked, where
+    position 0 is never a target), so no token predicts the next example's first token and the sum of the loss
+    and the target count equal the unpacked batch's. ``position_ids`` restart at 0 for every example and for the
+    padding at the end of a row. Call the model with them, ``attention_mask=None`` and ``use_cache=False`` (with a
+    cache or a padding mask transformers skips the detection): its packed-sequence detection
+    (``masking_utils.find_packed_sequence_indices``) keeps each example's attention inside the example.
+    ``task_ids`` holds the first example's task per row. A pure function of ``examples``.
+    """
+    rows = [[examples[i] for i in row] for row in pack_rows([len(e["input_ids"]) for e in examples], max_length)]
+    merged: list[Encoded] = [{"input_ids": [t for e in row for t in e["input_ids"]],
+                              "labels": [t for e in row for t in [IGNORE_INDEX, *e["labels"][1:]]],
+                              "task_id": row[0]["task_id"]} for row in rows]
+    batch = collate(merged)
+    width = batch["input_ids"].size(1)
+    positions = [[p for e in row for p in range(len(e["input_ids"]))] for row in rows]
+    position_ids = torch.tensor([p + list(range(width - len(p))) for p in positions], dtype=torch.long)
+    device = batch["input_ids"].device
+    batch["position_ids"] = (position_ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
+                             else position_ids.to(device))
+    return batch
+
+
+def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped first fit, in order, into rows of at most ``max_length`` (a longer one alone)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        row = next((r for r, free in enumerate(room) if n <= free), None)
+        if row is None:
+            rows.append([i])
+            room.append(max_length - n)
+        else:
+            rows[row].append(i)
+            room[row] -= n
+    return rows

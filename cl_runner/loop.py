@@ -9,6 +9,8 @@ gradient is that of one large batch and nothing a strategy draws depends on ``gr
 between ``grad_accum`` values: float rounding (sums in another order, other padded shapes), and dropout, whose
 masks are drawn per micro-batch, in the micro-batch's shape, from the global RNG stream: with dropout on, the
 masks (not their distribution) change with ``grad_accum``. With dropout off, the results agree up to rounding.
+With ``train.pack`` each micro-batch's examples are concatenated into rows of at most ``max_length`` tokens
+(``lm.pack``, a pure function of the micro-batch): same targets, same weights, same loss up to rounding.
 
 Host syncs. Nothing in a step reads the device: each step's loss stays a device tensor until the loop reads the
 pending ones (one sync) every ``log_every`` steps, at the end of an epoch and when the caller checkpoints
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 
 from cl_runner.flops import flops_per_token, mfu, peak_flops
-from cl_runner.lm import Encoded, causal_lm_loss, target_count
+from cl_runner.lm import Encoded, causal_lm_loss, pack, target_count
 from cl_runner.schema import TrainConfig
 from cl_runner.strategies.base import Context, MicroBatch, Strategy
 
@@ -278,9 +280,14 @@ class _TaskTrainer:
         """Forward and backward of one micro-batch; returns its weighted loss (detached, on the device)."""
         ctx, scaler = self.ctx, self.job.scaler
         ctx.micro = MicroBatch(examples, step, weight)
-        batch = ctx.collate(examples)
+        if self.cfg.pack:  # examples kept apart by position_ids, not by a padding mask (lm.pack)
+            batch = pack(examples, self.cfg.max_length, ctx.collate)
+            inputs = {"position_ids": batch["position_ids"], "attention_mask": None, "use_cache": False}
+        else:
+            batch = ctx.collate(examples)
+            inputs = {"attention_mask": batch["attention_mask"]}
         with ctx.autocast():
-            outputs = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            outputs = ctx.model(input_ids=batch["input_ids"], **inputs)
             loss = causal_lm_loss(outputs.logits, batch["labels"], self.cfg.loss_chunk_tokens)
             loss = self.job.strategy.loss(ctx, batch, outputs, loss)
         (scaler.scale(loss * weight) if scaler else loss * weight).backward()

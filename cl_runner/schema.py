@@ -154,6 +154,7 @@ class TrainConfig:
     log_every: int = 10  # read the loss from the device (progress bar, finiteness check) every N optimizer steps
     loss_chunk_tokens: int | None = None  # training loss over about this many positions at a time (null: all)
     group_by_length: bool = False  # step batches of similar lengths (sorted within windows of 50 batches)
+    pack: bool = False  # training micro-batches: short examples concatenated into rows of max_length, kept apart
     lr: float = 3e-3
     warmup_ratio: float = 0.1  # fraction of each task's steps with linear warmup, then linear decay to 0
     weight_decay: float = 0.0
@@ -213,6 +214,9 @@ class CheckpointConfig:
 
 
 # ----------------------------------------------------------------------------------------------- root
+PACK_REFUSED = ("lwf", "lamol")  # strategies whose ``loss`` hook forwards or reads the batch's rows itself
+
+
 @dataclass
 class Config:
     model: ModelConfig = MISSING
@@ -230,6 +234,8 @@ class Config:
         errs = self.model.errors("model") + self.device.errors("device") + self.tasks.errors("tasks")
         errs += self.train.errors("train") + self.eval.errors("eval") + self.strategy.errors("strategy")
         errs += self.checkpoint.errors("checkpoint")
+        if self.train.pack and self.strategy.name in PACK_REFUSED:  # their loss hooks re-run the model on the rows
+            errs.append(f"train.pack: not supported with strategy.name={self.strategy.name} (set train.pack=false)")
         if not 0 <= self.seed <= SEED_MAX:
             errs.append(f"seed: expected a non-negative integer, at most {SEED_MAX}, got {self.seed}")
         if not errs:  # last: its import costs seconds that a plain error need not wait for (the run pays it anyway)
