@@ -87,12 +87,6 @@ class RunWriter:
         self.rows: list[list[float | None]] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    def write_config(self, yaml_text: str) -> None:
-        """Write config.yaml, unless it already holds exactly this text (a resume leaves it untouched)."""
-        path = self.run_dir / "config.yaml"
-        if not (path.is_file() and path.read_text(encoding="utf-8") == yaml_text):
-            write_atomic(path, yaml_text)
-
     def add_row(self, scores: list[float]) -> None:
         """Append one stage (init, then after each task) and rewrite the matrix CSV."""
         self.set_rows([*self.rows, scores])

@@ -103,7 +103,7 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
     tasks = load_sequence(cfg.tasks, cfg.seed, base_dir)
     tokenizer = load_tokenizer(cfg.model, [text for t in tasks for text in t.texts()])
     model = load_model(cfg.model, tokenizer, cfg.seed).to(device)
-    apply_threads(cfg.device.threads, model)  # before the first step (auto: re-checked as the model runs)
+    apply_threads(cfg.device.threads, model)  # before the first step; the count depends on the model's size
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if context and cfg.train.max_length > context:
         raise ConfigError(f"train.max_length: {cfg.train.max_length} exceeds the model's context of {context} "
@@ -130,7 +130,7 @@ def run_info(parts: RunParts) -> dict[str, Any]:
     return {
         "experiment_name": cfg.experiment_name, "strategy": cfg.strategy.name, "task_sequence": cfg.tasks.name,
         "tasks": parts.names, "metric_per_task": [t.metric for t in parts.tasks], "seed": cfg.seed,
-        "device": str(device), "precision": parts.precision,
+        "device": str(device), "precision": parts.precision, "cpu_threads": torch.get_num_threads(),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
         "parameters": parameter_counts(parts.model), "versions": package_versions(),

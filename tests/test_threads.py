@@ -13,7 +13,7 @@ import torch
 from helpers import cl_run, make_config
 
 from cl_runner import cli, threads
-from cl_runner.run import build_parts
+from cl_runner.run import build_parts, run_info
 
 M = 1_000_000
 
@@ -63,8 +63,9 @@ def test_bad_threads_exit_2_with_one_line(value, capsys):
 def test_explicit_threads_are_applied(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # an explicit device.threads beats the environment
     torch.set_num_threads(1)
-    build_parts(make_config("device.threads=3"), tmp_path, None)
+    parts = build_parts(make_config("device.threads=3"), tmp_path, None)
     assert torch.get_num_threads() == 3
+    assert run_info(parts)["cpu_threads"] == 3  # recorded in metrics.json
 
 
 @pytest.mark.parametrize(("wait", "under_load"), [("ACTIVE", 1), ("PASSIVE", 3)])
