@@ -9,6 +9,17 @@ either the whole checkpoint or none. Numbers only grow: the next is 1 + the high
 Reading one back (``read_checkpoint``) touches no model: a checkpoint whose files differ from its manifest or
 fail to load is damaged; the run falls back to the next older one and moves the damaged one to
 ``checkpoints/damaged/``. Nothing is unpickled: weights load with safetensors, the rest with ``weights_only``.
+
+Distributed runs (``distributed=ddp|fsdp``, any process count) write ``shards/`` instead of the safetensors
+files: ``torch.distributed.checkpoint`` (DCP) files in which every rank writes its shard of the weights, the
+optimizer state, the best weights and the strategy's DTensors (``get_state_dict``/``set_state_dict``, so DDP and
+FSDP2 both work and a resume on another process count reshards). Rank 0 writes the rest (``state.pt``, with every
+rank's RNG state, and ``manifest.json``) once every rank's shards are written, then renames the directory.
+
+Nothing is stored twice. Best weights equal to the current ones (a checkpoint at the end of the best epoch so
+far) are not written: ``state.pt`` says ``"best": "model"`` and a resume copies them from the loaded weights.
+Best weights that the previous checkpoint already holds (no better epoch since) are hard-linked from it, not
+written again (distributed: ``best/``, a DCP directory of its own); each checkpoint directory stays complete.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from cl_runner import dist
 from cl_runner.results import disk_full_error, is_disk_full
 from cl_runner.run_state import SAVED
 
@@ -37,6 +49,9 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged"  # checkpoints/damaged/: checkpoints that failed to read back, kept for inspection
 STATE_KEYS = ("run", "task", "strategy", "extras", "rng")  # the parts of state.pt a resume reads
+SHARDS = "shards"  # distributed checkpoints: the DCP files every rank writes its shards into
+BEST_SHARDS = "best"  # distributed checkpoints: the best weights' DCP files (hard-linked while they do not change)
+BEST_IS_MODEL = "model"  # state.pt "best": the best weights are the checkpoint's own weights (stored once)
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,40 +91,127 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, number: int, model: torch.nn.Module, state: dict[str, Any],
-                    best: dict[str, torch.Tensor] | None, keep_last: int) -> tuple[Path, float]:
+                    best: dict[str, torch.Tensor] | None, keep_last: int,
+                    optimizer: torch.optim.Optimizer | None = None, best_from: Path | None = None
+                    ) -> tuple[Path, float]:
     """Write checkpoint ``number`` atomically, drop all but the newest ``keep_last``; returns (path, seconds).
-    Out of space: the temporary directory is removed and a ``DiskFullError`` names it and the bytes needed."""
+    Out of space: the temporary directory is removed and a ``DiskFullError`` names it and the bytes needed.
+    Distributed: every rank calls this together (``optimizer``: the task's, whose state goes to the shards).
+    ``best_from``: an earlier checkpoint whose best weights are ``best`` (hard-linked instead of written)."""
     started = time.perf_counter()
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".ckpt-*.tmp"):  # left by a killed write (one process per run directory)
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / checkpoint_name(number)
     tmp = root / f".{final.name}.tmp"
+    if best_from is None and same_weights(best, model):
+        state, best = {**state, "best": BEST_IS_MODEL}, None
+    if dist.world().main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".ckpt-*.tmp"):  # left by a killed write (one run per directory)
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()  # no rank writes into the temporary directory before rank 0 cleared it
     try:
-        _write_files(tmp, model, state, best)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        if dist.world().distributed:
+            _write_sharded(tmp, model, state, best, optimizer, best_from)
+        else:
+            _write_files(tmp, model, state, best, best_from)
+        _publish(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc):
+        if _disk_full(exc):
             raise disk_full_error(tmp, _tensor_bytes([_unwrap(model).state_dict(), best, state])) from exc
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    if dist.world().main:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     return final, time.perf_counter() - started
 
 
+def same_weights(best: dict[str, torch.Tensor] | None, model: torch.nn.Module) -> bool:
+    """Whether the best weights are the model's current ones (the best epoch is the one just finished), on every
+    rank (each compares its own shards)."""
+    if best is None:
+        return False
+    current = _unwrap(model).state_dict()
+    same = best.keys() == current.keys() and all(torch.equal(_local(best[k]).cpu(), _local(v).cpu())
+                                                 for k, v in current.items())
+    return not dist.all_reduce_max([float(not same)])[0]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard; a plain tensor itself)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """``is_disk_full``, also for DCP's ``CheckpointException`` (which carries every rank's failure)."""
+    failures = getattr(exc, "failures", None) or {}
+    return is_disk_full(exc) or any(is_disk_full(f[0] if isinstance(f, tuple) else getattr(f, "exception", None))
+                                    for f in failures.values())
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rank 0 renames the complete temporary directory to its final name."""
+    def rename() -> None:
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+    on_main(rename)
+
+
+def on_main(action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0; every rank waits for it and raises what it raised (a full disk, say), so no
+    rank goes on to a collective that rank 0 will never join."""
+    if not dist.world().distributed:
+        action()
+        return
+    error = None
+    if dist.world().main:
+        try:
+            action()
+        except Exception as exc:
+            error = exc
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise error
+
+
 def _write_files(tmp: Path, model: torch.nn.Module, state: dict[str, Any],
-                 best: dict[str, torch.Tensor] | None) -> None:
+                 best: dict[str, torch.Tensor] | None, best_from: Path | None) -> None:
     tmp.mkdir()
     save_model(_unwrap(model), str(tmp / "model.safetensors"))
-    if best is not None:
-        save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
+    if best is not None and not link_best(best_from, tmp):
+        save_file({k: v.contiguous() for k, v in untied(best, model).items()}, str(tmp / "best.safetensors"))
+    _write_state(tmp, state)
+
+
+def link_best(source: Path | None, tmp: Path) -> bool:
+    """Hard-link the best weights' files of checkpoint ``source`` into ``tmp``; False (nothing linked) when
+    there is no source or the file system cannot link. Distributed: rank 0 links, every rank hears the answer."""
+    def link() -> bool:
+        files = [f for f in [source / "best.safetensors", *sorted((source / BEST_SHARDS).glob("*"))] if f.is_file()]
+        if not files:
+            return False
+        try:
+            for f in files:
+                target = tmp / f.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(f, target)
+        except OSError:  # no hard links here (another file system, FAT, some network mounts)
+            shutil.rmtree(tmp / BEST_SHARDS, ignore_errors=True)
+            (tmp / "best.safetensors").unlink(missing_ok=True)
+            return False
+        return True
+
+    linked = link() if source is not None and dist.world().main else False
+    return bool(dist.broadcast_object(linked)) if source is not None else False
+
+
+def _write_state(tmp: Path, state: dict[str, Any]) -> None:
+    """``state.pt``, then the manifest of every file in ``tmp`` (shards included), everything fsynced."""
     with open(tmp / "state.pt", "wb") as handle:  # a Python file: a full disk surfaces as OSError(ENOSPC)
         torch.save(state, handle)
-    files = sorted(p.name for p in tmp.iterdir())
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     for file_name in files:
         with open(tmp / file_name, "rb") as handle:
             os.fsync(handle.fileno())
@@ -120,6 +222,50 @@ def _write_files(tmp: Path, model: torch.nn.Module, state: dict[str, Any],
         handle.flush()
         os.fsync(handle.fileno())
     _fsync_dir(tmp)
+
+
+def _write_sharded(tmp: Path, model: torch.nn.Module, state: dict[str, Any], best: dict[str, torch.Tensor] | None,
+                   optimizer: torch.optim.Optimizer | None, best_from: Path | None) -> None:
+    """Every rank: its shards through DCP (weights, optimizer, best weights, the strategy's DTensors); rank 0
+    then writes ``state.pt`` (plain data, every rank's RNG state) and the manifest."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    strategy, strategy_shards = split_dtensors(state["strategy"])
+    task = state["task"]
+    if task is not None and optimizer is not None:
+        weights, optim = get_state_dict(_unwrap(model), optimizer)
+        shards: dict[str, Any] = {"model": untied(weights, model), "optim": optim}
+        task = {k: v for k, v in task.items() if k != "optimizer"}
+    else:
+        shards = {"model": untied(get_model_state_dict(_unwrap(model)), model)}
+    shards |= {"strategy": strategy_shards} if strategy_shards else {}
+    dcp.save(shards, storage_writer=dcp.FileSystemWriter(str(tmp / SHARDS)))
+    if best is not None and not link_best(best_from, tmp):
+        dcp.save({"best": untied(best, model)}, storage_writer=dcp.FileSystemWriter(str(tmp / BEST_SHARDS)))
+    rng = dist.all_gather_objects(state["rng"])  # rank order
+    on_main(lambda: _write_state(tmp, {**state, "task": task, "strategy": strategy, "rng": rng}))
+
+
+def split_dtensors(obj: Any, found: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """``obj`` (nested dicts and lists) with each DTensor replaced by a plain placeholder (its DCP key, shape,
+    dtype and placements), and the DTensors by key: the shards every rank writes through DCP."""
+    found = {} if found is None else found
+    if hasattr(obj, "placements") and hasattr(obj, "to_local"):
+        key = str(len(found))
+        found[key] = obj
+        return {"__dcp__": key, "shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch."),
+                "placements": [_placement_code(p) for p in obj.placements]}, found
+    if isinstance(obj, dict):
+        return {k: split_dtensors(v, found)[0] for k, v in obj.items()}, found
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(split_dtensors(v, found)[0] for v in obj), found
+    return obj, found
+
+
+def _placement_code(placement: Any) -> str:
+    dim = getattr(placement, "dim", None)
+    return f"S{dim}" if placement.is_shard() and dim is not None else "R"
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -162,13 +308,20 @@ class CheckpointDamaged(Exception):
 
 @dataclass
 class Checkpoint:
-    """A checkpoint read back and checked: its state (``state.pt``, read once), its best-epoch weights and
-    the names and shapes of its model weights (loaded later by ``load_weights``, once they are known to fit)."""
+    """A checkpoint read back and checked: its state (``state.pt``, read once), its best-epoch weights (single
+    process; a distributed checkpoint's are loaded with the weights) and the names and shapes of its model
+    weights and best weights (the weights are loaded later by ``load_weights``, once they are known to fit)."""
 
     path: Path
     state: dict[str, Any]
     best: dict[str, torch.Tensor] | None
     shapes: dict[str, tuple[int, ...]]
+    best_shapes: dict[str, tuple[int, ...]] | None = None
+    sharded: bool = False  # written by a distributed run: ``shards/`` (DCP) instead of safetensors files
+
+    @property
+    def best_is_model(self) -> bool:
+        return self.state.get("best") == BEST_IS_MODEL
 
 
 def manifest_problem(path: Path) -> str | None:
@@ -184,11 +337,12 @@ def manifest_problem(path: Path) -> str | None:
     return None
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Read and check checkpoint ``path`` without touching any model: its manifest, ``state.pt`` (loaded,
-    with every part a resume needs), ``best.safetensors`` and the header of ``model.safetensors``.
+def read_checkpoint(path: Path, verify: bool = True) -> Checkpoint:
+    """Read and check checkpoint ``path`` without touching any model: its manifest (unless ``verify`` is false:
+    a rank other than 0 reads what rank 0 checked), ``state.pt`` (loaded, with every part a resume needs),
+    ``best.safetensors`` and the header of ``model.safetensors`` (distributed: the DCP metadata).
     Raises ``CheckpointDamaged`` naming the first file that fails."""
-    problem = manifest_problem(path)
+    problem = manifest_problem(path) if verify else None
     if problem:
         raise CheckpointDamaged(problem)
     state = _read(path / "state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
@@ -196,9 +350,27 @@ def read_checkpoint(path: Path) -> Checkpoint:
     missing += [f"run.{k}" for k in SAVED if k not in (state.get("run") or {})] if not missing else []
     if missing:
         raise CheckpointDamaged(f"state.pt: lacks {', '.join(missing)}")
+    if (path / SHARDS).is_dir():
+        shapes = _read(path / SHARDS / ".metadata", _shard_shapes)
+        best_meta = path / BEST_SHARDS / ".metadata"
+        best = _read(best_meta, _shard_shapes).get("best") if best_meta.exists() else None
+        return Checkpoint(path, state, None, shapes.get("model", {}), best, sharded=True)
     best_file = path / "best.safetensors"
     best = _read(best_file, lambda f: load_file(str(f))) if best_file.exists() else None
-    return Checkpoint(path, state, best, _read(path / "model.safetensors", _shapes))
+    best_shapes = {k: tuple(v.shape) for k, v in best.items()} if best is not None else None
+    return Checkpoint(path, state, best, _read(path / "model.safetensors", _shapes), best_shapes)
+
+
+def _shard_shapes(file: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The global shapes of a DCP checkpoint's tensors, by part: ``{"model": {name: shape}, "best": ...}``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    found: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, meta in FileSystemReader(str(file.parent)).read_metadata().state_dict_metadata.items():
+        part, _, name = key.partition(".")
+        if part in ("model", "best") and hasattr(meta, "size"):
+            found.setdefault(part, {})[name] = tuple(meta.size)
+    return found
 
 
 def _read(file: Path, load: Callable[[Path], Any]) -> Any:
@@ -239,16 +411,17 @@ def weights_mismatch(checkpoint: Checkpoint, model: torch.nn.Module) -> str | No
     """How the checkpoint's weights (and best weights) fail to fit ``model``'s names and shapes, or None."""
     expected = {k.removeprefix("_orig_mod."): v for k, v in _unwrap(model).state_dict().items()}
     problem = _compare("model.safetensors", checkpoint.shapes, expected)
-    if problem is None and checkpoint.best is not None:
-        best = {k.removeprefix("_orig_mod."): tuple(v.shape) for k, v in checkpoint.best.items()}
+    if problem is None and checkpoint.best_shapes is not None:
+        best = {k.removeprefix("_orig_mod."): v for k, v in checkpoint.best_shapes.items()}
         problem = _compare("best.safetensors", best, expected)
     return problem
 
 
 def _compare(file: str, shapes: dict[str, tuple[int, ...]], expected: dict[str, torch.Tensor]) -> str | None:
-    stored = {expected[k].data_ptr() for k in shapes if k in expected}  # tied weights are saved once
+    stored = {_local(expected[k]).data_ptr() for k in shapes if k in expected}  # tied weights are saved once
     names = {"not in the model": sorted(set(shapes) - set(expected)),
-             "missing": sorted(k for k, t in expected.items() if k not in shapes and t.data_ptr() not in stored)}
+             "missing": sorted(k for k, t in expected.items()
+                               if k not in shapes and _local(t).data_ptr() not in stored)}
     for what, found in names.items():
         if found:
             return f"{file}: {len(found)} weights {what} ({', '.join(found[:3])}{', ...' * (len(found) > 3)})"
@@ -262,5 +435,142 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     load_model(_unwrap(model), str(path / "model.safetensors"))
 
 
+def load_shards(checkpoint: Checkpoint, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor] | None:
+    """Every rank, together: load a distributed checkpoint's weights (and, with ``optimizer``, its state) into
+    this rank's shards, resharded to the current process count; returns its best weights (None if it has none),
+    laid out like ``model.state_dict()`` on CPU."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    bare = _unwrap(model)
+    if optimizer is not None:
+        weights, optim = get_state_dict(bare, optimizer)
+        shards: dict[str, Any] = {"model": untied(weights, model), "optim": optim}
+    else:
+        shards = {"model": untied(get_model_state_dict(bare), model)}
+    dcp.load(shards, storage_reader=dcp.FileSystemReader(str(checkpoint.path / SHARDS)))
+    weights = retied(shards["model"], model)
+    if optimizer is not None:
+        set_state_dict(bare, optimizer, model_state_dict=weights, optim_state_dict=shards["optim"])
+    else:
+        set_model_state_dict(bare, weights)
+    if checkpoint.best_shapes is None:
+        return None
+    best = {"best": untied(copy_weights(model), model)}  # filled in place
+    dcp.load(best, storage_reader=dcp.FileSystemReader(str(checkpoint.path / BEST_SHARDS)))
+    return retied(best["best"], model)
+
+
+def load_strategy_shards(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
+    """Every rank, together: put the strategy's DTensors (placeholders in ``state.pt``) back into the
+    checkpoint's strategy state, sharded like the model's parameters (plain tensors if the model is not sharded)."""
+    templates: dict[str, Any] = {}
+    state = _fill(checkpoint.state["strategy"], templates, model)
+    if templates:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load({"strategy": templates}, storage_reader=dcp.FileSystemReader(str(checkpoint.path / SHARDS)))
+    checkpoint.state["strategy"] = state
+
+
+def _fill(obj: Any, templates: dict[str, Any], model: torch.nn.Module) -> Any:
+    if isinstance(obj, dict) and "__dcp__" in obj:
+        templates[obj["__dcp__"]] = _empty_like_saved(obj, model)
+        return templates[obj["__dcp__"]]
+    if isinstance(obj, dict):
+        return {k: _fill(v, templates, model) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fill(v, templates, model) for v in obj)
+    return obj
+
+
+def _empty_like_saved(meta: dict[str, Any], model: torch.nn.Module) -> torch.Tensor:
+    """An empty tensor for a saved DTensor: a DTensor on the mesh of the model's sharded parameters."""
+    dtype = getattr(torch, meta["dtype"])
+    sharded = next((p for p in _unwrap(model).parameters() if hasattr(p, "device_mesh")), None)
+    if sharded is None:
+        return torch.empty(meta["shape"], dtype=dtype)
+    from torch.distributed.tensor import Replicate, Shard, empty
+
+    placements = [Shard(int(code[1:])) if code.startswith("S") else Replicate() for code in meta["placements"]]
+    return empty(*meta["shape"], dtype=dtype, device_mesh=sharded.device_mesh, placements=placements)
+
+
+def _tied(model: torch.nn.Module) -> dict[str, str]:
+    """The model's tied weights: each name of a parameter that an earlier name already holds -> that name."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in _unwrap(model).named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        first.setdefault(id(param), name)
+    return tied
+
+
+def untied(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``weights`` without the second names of tied weights (a copy of the weights holds them twice)."""
+    tied = _tied(model)
+    return {k: v for k, v in weights.items() if k not in tied}
+
+
+def retied(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``weights`` with the second names of tied weights back (the same tensor), as ``load_state_dict`` wants."""
+    return weights | {k: weights[first] for k, first in _tied(model).items() if k not in weights and first in weights}
+
+
+def best_weights(checkpoint: Checkpoint, model: torch.nn.Module,
+                 sharded_best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """The interrupted task's best weights, once the checkpoint's weights are loaded into ``model``: a copy of
+    them (``"best": "model"``), the shards ``load_shards`` returned, or ``best.safetensors``."""
+    if checkpoint.best_is_model:
+        return copy_weights(model)
+    if checkpoint.sharded:
+        return sharded_best
+    return None if checkpoint.best is None else retied(checkpoint.best, model)
+
+
+def copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's weights, as the loop keeps its best weights (DTensors stay DTensors)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
+
+
+def rank_rng(saved: Any) -> dict[str, Any]:
+    """This rank's RNG state from a checkpoint: its own when the process count is the one that wrote it, else
+    rank 0's (a single-process checkpoint holds one state, a distributed one a list in rank order)."""
+    if isinstance(saved, dict):
+        return saved
+    world = dist.world()
+    return saved[world.rank] if len(saved) == world.size else saved[0]
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper
+
+
+def newest_on_every_rank(run_dir: Path) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """``newest_readable`` on rank 0 (the only rank that checks manifests and moves damaged checkpoints), and
+    the checkpoint it chose read by every other rank, so all ranks resume from the same one."""
+    world = dist.world()
+    found, damaged = newest_readable(run_dir) if world.main else (None, [])
+    if not world.distributed:
+        return found, damaged
+    path, damaged = dist.broadcast_object((found.path if found is not None else None, damaged))
+    if found is None and path is not None:
+        found = read_checkpoint(path, verify=False)
+    return found, damaged
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of every file of a checkpoint (its shards included; hard-linked best weights too)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def has_best(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds best-weight files (not a reference to its own weights)."""
+    return (path / "best.safetensors").is_file() or (path / BEST_SHARDS / ".metadata").is_file()

@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from cl_runner import dist
 from cl_runner.preflight import CONF_DIR, checked, one_line, preflight, split_args
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 2, 1, 3, 4, 130
@@ -64,12 +65,16 @@ class RunLogFile(logging.FileHandler):
         super().__init__(filename, mode, encoding, delay=True)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if Path(self.baseFilename).parent in CLAIMED:
+        folder = Path(self.baseFilename).parent
+        if folder in CLAIMED and (self.stream is not None or folder.is_dir()):  # rank 0 may have undone the start
             super().emit(record)
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    print(f"cl-run: error: {' '.join(message.split())}", file=sys.stderr)
+    """One line and exit: a bad input, found before anything runs. Under torchrun every rank finds the same
+    error, and only the first rank of each node prints it."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"cl-run: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -97,12 +102,29 @@ def _plan_output(overrides: list[str], multirun: bool) -> list[str]:
     except OSError as exc:
         raise ValueError(f"{key}: cannot write to {path} ({exc})") from None
     if multirun:
-        return []
+        return _same_output(cfg, [f"hydra.sweep.dir={path}"])
     NEW_DIRS[:] = [p for p in [path, *path.parents] if not p.exists()]
     raw, pinned = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"], str(OmegaConf.select(cfg, key))
     if "${now:" in raw and re.fullmatch(r"[\w./-]+", pinned):
-        return [f"hydra.run.dir={pinned}"]
-    return []
+        return _same_output(cfg, [f"hydra.run.dir={pinned}"])
+    return _same_output(cfg, [])
+
+
+def _same_output(cfg, pins: list[str]) -> list[str]:
+    """Under torchrun every rank takes rank 0's time-stamped directory (ranks start at slightly different
+    times); in one process, ``pins`` as they are."""
+    return dist.broadcast_object(pins) if _join(cfg).distributed else pins
+
+
+def _join(cfg) -> dist.World:
+    """Join the run's process group when ``distributed.kind`` asks for one (once per process; torchrun, srun or
+    a Slurm launcher job with several tasks), before the run directory is claimed."""
+    if cfg.distributed.kind == "none":
+        return dist.world()
+    import torch
+
+    use_cuda = cfg.device.type == "cuda" or (cfg.device.type == "auto" and torch.cuda.is_available())
+    return dist.join(cfg.distributed.kind, use_cuda, cfg.distributed.timeout_s)
 
 
 FAILURES: list[str] = []  # jobs of this process's sweep that failed (a sweep goes on past them)
@@ -147,7 +169,8 @@ def torch_oom() -> type[BaseException]:
 
 
 def _report(message: str, code: int) -> int:
-    print(f"cl-run: error: {' '.join(message.split())}", file=sys.stderr)
+    rank = "" if dist.world().main else f"[rank {dist.world().rank}] "
+    print(f"cl-run: {rank}error: {' '.join(message.split())}", file=sys.stderr)
     LAST_ERROR[0] = " ".join(message.split())
     return code
 
@@ -232,22 +255,60 @@ def _claim_and_run(cfg, config, run_dir: Path, multirun: bool) -> int:
 
     from cl_runner.run import run_is_finished
     from cl_runner.runtime import run_lock
+    from cl_runner.schema import used_config
 
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    before = set(os.listdir(run_dir))
-    with run_lock(run_dir):  # refused when in use
-        resume = _existing_run(run_dir, config_yaml)  # refused when it holds another experiment
-        if resume and run_is_finished(run_dir):
-            print(f"cl-run: {run_dir} already finished; keeping its results")
-            return 0
-        _write_hydra_files(cfg, run_dir, resume)
-        CLAIMED.append(run_dir)
-        code = _execute(config, run_dir, config_yaml, resume)
-        if code == EXIT_BAD_INPUT and not multirun:
-            _undo_start(run_dir, before)
-        else:
-            _record_failure(run_dir, code, LAST_ERROR[0])
+    config_yaml = OmegaConf.to_yaml(used_config(cfg), resolve=True)
+    if not _join(config).main:
+        return _follow_rank0(config, run_dir, config_yaml)
+    before, told = set(os.listdir(run_dir)), False
+    try:
+        with run_lock(run_dir):  # refused when in use
+            resume = _existing_run(run_dir, config_yaml)  # refused when it holds another experiment
+            if resume and run_is_finished(run_dir):
+                print(f"cl-run: {run_dir} already finished; keeping its results")
+                return 0
+            _write_hydra_files(cfg, run_dir, resume)
+            CLAIMED.append(run_dir)
+            told = _tell_ranks({"resume": resume})
+            code = _execute(config, run_dir, config_yaml, resume)
+            if code == EXIT_BAD_INPUT and not multirun:
+                _undo_start(run_dir, before)
+            else:
+                _record_failure(run_dir, code, LAST_ERROR[0])
+    finally:
+        if not told:
+            _tell_ranks({})
     return code
+
+
+def _tell_ranks(told: dict) -> bool:
+    """Rank 0's claim of the run directory, for the other ranks (``{"resume": bool}`` to go on, ``{}`` when rank 0
+    refused or found the run finished): they wait for it before loading anything."""
+    if dist.world().distributed:
+        dist.broadcast_object(told)
+    return True
+
+
+def _follow_rank0(config, run_dir: Path, config_yaml: str) -> int:
+    """A rank other than 0: run the job rank 0 claimed (it holds the lock and writes the files); its log lines
+    go to ``<run_dir>/logs/rank<r>.log``."""
+    told = dist.broadcast_object(None)
+    if "resume" not in told:
+        return 0  # rank 0 refused (and said why) or found the run finished
+    _rank_log(run_dir)
+    CLAIMED.append(run_dir)
+    return _execute(config, run_dir, config_yaml, told["resume"])
+
+
+def _rank_log(run_dir: Path) -> None:
+    """Point the job log of this rank (not 0) at ``logs/rank<r>.log`` in the run directory."""
+    path = run_dir / "logs" / f"rank{dist.world().rank}.log"
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RunLogFile):
+            handler.close()
+            path.parent.mkdir(exist_ok=True)
+            handler.baseFilename = str(path)
+            CLAIMED.append(path.parent)
 
 
 def _existing_run(run_dir: Path, config_yaml: str) -> bool:
@@ -365,25 +426,32 @@ def _help(overrides: list[str]) -> int:
     from cl_runner.help import help_text
 
     try:
-        print(help_text(CONF_DIR, overrides))
+        print(help_text(overrides))
     except Exception as exc:
         _fail(one_line(exc))
     return 0
 
 
 def _main(argv: list[str]) -> None:
+    from cl_runner.preflight import search_path_args, with_overrides
+
+    try:  # --config-dir DIR, hydra.searchpath, ./cl-conf, $CL_RUNNER_CONFIG_PATH: one hydra.searchpath override
+        argv, search = search_path_args(argv)
+    except ValueError as exc:
+        _fail(str(exc))
     overrides, multirun, introspect = split_args(argv)
     resume = [o for o in overrides if o.split("=", 1)[0] == "resume"]
-    if resume:
+    if resume:  # the saved config is complete: config directories do not matter
         sys.exit(resume_run(resume[0].split("=", 1)[1], [o for o in argv if o != resume[0]]))
+    overrides, argv = [*overrides, *search], with_overrides(argv, search)
     if "--help" in argv or "-h" in argv:
         sys.exit(_help(overrides))
     if not introspect:
         from cl_runner.errors import UserError
 
         try:
-            preflight(overrides, multirun)
-            argv = [*argv, *_plan_output(overrides, multirun)]
+            overrides = preflight(overrides, multirun)  # glob() sweeps written out over the whole search path
+            argv = [*(a for a in argv if a.startswith("-")), *overrides, *_plan_output(overrides, multirun)]
         except (ValueError, UserError) as exc:
             _fail(str(exc))
     import hydra

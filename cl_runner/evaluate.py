@@ -3,19 +3,32 @@
 All scoring runs under ``torch.no_grad`` and the caller's autocast, in batches sorted by length so padding
 stays small; a batch holds at most ``batch_size`` examples and, when ``batch_tokens`` is set, at most that many
 padded tokens (its longest example's length x its size; generation counts its token budget too). Generation
-uses left padding with explicit position ids, so it works for any causal LM.
+uses left padding with explicit position ids, so it works for any causal LM. The KV cache goes through
+``cached_forward``: the transformers ``Cache`` API under the keyword the model's version takes, no deprecated form.
+
+Several processes (``cl_runner.dist``): the batches are planned over the whole split, exactly as one process plans
+them, and rank r scores batches r, r + N, r + 2N, ... (strided: every rank gets short and long ones). Each
+example's result (correct and blank, chosen label, NLL and target tokens) is computed in the same batch, with the
+same padding, as in one process, so it is the same number; the results are gathered in example order and the
+score is computed from all of them (perplexity sums the per-example NLLs with ``math.fsum``, exact in any order).
+Under FSDP every forward is a collective, so every rank makes the same calls: a rank with fewer batches re-scores
+the split's first batch and drops the result, and greedy generation steps until every rank's batch is done.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from cl_runner.dist import all_gather_objects, all_reduce_max, world
 from cl_runner.lm import collate, token_nll
 from cl_runner.schema import EvalConfig
 from cl_runner.tasks.encode import EncodedTask, EvalItem
@@ -36,6 +49,7 @@ class Scorer:
     cfg: EvalConfig
     decode: Callable[[list[int]], str]
     batch_tokens: int | None = None  # padded tokens per batch (None: batch_size examples per batch)
+    on_examples: Callable[[int], None] | None = None  # progress: examples scored by all ranks (rank 0's estimate)
 
 
 def normalize_answer(text: str, stop: str, lowercase: bool = True, strip_punctuation: bool = True) -> str:
@@ -46,6 +60,29 @@ def normalize_answer(text: str, stop: str, lowercase: bool = True, strip_punctua
     if strip_punctuation:
         text = _TRAILING.sub("", text).strip("\"'`")
     return text.lower() if lowercase else text
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword ``model``'s forward takes its KV cache under: ``cache`` (recent transformers 5) or
+    ``past_key_values`` (earlier); the first Hugging Face model inside ``model`` (peft, FSDP) decides."""
+    from transformers import PreTrainedModel
+
+    hf_model = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+    return _forward_keyword(type(hf_model))
+
+
+@functools.cache
+def _forward_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cached_forward(model: torch.nn.Module, cache: Any, **inputs: Any) -> tuple[Any, Any]:
+    """``model(**inputs)`` reading and extending a KV cache (a transformers ``Cache``, the ``DynamicCache`` the
+    model makes on the first call, when ``cache`` is None); returns (output, cache). The cache goes in and comes
+    out under the name the installed transformers uses, so no deprecation warning (LAMOL's sampling uses it too)."""
+    keyword = cache_keyword(model)
+    out = model(**inputs, **({keyword: cache} if cache is not None else {}), use_cache=True)
+    return out, getattr(out, keyword)
 
 
 def _batches(scorer: Scorer, lengths: list[int]) -> list[list[int]]:
@@ -63,6 +100,40 @@ def _batches(scorer: Scorer, lengths: list[int]) -> list[list[int]]:
     return batches
 
 
+def rank_batches(n_batches: int, rank: int, size: int, same_calls: bool) -> list[int | None]:
+    """The batches rank ``rank`` of ``size`` scores: every ``size``-th from ``rank`` on; with ``same_calls``
+    (FSDP) padded with ``None`` (a dummy batch) so that every rank scores as many batches."""
+    mine: list[int | None] = list(range(rank, n_batches, size))
+    if same_calls:
+        mine += [None] * (-(-n_batches // size) - len(mine))
+    return mine
+
+
+def gather_results(parts: list[dict[int, Any]], n: int) -> list[Any]:
+    """The ranks' ``{example index: result}`` as one list in example order; each index exactly once."""
+    merged = {i: result for part in parts for i, result in part.items()}
+    if sum(len(part) for part in parts) != n or sorted(merged) != list(range(n)):
+        raise RuntimeError(f"evaluation: the ranks scored {sorted(merged)[:8]}... of {n} examples, not each once")
+    return [merged[i] for i in range(n)]
+
+
+def per_example(scorer: Scorer, lengths: list[int], score_batch: Callable[[list[int], bool], list]) -> list:
+    """One result per example, in example order: ``score_batch(indices, dummy)`` over this rank's batches of
+    the split (all of them in one process), gathered from every rank."""
+    where = world()
+    batches = _batches(scorer, lengths)
+    results: dict[int, Any] = {}
+    for k in rank_batches(len(batches), where.rank, where.size, where.sharded):
+        if k is None:  # FSDP: keep in step with the ranks that have a batch more
+            score_batch(batches[0], True)
+            continue
+        results.update(zip(batches[k], score_batch(batches[k], False), strict=True))
+        if scorer.on_examples is not None:  # this round of batches, all ranks together
+            start = k - k % where.size
+            scorer.on_examples(sum(len(b) for b in batches[start : start + where.size]))
+    return gather_results(all_gather_objects(results), len(lengths))
+
+
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
@@ -73,26 +144,33 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), mask.to(device)
 
 
+def _all_done(done: bool) -> bool:
+    """Whether every rank's generation is done; each rank's own flag except under FSDP (forwards are
+    collectives, so all ranks step until the last is done)."""
+    if not world().sharded:
+        return done
+    return all_reduce_max([0.0 if done else 1.0])[0] == 0.0
+
+
 @torch.no_grad()
-def greedy_generate(scorer: Scorer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuation of each prompt (left-padded batch, KV cache), stopping at EOS."""
+def greedy_generate(scorer: Scorer, prompts: list[list[int]], max_new_tokens: int,
+                    dummy: bool = False) -> list[list[int]]:
+    """Greedy continuation of each prompt (left-padded batch, KV cache), stopping at EOS. ``dummy``: a batch
+    that only keeps this rank in step with the others (FSDP), done from the start."""
     ids, mask = _left_pad(prompts, scorer.pad_id, scorer.device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=scorer.device)
-    generated = []
-    past = None
+    finished = torch.full((len(prompts),), dummy, dtype=torch.bool, device=scorer.device)
+    generated, cache = [], None
     step_ids, step_pos = ids, positions
     for _ in range(max_new_tokens):
         with scorer.autocast():
-            out = scorer.model(
-                input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True
-            )
-        past = out.past_key_values
+            out, cache = cached_forward(scorer.model, cache, input_ids=step_ids, attention_mask=mask,
+                                        position_ids=step_pos)
         token = out.logits[:, -1].argmax(-1)
         token = torch.where(finished, torch.full_like(token, scorer.eos_id), token)
         generated.append(token)
         finished |= token == scorer.eos_id
-        if bool(finished.all()):
+        if _all_done(bool(finished.all())):
             break
         step_ids = token[:, None]
         step_pos = step_pos[:, -1:] + 1
@@ -102,15 +180,16 @@ def greedy_generate(scorer: Scorer, prompts: list[list[int]], max_new_tokens: in
 
 
 def exact_match(scorer: Scorer, items: list[EvalItem], stop: str, max_new_tokens: int) -> dict:
-    correct = blank = 0
-    for batch in _batches(scorer, [len(it.prompt_ids) + max_new_tokens for it in items]):
-        outputs = greedy_generate(scorer, [items[i].prompt_ids for i in batch], max_new_tokens)
-        for i, tokens in zip(batch, outputs, strict=True):
-            rule = {"stop": stop, "lowercase": scorer.cfg.lowercase, "strip_punctuation": scorer.cfg.strip_punctuation}
-            prediction = normalize_answer(scorer.decode(tokens), **rule)
-            if not prediction:
-                blank += 1
-            correct += prediction == normalize_answer(items[i].target, **rule)
+    rule = {"stop": stop, "lowercase": scorer.cfg.lowercase, "strip_punctuation": scorer.cfg.strip_punctuation}
+
+    def score_batch(batch: list[int], dummy: bool) -> list[tuple[bool, bool]]:
+        outputs = greedy_generate(scorer, [items[i].prompt_ids for i in batch], max_new_tokens, dummy)
+        predictions = [normalize_answer(scorer.decode(tokens), **rule) for tokens in outputs]
+        references = [normalize_answer(items[i].target, **rule) for i in batch]
+        return [(p == ref, not p) for p, ref in zip(predictions, references, strict=True)]
+
+    results = per_example(scorer, [len(it.prompt_ids) + max_new_tokens for it in items], score_batch)
+    correct, blank = sum(r[0] for r in results), sum(r[1] for r in results)
     return {"score": correct / max(len(items), 1), "n": len(items), "blank": blank}
 
 
@@ -121,7 +200,7 @@ def label_logprobs(scorer: Scorer, prompts: list[list[int]], labels: list[list[i
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     batch, n_labels = len(prompts), len(labels)
     with scorer.autocast():
-        out = scorer.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out, cache = cached_forward(scorer.model, None, input_ids=ids, attention_mask=mask, position_ids=positions)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): each label's first token
     longest = max(len(label) for label in labels)
     label_ids = torch.full((n_labels, longest), scorer.pad_id, dtype=torch.long, device=scorer.device)
@@ -131,16 +210,14 @@ def label_logprobs(scorer: Scorer, prompts: list[list[int]], labels: list[list[i
         label_mask[k, : len(label)] = 1
     scores = first[:, label_ids[:, 0]]  # (B, K)
     if longest > 1:
-        cache = out.past_key_values
         cache.batch_repeat_interleave(n_labels)
         cont_ids = label_ids[:, :-1].repeat(batch, 1)  # tokens fed; each predicts the next label token
         cont_mask = torch.cat([mask.repeat_interleave(n_labels, 0), label_mask[:, :-1].repeat(batch, 1)], dim=1)
         start = positions[:, -1:].repeat_interleave(n_labels, 0) + 1
         cont_pos = start + torch.arange(longest - 1, device=scorer.device)
         with scorer.autocast():
-            cont = scorer.model(
-                input_ids=cont_ids, attention_mask=cont_mask, position_ids=cont_pos, past_key_values=cache
-            )
+            cont, _ = cached_forward(scorer.model, cache, input_ids=cont_ids, attention_mask=cont_mask,
+                                     position_ids=cont_pos)
         logp = torch.log_softmax(cont.logits.float(), dim=-1)
         nxt = label_ids[:, 1:].repeat(batch, 1)
         gathered = logp.gather(-1, nxt[..., None]).squeeze(-1) * label_mask[:, 1:].repeat(batch, 1)
@@ -151,35 +228,39 @@ def label_logprobs(scorer: Scorer, prompts: list[list[int]], labels: list[list[i
 
 
 def label_accuracy(scorer: Scorer, items: list[EvalItem], labels: list[list[int]], label_texts: list[str]) -> dict:
-    correct = 0
-    for batch in _batches(scorer, [len(it.prompt_ids) for it in items]):
-        scores = label_logprobs(scorer, [items[i].prompt_ids for i in batch], labels)
-        for i, choice in zip(batch, scores.argmax(-1).tolist(), strict=True):
-            correct += label_texts[choice] == items[i].target
+    def score_batch(batch: list[int], dummy: bool) -> list[bool]:
+        choices = label_logprobs(scorer, [items[i].prompt_ids for i in batch], labels).argmax(-1).tolist()
+        return [label_texts[choice] == items[i].target for i, choice in zip(batch, choices, strict=True)]
+
+    correct = sum(per_example(scorer, [len(it.prompt_ids) for it in items], score_batch))
     return {"score": correct / max(len(items), 1), "n": len(items)}
 
 
 @torch.no_grad()
 def perplexity(scorer: Scorer, items: list[EvalItem]) -> dict:
     """exp of the mean NLL over all target tokens of the split (token-weighted)."""
-    total_nll, total_tokens = 0.0, 0
     encoded = [
         {"input_ids": it.prompt_ids + it.target_ids, "labels": [-100] * len(it.prompt_ids) + it.target_ids,
          "task_id": 0}
         for it in items
     ]
-    for batch in _batches(scorer, [len(e["input_ids"]) for e in encoded]):
+
+    def score_batch(batch: list[int], dummy: bool) -> list[tuple[float, int]]:
         tensors = collate([encoded[i] for i in batch], scorer.pad_id, scorer.device)
         with scorer.autocast():
             logits = scorer.model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
-        total_nll += float(token_nll(logits, tensors["labels"]).sum())
-        total_tokens += int((tensors["labels"][:, 1:] != -100).sum())
+        nll = token_nll(logits, tensors["labels"]).sum(-1).tolist()
+        return list(zip(nll, (tensors["labels"][:, 1:] != -100).sum(-1).tolist(), strict=True))
+
+    results = per_example(scorer, [len(e["input_ids"]) for e in encoded], score_batch)
+    total_nll, total_tokens = math.fsum(r[0] for r in results), sum(r[1] for r in results)
     return {"score": math.exp(min(total_nll / max(total_tokens, 1), 50.0)), "n": len(items), "tokens": total_tokens}
 
 
 def score_task(scorer: Scorer, task: EncodedTask, metric: str, stop: str, label_texts: list[str] | None,
-               split: str = "test") -> dict:
-    """Score ``split`` of one task with its metric; returns {"score": float, "n": int, ...}."""
+               split: str = "test", max_new_tokens: int | None = None) -> dict:
+    """Score ``split`` of one task with its metric; returns {"score": float, "n": int, ...}. Generation budget:
+    the task's ``max_new_tokens``, else ``eval.max_new_tokens``, else its longest target + 2."""
     items = task.test if split == "test" else task.validation
     was_training = scorer.model.training
     scorer.model.eval()
@@ -188,7 +269,8 @@ def score_task(scorer: Scorer, task: EncodedTask, metric: str, stop: str, label_
             return perplexity(scorer, items)
         if metric == "label_accuracy":
             return label_accuracy(scorer, items, task.label_ids, label_texts)
-        budget = scorer.cfg.max_new_tokens or max(len(it.target_ids) for it in items) + 2
+        budget = (max_new_tokens or scorer.cfg.max_new_tokens
+                  or max(len(it.target_ids) for it in items) + 2)  # all ranks: the same
         return exact_match(scorer, items, stop, budget)
     finally:
         scorer.model.train(was_training)

@@ -47,6 +47,12 @@ def target_count(example: Encoded) -> int:
     return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
 
 
+def token_counts(examples: list[Encoded]) -> tuple[int, int]:
+    """(tokens, target tokens) of ``examples``: every real token (prompt and target, no padding), and the
+    positions the loss is computed on (``target_count``), counted on the host."""
+    return sum(len(e["input_ids"]) for e in examples), sum(target_count(e) for e in examples)
+
+
 def target_mask(labels: torch.Tensor) -> torch.Tensor:
     """(B, L-1) bool mask of the positions whose next token is a target token."""
     return labels[:, 1:] != IGNORE_INDEX

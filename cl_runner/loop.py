@@ -21,7 +21,8 @@ what strategies logged, and sends a ``step`` event (the progress bar) for the st
 History. ``seconds`` is the epoch's training time, without validation and without the time the callbacks take
 (checkpoints, progress bar). ``tokens_per_s`` counts the real (non-padding) tokens of the batches trained on,
 replayed and pseudo-examples included, not the extra forward passes of a strategy (a teacher, LAMOL's generation
-pass); ``mfu`` is computed from it (``flops.py``; None on CPU or an unknown GPU). After each validated epoch,
+pass), over all ranks; ``target_tokens_per_s`` only the tokens the loss is computed on; ``mfu`` is computed from
+``tokens_per_s`` (``flops.py``; None on CPU or an unknown GPU). After each validated epoch,
 ``keep_best`` keeps the best weights and restores them at the end of the task.
 
 Everything needed to continue a task lives in ``LoopState`` plus the optimizer, scheduler, scaler and best
@@ -40,9 +41,12 @@ from typing import Any
 
 import torch
 
+from cl_runner.dist import all_reduce_sum, world
 from cl_runner.flops import flops_per_token, mfu, peak_flops
-from cl_runner.lm import Encoded, causal_lm_loss, pack, target_count
-from cl_runner.schema import TrainConfig
+from cl_runner.lm import Encoded, causal_lm_loss, pack, target_count, token_counts
+from cl_runner.models import trainable_count
+from cl_runner.parallel import gradient_sync, train_module
+from cl_runner.schema import DistributedConfig, TrainConfig
 from cl_runner.strategies.base import Context, MicroBatch, Strategy
 
 GROUP_WINDOW = 50  # train.group_by_length sorts by length within windows of this many step batches
@@ -61,6 +65,8 @@ class EpochRecord:
     lr: float
     skipped_steps: int  # fp16 steps the GradScaler skipped (inf/nan gradients)
     mfu: float | None = None  # model FLOPs utilisation (flops.py); None on CPU or a GPU without a known peak
+    target_tokens_per_s: float | None = None  # the tokens the loss is computed on, per second (None: older runs)
+    validation_seconds: float | None = None  # the validation after this epoch; None when not validated
     extras: dict[str, float] = field(default_factory=dict)  # the latest values strategies logged (ctx.log)
 
 
@@ -75,6 +81,7 @@ class LoopState:
     loss_sum: float = 0.0
     loss_steps: int = 0
     tokens: int = 0
+    targets: int = 0  # target tokens (the positions the loss is computed on)
     seconds: float = 0.0
     skipped: int = 0
     records: list[dict] = field(default_factory=list)
@@ -103,7 +110,8 @@ class LoopCallbacks:
     """What the caller hears from ``train_task``; every method is a no-op here: override the ones you need."""
 
     def on_step(self, event: dict[str, Any]) -> None:
-        """Once ``{"event": "task_start", "total_steps", "epochs", "step"}``, then every ``train.log_every``
+        """Once ``{"event": "task_start", "total_steps", "epochs", "step", "trainable"}`` (parameters the task's
+        optimizer updates), then every ``train.log_every``
         steps and at the end of each epoch ``{"event": "step", "step", "epoch", "loss", "tokens_per_s", "mfu",
         "extras"}`` (``loss``: the mean over the steps since the previous event)."""
 
@@ -128,6 +136,7 @@ class TaskRun:
     # is not called again; the strategy's own state was restored by the caller)
     resume: dict[str, Any] | None = None
     callbacks: LoopCallbacks = field(default_factory=LoopCallbacks)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # the DDP options (parallel.py)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -185,6 +194,24 @@ def weighted(micro: list[list[Encoded]]) -> list[tuple[list[Encoded], float]]:
                                                                                                strict=True)]
 
 
+def local_share(batch: list[Encoded], grad_accum: int, rank: int = 0,
+                size: int = 1) -> list[tuple[list[Encoded], float]]:
+    """This rank's micro-batches of an optimizer step, each with its share of the WHOLE step's target tokens.
+
+    The step batch is cut into ``size`` consecutive slices (sizes differing by at most one), one per rank in rank
+    order, and each slice into ``grad_accum`` micro-batches; with one process this is ``weighted(split(batch))``.
+    The shares of all ranks' micro-batches sum to one, so the step's gradient is the same at any process count.
+    A rank whose slice is empty (a step batch smaller than the number of ranks) still runs one forward and
+    backward, on the step's first example with weight 0: every rank must join the gradient reduction."""
+    from cl_runner.dist import shard_bounds
+
+    slices = [batch[slice(*shard_bounds(len(batch), r, size))] for r in range(size)]
+    cuts = [split(part, grad_accum) for part in slices]
+    shares = iter(weighted([micro for cut in cuts for micro in cut]))
+    mine = [next(shares) for cut in cuts[: rank + 1] for _ in cut][-len(cuts[rank]) :] if cuts[rank] else []
+    return mine or [(batch[:1], 0.0)]
+
+
 def read_extras(extras: dict[str, Any]) -> dict[str, float]:
     """What strategies logged (floats, 0-dim tensors) as floats, converted in place so each is read once."""
     for name, value in extras.items():
@@ -216,6 +243,7 @@ class _TaskTrainer:
         self.total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
         self.epochs = math.ceil(self.total_steps / steps_per_epoch)
         self.optimizer = make_optimizer(ctx.model, cfg, ctx.device)
+        self.trainable = trainable_count(ctx.model)  # what this task's optimizer updates
         self.scheduler = linear_schedule(self.optimizer, self.total_steps, cfg.warmup_ratio)
         self.state, self.best_state = LoopState(), None
         if job.resume is not None:
@@ -226,6 +254,8 @@ class _TaskTrainer:
             self.state, self.best_state = LoopState(**job.resume["loop"]), job.resume.get("best")
         ctx.optimizer, ctx.step = self.optimizer, self.state.step
         self.params = [p for p in ctx.model.parameters() if p.requires_grad]
+        self.world = world()
+        self.module = train_module(ctx.model, self.world, job.distributed, ctx.device)  # DDP: the wrapper
         self.validation_tasks = job.strategy.validation_tasks(ctx)
         self.flops, self.peak = flops_per_token(ctx.model), peak_flops(ctx.device)
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (step, loss, skipped) unread
@@ -235,7 +265,7 @@ class _TaskTrainer:
     def train(self) -> None:
         self.ctx.model.train()
         self.job.callbacks.on_step({"event": "task_start", "total_steps": self.total_steps, "epochs": self.epochs,
-                                    "step": self.state.step})
+                                    "step": self.state.step, "trainable": self.trainable})
         for epoch in range(self.state.epoch, self.epochs):
             self._train_epoch(epoch)
             self._end_epoch(epoch)
@@ -265,19 +295,24 @@ class _TaskTrainer:
             self._report(epoch)
 
     def _step(self, batch: list[Encoded]) -> None:
-        """One optimizer step over ``batch``, cut into micro-batches; its loss is left on the device."""
+        """One optimizer step over ``batch``: this rank's slice of it (``local_share``), cut into micro-batches;
+        its loss (this rank's part of the step's loss) is left on the device."""
         ctx, strategy = self.ctx, self.job.strategy
-        losses = [self._micro_step(examples, batch, weight)
-                  for examples, weight in weighted(split(batch, self.cfg.grad_accum))]
+        micro = local_share(batch, self.cfg.grad_accum, self.world.rank, self.world.size)
+        losses = [self._micro_step(examples, batch, weight, last=k == len(micro) - 1)
+                  for k, (examples, weight) in enumerate(micro)]
         ctx.micro = None
-        self.state.tokens += sum(len(e["input_ids"]) for e in batch)
+        tokens, targets = token_counts(batch)
+        self.state.tokens, self.state.targets = self.state.tokens + tokens, self.state.targets + targets
         skipped = self._optimizer_step()
         self.pending.append((ctx.step + 1, torch.stack(losses).sum(), skipped))
         ctx.step += 1
         strategy.after_step(ctx)
 
-    def _micro_step(self, examples: list[Encoded], step: list[Encoded], weight: float) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its weighted loss (detached, on the device)."""
+    def _micro_step(self, examples: list[Encoded], step: list[Encoded], weight: float, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its weighted loss (detached, on the device). The
+        gradient is multiplied by the number of ranks, which DDP and FSDP average over: the sum over ranks of
+        the weighted micro-batch gradients is the step's gradient, as in one process."""
         ctx, scaler = self.ctx, self.job.scaler
         ctx.micro = MicroBatch(examples, step, weight)
         if self.cfg.pack:  # examples kept apart by position_ids, not by a padding mask (lm.pack)
@@ -287,10 +322,12 @@ class _TaskTrainer:
             batch = ctx.collate(examples)
             inputs = {"attention_mask": batch["attention_mask"]}
         with ctx.autocast():
-            outputs = ctx.model(input_ids=batch["input_ids"], **inputs)
+            outputs = self.module(input_ids=batch["input_ids"], **inputs)
             loss = causal_lm_loss(outputs.logits, batch["labels"], self.cfg.loss_chunk_tokens)
             loss = self.job.strategy.loss(ctx, batch, outputs, loss)
-        (scaler.scale(loss * weight) if scaler else loss * weight).backward()
+        scaled = loss * (weight * self.world.size)
+        with gradient_sync(self.module, last):
+            (scaler.scale(scaled) if scaler else scaled).backward()
         return loss.detach().float() * weight
 
     def _optimizer_step(self) -> torch.Tensor | None:
@@ -317,7 +354,7 @@ class _TaskTrainer:
         if not self.pending:
             return
         steps = [step for step, _, _ in self.pending]
-        values = torch.stack([loss for _, loss, _ in self.pending]).tolist()
+        values = all_reduce_sum(torch.stack([loss for _, loss, _ in self.pending])).tolist()  # the ranks' parts
         skips = [bool(s) for _, _, s in self.pending if s is not None]
         self.pending = []
         for step, value in zip(steps, values, strict=True):
@@ -349,7 +386,9 @@ class _TaskTrainer:
     def _end_epoch(self, epoch: int) -> None:
         """Validate, keep the best weights, record the epoch and hand the boundary to the caller."""
         ctx, state = self.ctx, self.state
+        started = time.perf_counter()
         score = self.job.validate(self.validation_tasks) if self.cfg.validates(epoch + 1, self.epochs) else None
+        validation_seconds = None if score is None else round(time.perf_counter() - started, 3)
         if score is not None and score > state.best_score:
             state.best_score = score
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in ctx.model.state_dict().items()}
@@ -359,10 +398,12 @@ class _TaskTrainer:
             train_loss=state.loss_sum / max(state.loss_steps, 1), validation_score=score, tokens_per_s=speed,
             seconds=state.seconds, lr=self.scheduler.get_last_lr()[0], skipped_steps=state.skipped,
             mfu=mfu(self.flops, speed, self.peak), extras=read_extras(ctx.extras),
+            target_tokens_per_s=state.targets / max(state.seconds, 1e-9), validation_seconds=validation_seconds,
         )
         state.records.append(asdict(record))
         state.epoch, state.batches_done = epoch + 1, 0
         state.loss_sum, state.loss_steps, state.tokens, state.seconds, state.skipped = 0.0, 0, 0, 0.0, 0
+        state.targets = 0
         self.job.callbacks.on_epoch(record)
         ctx.model.train()
         self._boundary("epoch")

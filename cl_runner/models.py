@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -225,7 +225,36 @@ def _load_pretrained(cfg: ModelConfig) -> torch.nn.Module:
                          f"({shape_mismatch(Path(path), model_config)})") from None
 
 
+def _storage_key(p: torch.Tensor) -> tuple:
+    """Equal for two parameters over the same memory (tied weights held as two ``Parameter`` objects)."""
+    if p.device.type == "meta" or type(p.data) is not torch.Tensor:  # no memory; a DTensor (FSDP) shard
+        return (id(p),)
+    return (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
+
+
+def _distinct(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """``params`` with each tensor once, also when two parameters share one storage."""
+    seen: set[tuple] = set()
+    out = []
+    for p in params:
+        if (key := _storage_key(p)) not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Elements of the model's parameters, shared ones counted once."""
+    return sum(p.numel() for p in _distinct(model.parameters()))
+
+
+def trainable_count(model: torch.nn.Module) -> int:
+    """Elements of the parameters that require a gradient, shared ones counted once: what an optimizer built
+    now (``loop.make_optimizer`` takes exactly these) updates. Count it when the task's optimizer is built: a
+    strategy freezes and adds parameters in ``before_task`` (adapters train 2% of the model)."""
+    return sum(p.numel() for p in _distinct(p for p in model.parameters() if p.requires_grad))
+
+
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable}
+    """``{"total": n}``; what is trained is counted per task, when its optimizer is built (``trainable_count``)."""
+    return {"total": parameter_count(model)}

@@ -4,6 +4,7 @@ turn Hydra's and OmegaConf's composition errors into one readable line each (``k
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from pathlib import Path
 
@@ -106,6 +107,115 @@ def _catalogue_hint(message: str, overrides: tuple[str, ...]) -> str:
             "change one by name: tasks.catalogue.<task>.<key>=... (e.g. tasks.catalogue.dbpedia.max_eval_examples=16)")
 
 
+# ------------------------------------------------------------------------- the user's config directories
+SEARCHPATH = "hydra.searchpath"
+ENV_VAR = "CL_RUNNER_CONFIG_PATH"  # os.pathsep-separated config directories
+LOCAL_DIR = "cl-conf"  # a config directory in the directory cl-run is started from, used when it exists
+
+
+def search_path_args(argv: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[list[str], list[str]]:
+    """``argv`` without ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) and ``hydra.searchpath=[...]``,
+    and the one ``hydra.searchpath`` override that replaces them (``[]`` when there is no user directory): those
+    directories, then ``./cl-conf`` and ``$CL_RUNNER_CONFIG_PATH``'s, in that order (the first that has a name wins).
+    cl-run's own conf/ stays Hydra's primary directory, searched before them all; a user file with a built-in's
+    name is refused (Hydra would use the built-in). Every composition (preflight, output plan, --help, the run)
+    gets the same override, so a user's configs are checked as the built-in ones are."""
+    cwd, env = Path(cwd or Path.cwd()), os.environ if env is None else env
+    rest, given = _take_search_args(argv)
+    local = cwd / LOCAL_DIR
+    given += [("./" + LOCAL_DIR, str(local))] if local.exists() else []
+    given += [(ENV_VAR, d) for d in env.get(ENV_VAR, "").split(os.pathsep) if d.strip()]
+    builtin = f"file://{CONF_DIR.resolve()}"  # named again (e.g. copied from a Hydra example): already searched
+    entries = [e for e in dict.fromkeys(_entry(key, text, cwd) for key, text in given) if e != builtin]
+    if not entries:
+        return rest, []
+    return rest, [f"{SEARCHPATH}=[{','.join(_quoted(e) for e in entries)}]"]
+
+
+def with_overrides(argv: list[str], extra: list[str]) -> list[str]:
+    """``argv`` with ``extra`` overrides placed beside the others: Hydra's parser takes them as one group (after
+    ``--cfg job``, say, a lone override is an unrecognized argument)."""
+    at = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
+    return [*argv[:at], *extra, *argv[at:]]
+
+
+def _take_search_args(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(the other arguments, [(where it came from, directory or search path entry), ...]): the --config-dir
+    directories, then the hydra.searchpath entries, each in the order given."""
+    rest, dirs, entries, args = [], [], [], iter(argv)
+    for arg in args:
+        if arg in ("--config-dir", "-cd"):
+            value = next(args, None)
+            if value is None or value.startswith("-") or "=" in value:
+                raise ValueError(f"{arg}: expected a directory after it (cl-run {arg} DIR ...)")
+            dirs.append((arg, value))
+        elif arg.startswith("--config-dir="):
+            dirs.append(("--config-dir", arg.split("=", 1)[1]))
+        elif arg.split("=", 1)[0] == SEARCHPATH:
+            entries += [(SEARCHPATH, entry) for entry in _searchpath_value(arg)]
+        else:
+            rest.append(arg)
+    return rest, dirs + entries
+
+
+def _searchpath_value(arg: str) -> list[str]:
+    """The entries of a ``hydra.searchpath=[...]`` override, parsed by Hydra's own override parser."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_override(arg).value()
+    except Exception as exc:
+        raise ValueError(f"{SEARCHPATH}: {one_line(exc)}") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{SEARCHPATH}: expected a list of directories, e.g. {SEARCHPATH}=[file:///path/to/conf]"
+                         f" or [pkg://package.conf], got {arg.split('=', 1)[1]}")
+    return value
+
+
+def _entry(key: str, text: str, cwd: Path) -> str:
+    """A search path entry: ``pkg://`` kept (the package must be importable), a directory as an absolute
+    ``file://`` one; a missing directory, or a file that a built-in of the same name would hide, is refused."""
+    import importlib.util
+
+    scheme, _, rest = text.partition("://") if "://" in text else ("file", "", text)
+    if scheme == "pkg":
+        try:
+            found = importlib.util.find_spec(rest)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise ValueError(f"{key}: package not found: {rest} (in {text})")
+        return text
+    if scheme != "file":
+        raise ValueError(f"{key}: expected a directory, file://DIR or pkg://PACKAGE, got {text}")
+    path = Path(rest).expanduser()
+    path = (path if path.is_absolute() else cwd / path).resolve()
+    if not path.is_dir():
+        raise ValueError(f"{key}: {'not a directory' if path.exists() else 'directory not found'}: {path}")
+    if path != CONF_DIR.resolve():
+        _check_no_builtin_names(path)
+    return f"file://{path}"
+
+
+def _check_no_builtin_names(directory: Path) -> None:
+    """Hydra looks a name up in cl-run's conf/ first: a user file with a built-in's name would be ignored."""
+    for builtin in sorted(CONF_DIR.rglob("*.yaml")):
+        name = builtin.relative_to(CONF_DIR)
+        if not (directory / name).exists():
+            continue
+        if name == Path("config.yaml"):
+            raise ValueError(f"{directory / name}: the root config is always cl-run's own; put the settings of a "
+                             "whole run in experiment/NAME.yaml ('# @package _global_'), chosen by experiment=NAME")
+        raise ValueError(f"{directory / name}: cl-run has a built-in {name}, which Hydra would use instead; give "
+                         f"yours another name (e.g. {name.parent}/my_{name.name})")
+
+
+def _quoted(entry: str) -> str:
+    """A search path entry as a quoted item of Hydra's override grammar (paths may hold spaces, commas, ...)."""
+    # Hydra's rule: backslashes are escapes only before a quote or the closing quote
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), entry) + "'"
+
+
 def split_args(argv: list[str]) -> tuple[list[str], bool, bool]:
     """(overrides, multirun, introspection): introspection flags (--cfg, --help, ...) skip the preflight."""
     overrides, multirun, introspect = [], False, False
@@ -153,25 +263,49 @@ def _job_choices(parsed: list, multirun: bool) -> list[list[str]]:
     return choices
 
 
-def preflight(overrides: list[str], multirun: bool = True) -> int:
-    """Compose and validate the config of every job the overrides describe; raise on the first bad one."""
+class GroupOptions:
+    """Hydra's config loader, asked for a group's options over the whole search path: what a glob() sweep matches.
+    (Hydra's own loader answers from its base search path, which hydra.searchpath does not reach.)"""
+
+    def __init__(self, overrides: list[str]) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+
+        self.loader = GlobalHydra.instance().config_loader()
+        self.search = [o for o in overrides if o.split("=", 1)[0] == SEARCHPATH]
+
+    def get_group_options(self, group: str, results_filter=None) -> list[str]:
+        from hydra.core.object_type import ObjectType
+
+        return self.loader.get_group_options(group, results_filter or ObjectType.CONFIG, None, self.search)
+
+
+def _written_out(override) -> str:
+    """A glob() sweep as the comma list of options it matches (over the whole search path); others as typed."""
+    from hydra.core.override_parser.types import Glob
+
+    if not isinstance(override.value(), Glob):
+        return override.input_line
+    return f"{override.get_key_element()}={','.join(override.sweep_string_iterator())}"
+
+
+def preflight(overrides: list[str], multirun: bool = True) -> list[str]:
+    """Compose and validate the config of every job the overrides describe; raise on the first bad one. Returns
+    the overrides with every glob() sweep written out, so that Hydra's sweeper runs the very jobs checked here."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from cl_runner.schema import register_configs
 
     register_configs()
-    jobs = 0
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())  # glob() sweeps
-        parsed = [o for o in _parse(parser, overrides)
-                  if not o.get_key_element().lstrip("+~").startswith("hydra")]
-        for combo in itertools.product(*_job_choices(parsed, multirun)):
+        parser = OverridesParser.create(config_loader=GroupOptions(overrides))  # glob() sweeps
+        parsed = _parse(parser, overrides)
+        jobs = [o for o in parsed if o.get_key_element() == SEARCHPATH
+                or not o.get_key_element().lstrip("+~").startswith("hydra")]
+        for combo in itertools.product(*_job_choices(jobs, multirun)):
             try:
                 cfg = compose("config", overrides=list(combo))
             except Exception as exc:
                 raise ValueError(_catalogue_hint(one_line(exc), combo)) from None
             checked(cfg)
-            jobs += 1
-    return jobs
+        return [_written_out(o) if o in jobs else o.input_line for o in parsed]

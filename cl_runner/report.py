@@ -19,11 +19,10 @@ from typing import Any
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.measure import Measurement
 from rich.table import Table
 
 from cl_runner import plots
-from cl_runner.results import write_atomic
+from cl_runner.results import print_whole, write_atomic
 
 # metrics.json key -> (label, higher is better). The first five are the table's columns; all are sortable.
 METRICS: dict[str, tuple[str, bool]] = {
@@ -350,12 +349,7 @@ def print_report(report: Report, console: Console) -> None:
         status = line[-1]
         style = "" if status == "completed" else "red" if "failed" in status else "yellow"
         table.add_row(*(escape(c) for c in line[:-1]), f"[{style}]{escape(status)}[/{style}]" if style else status)
-    # To a file or pipe, or where even folded names do not fit: print the table whole; the terminal may wrap
-    # its lines, but no number is cut.
-    natural = Measurement.get(console, console.options.update_width(10_000), table)
-    if not console.is_terminal or console.width < natural.minimum:
-        console.width = max(console.width, natural.maximum)
-    console.print(table)
+    print_whole(console, table)  # to a file or pipe whole; in a terminal names fold, numbers never
     for job in report.unfinished:
         console.print(f"[red]{job.status}[/red] {escape(job.name)}: {escape(_unfinished_note(job))}", soft_wrap=True)
 

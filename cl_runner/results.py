@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from cl_runner.errors import DiskFullError
@@ -150,20 +152,34 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def print_whole(console: Console, table: Table) -> None:
+    """Print ``table`` with no cell cut. To a file or pipe, or where even folded cells do not fit, at its natural
+    width (a terminal may wrap the lines, but every name and number is whole); else at the console's width, long
+    names folded onto more lines (columns made with ``overflow="fold"``)."""
+    natural = Measurement.get(console, console.options.update_width(10_000), table)
+    width = console.width
+    if not console.is_terminal or width < natural.minimum:
+        console.width = max(width, natural.maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 def print_summary(console: Console, task_names: list[str], rows: list[list[float]], metrics: dict[str, Any],
                   metric_names: list[str], run_dir: Path) -> None:
     """The score matrix (stages x tasks), the summary metrics and where the files are."""
     matrix = Table(title="Score matrix R\\[stage]\\[task] (bold: the task just trained)", title_justify="left")
-    matrix.add_column("stage", style="bold")
+    matrix.add_column("stage", style="bold", overflow="fold")
     for name, metric in zip(task_names, metric_names, strict=True):
-        matrix.add_column(f"{name}\n({metric})", justify="right")
+        matrix.add_column(f"{escape(name)}\n({metric})", justify="right", overflow="fold", min_width=5)
     for i, (stage, row) in enumerate(zip(stage_names(task_names), rows, strict=False)):
         cells = [f"[bold]{_fmt(v)}[/bold]" if i - 1 == j else _fmt(v) for j, v in enumerate(row)]
-        matrix.add_row(stage, *cells)
-    console.print(matrix)
+        matrix.add_row(escape(stage), *cells)
+    print_whole(console, matrix)
     summary = Table(title="Summary", title_justify="left", show_header=False)
-    summary.add_column("metric")
-    summary.add_column("value", justify="right")
+    summary.add_column("metric", overflow="fold")
+    summary.add_column("value", justify="right", overflow="fold")
     for key, label in [
         ("average_accuracy", "average accuracy (final row)"),
         ("average_forgetting", "average forgetting"),
@@ -174,6 +190,6 @@ def print_summary(console: Console, task_names: list[str], rows: list[list[float
         summary.add_row(label, _fmt(metrics.get(key)))
     summary.add_row("wall time (s)", _fmt(metrics.get("wall_time_s"), 1))
     for key, value in (metrics.get("strategy_accounting") or {}).items():
-        summary.add_row(key.replace("_", " "), str(value))
-    console.print(summary)
+        summary.add_row(escape(key.replace("_", " ")), escape(str(value)))
+    print_whole(console, summary)
     console.print(f"results: [bold]{run_dir}[/bold]")

@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -23,13 +24,20 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cl_runner import dist
 from cl_runner import metrics as cl_metrics
 from cl_runner.checkpoint import (
     Checkpoint,
+    best_weights,
+    checkpoint_bytes,
+    has_best,
+    load_shards,
+    load_strategy_shards,
     load_weights,
     move_aside,
-    newest_readable,
+    newest_on_every_rank,
     next_number,
+    rank_rng,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -38,8 +46,9 @@ from cl_runner.checkpoint import (
 from cl_runner.errors import CheckpointMismatch, ConfigError
 from cl_runner.evaluate import Scorer
 from cl_runner.lm import collate
-from cl_runner.loop import Boundary, EpochRecord, LoopCallbacks, TaskRun, read_extras, train_task
+from cl_runner.loop import Boundary, EpochRecord, LoopCallbacks, TaskRun, make_optimizer, read_extras, train_task
 from cl_runner.models import load_model, load_tokenizer, parameter_counts
+from cl_runner.parallel import shard
 from cl_runner.plots import plot_run
 from cl_runner.results import RunWriter, print_summary, write_atomic
 from cl_runner.run_state import RunState
@@ -60,6 +69,7 @@ from cl_runner.tasks import encode_task, load_sequence
 from cl_runner.tasks.base import Task
 from cl_runner.tasks.encode import EncodedTask
 from cl_runner.threads import apply_threads
+from cl_runner.trackers.fanout import Trackers, open_trackers
 
 log = logging.getLogger(__name__)
 AUTO_CHECKPOINT_FACTOR = 50  # automatic checkpoints: interval >= 50 x the cost of one, i.e. < 2% overhead
@@ -90,6 +100,7 @@ class RunParts:
     device: torch.device
     precision: str
     scaler: torch.amp.GradScaler | None
+    world: dist.World = dist.World()
 
     @property
     def names(self) -> list[str]:
@@ -99,10 +110,15 @@ class RunParts:
 def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
     """Load the tasks (data errors surface before any model is loaded), tokenizer and model; build the strategy."""
     device, precision = resolve_device(cfg.device)
+    world = dist.world()
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)  # one device per rank (torchrun's LOCAL_RANK)
     seed_everything(cfg.seed)
     tasks = load_sequence(cfg.tasks, cfg.seed, base_dir)
     tokenizer = load_tokenizer(cfg.model, [text for t in tasks for text in t.texts()])
-    model = load_model(cfg.model, tokenizer, cfg.seed).to(device)
+    model = load_model(cfg.model, tokenizer, cfg.seed)
+    if not world.sharded:  # sharded models move to the device once sharded (place_sharded)
+        model = model.to(device)
     apply_threads(cfg.device.threads, model)  # before the first step; the count depends on the model's size
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if context and cfg.train.max_length > context:
@@ -118,10 +134,21 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
         seed=cfg.seed, eos_id=tokenizer.eos_token_id, decode=partial(tokenizer.decode, skip_special_tokens=True),
     )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    parts = RunParts(cfg, run_dir, tasks, encoded, tokenizer, model, build_strategy(cfg.strategy), ctx, device,
-                     precision, scaler)
+    strategy = build_strategy(cfg.strategy)
+    if world.sharded:
+        place_sharded(model, strategy, ctx, cfg)
+    parts = RunParts(cfg, run_dir, tasks, encoded, tokenizer, model, strategy, ctx, device, precision, scaler, world)
     parts.strategy.check(ctx)  # options that name parameters or modules: before any evaluation or training
     return parts
+
+
+def place_sharded(model: torch.nn.Module, strategy: Strategy, ctx: Context, cfg: Config) -> None:
+    """FSDP: the strategy first adds what it would add during the run (every task's adapter or column, inactive
+    until its task: ``before_shard``), since a sharded module tree is fixed; then ``fully_shard`` block by block
+    in host memory, and only this rank's shards move to the device."""
+    strategy.before_shard(ctx)
+    shard(model, cfg.distributed)
+    model.to(ctx.device)
 
 
 def run_info(parts: RunParts) -> dict[str, Any]:
@@ -131,9 +158,10 @@ def run_info(parts: RunParts) -> dict[str, Any]:
         "experiment_name": cfg.experiment_name, "strategy": cfg.strategy.name, "task_sequence": cfg.tasks.name,
         "tasks": parts.names, "metric_per_task": [t.metric for t in parts.tasks], "seed": cfg.seed,
         "device": str(device), "precision": parts.precision, "cpu_threads": torch.get_num_threads(),
+        "distributed": {"kind": parts.world.kind, "world_size": parts.world.size},
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
-        "parameters": parameter_counts(parts.model), "versions": package_versions(),
+        "parameters": {**parameter_counts(parts.model), "trainable_per_task": {}}, "versions": package_versions(),
         "prompts_cut": {t.name: t.cut for t in parts.encoded},
         "examples": {t.name: t.info["sizes"] for t in parts.tasks},
         "config": as_dict(cfg),
@@ -146,24 +174,37 @@ def sequence_scorer(parts: RunParts) -> SequenceScorer:
                     device=parts.device, autocast=parts.ctx.autocast, batch_size=parts.cfg.train.eval_batch_size,
                     cfg=parts.cfg.eval, decode=partial(tokenizer.decode, skip_special_tokens=True),
                     batch_tokens=parts.cfg.train.eval_batch_tokens)
+    caps = [None if t.max_eval_examples is not None else parts.cfg.eval.max_examples  # the task's own cap wins
+            for t in parts.cfg.tasks.tasks]
     return SequenceScorer(scorer, parts.tasks, parts.encoded, parts.strategy, parts.ctx, parts.cfg.eval.full_every,
-                          parts.cfg.train.max_validation_examples, parts.cfg.seed)
+                          parts.cfg.train.max_validation_examples, parts.cfg.seed, caps)
 
 
 def restore(parts: RunParts, checkpoint: Checkpoint, started: float) -> tuple[RunState, dict[str, Any] | None]:
     """Continue from ``checkpoint`` (read and checked by ``read_checkpoint``): the strategy state and the modules
     it re-creates, then, once the weights are known to fit, weights, logged values, RNG. Returns the run state
     and the interrupted task's loop state (None between tasks). A checkpoint that does not fit config.yaml
-    raises ``CheckpointMismatch`` before any weight or file is touched."""
+    raises ``CheckpointMismatch`` before any weight or file is touched. A distributed checkpoint is loaded by
+    every rank together (DCP reshards it to this run's process count), the optimizer state through a
+    stand-in optimizer built as the loop builds its own."""
+    if checkpoint.sharded:
+        load_strategy_shards(checkpoint, parts.model)  # the strategy's DTensors, before the strategy sees them
     problem = misfit(parts, checkpoint)
     if problem:
         raise CheckpointMismatch(f"resume: checkpoint {checkpoint.path} does not match "
                                  f"{parts.run_dir / 'config.yaml'} ({problem})")
     saved = checkpoint.state
-    load_weights(checkpoint.path, parts.model)
+    task, best = saved["task"], None
+    if checkpoint.sharded:
+        optimizer = None if task is None else make_optimizer(parts.model, parts.cfg.train, parts.device)
+        best = load_shards(checkpoint, parts.model, optimizer)
+        task = task if optimizer is None else task | {"optimizer": optimizer.state_dict()}
+    else:
+        load_weights(checkpoint.path, parts.model)
+    best = best_weights(checkpoint, parts.model, best)
     parts.ctx.extras.update(saved["extras"])
-    set_rng_state(saved["rng"])
-    task = None if saved["task"] is None else saved["task"] | {"best": checkpoint.best}
+    set_rng_state(rank_rng(saved["rng"]))
+    task = None if task is None else task | {"best": best}
     return RunState.from_checkpoint(saved["run"], started), task
 
 
@@ -210,12 +251,12 @@ def start_state(parts: RunParts, writer: RunWriter, console: Console, resume: bo
     moves the earlier results to ``superseded/<n>/``."""
     if not resume:
         return RunState(info=run_info(parts), started=started), None
-    checkpoint, damaged = newest_readable(parts.run_dir) if parts.cfg.checkpoint.enabled else (None, [])
+    checkpoint, damaged = newest_on_every_rank(parts.run_dir) if parts.cfg.checkpoint.enabled else (None, [])
     if checkpoint is not None:
         state, task = restore(parts, checkpoint, started)  # a mismatch raises before anything is written
     else:
         state, task = RunState(info=run_info(parts), started=started), None
-    for path, reason in damaged:
+    for path, reason in damaged if parts.world.main else ():
         move_aside(path, reason)
     kept = writer.supersede() if damaged and checkpoint is None else None
     writer.set_rows(state.rows())
@@ -231,14 +272,16 @@ def start_state(parts: RunParts, writer: RunWriter, console: Console, resume: bo
 
 class CheckpointPolicy:
     """When to checkpoint inside a task (every ``every_n_steps`` steps, or automatically: at most ~2% of the
-    time), and writing one: weights, best weights, run state, loop state, strategy state, logged values, RNG."""
+    time; never with ``mid_task: false``), and writing one: weights, best weights, run state, loop state,
+    strategy state, logged values, RNG (distributed: every rank together, each writing its shards)."""
 
     def __init__(self, cfg: CheckpointConfig, parts: RunParts) -> None:
         self.cfg, self.parts = cfg, parts
         self.last_time, self.last_cost = time.perf_counter(), None
+        self.best_in: tuple[dict[str, torch.Tensor], Path] | None = None  # best weights and a checkpoint holding them
 
     def due(self, step: int) -> bool:
-        if not self.cfg.enabled:
+        if not (self.cfg.enabled and self.cfg.mid_task):
             return False
         if self.cfg.every_n_steps is not None:
             return step % self.cfg.every_n_steps == 0
@@ -250,16 +293,21 @@ class CheckpointPolicy:
         """Write the next checkpoint; ``task`` is the loop's ``Boundary.state_dict()`` (None between tasks). Its
         number is 1 + the highest the run has used, which is also ``checkpoints.count``: the checkpoints written
         over the run's life (the checkpoint holds its own count, so a resume keeps it)."""
-        number = next_number(self.parts.run_dir, state.checkpoint_seq)
+        number = dist.broadcast_object(next_number(self.parts.run_dir, state.checkpoint_seq))  # rank 0's count
         saved = replace(state, checkpoint_seq=number, elapsed_s=state.elapsed(),
                         checkpoints={**state.checkpoints, "count": number})
         payload = {"run": saved.to_checkpoint(), "task": task, "strategy": self.parts.strategy.state_dict(),
                    "extras": read_extras(self.parts.ctx.extras), "rng": rng_state()}
-        path, cost = save_checkpoint(self.parts.run_dir, number, self.parts.model, payload, best, self.cfg.keep_last)
+        optimizer = self.parts.ctx.optimizer if task is not None else None  # the task's (distributed: shards)
+        # the loop replaces its best-weights dict when an epoch does better, so the same dict = the same weights
+        best_from = self.best_in[1] if self.best_in is not None and self.best_in[0] is best else None
+        path, cost = save_checkpoint(self.parts.run_dir, number, self.parts.model, payload, best, self.cfg.keep_last,
+                                     optimizer, best_from)
+        self.best_in = (best, path) if best is not None and has_best(path) else None
         self.last_time, self.last_cost = time.perf_counter(), cost
         state.checkpoint_seq, state.elapsed_s = number, saved.elapsed_s
         state.checkpoints = {"count": number, "last_seconds": round(cost, 4),
-                             "bytes": sum(f.stat().st_size for f in path.iterdir())}
+                             "bytes": checkpoint_bytes(path)}
 
 
 def format_extras(extras: dict[str, float]) -> str:
@@ -270,12 +318,15 @@ def format_extras(extras: dict[str, float]) -> str:
 class SequenceRun:
     """The task loop of one process: score the init row, then train and score each remaining task."""
 
-    def __init__(self, parts: RunParts, state: RunState, writer: RunWriter, policy: CheckpointPolicy) -> None:
+    def __init__(self, parts: RunParts, state: RunState, writer: RunWriter, policy: CheckpointPolicy,
+                 trackers: Trackers | None = None) -> None:
         self.parts, self.state, self.writer, self.policy = parts, state, writer, policy
+        self.trackers = trackers or Trackers([])  # experiment trackers (cl_runner/trackers/), rank 0
         self.scoring = sequence_scorer(parts)
         self.stop = StopRequest()
 
     def train(self, console: Console, task_resume: dict[str, Any] | None) -> None:
+        self.scoring.progress.attach(console)  # evaluation's progress bars (rank 0's console; others are quiet)
         with stop_signals(self.stop), _progress(console) as progress:
             if not self.state.stages:
                 self.add_stage("init", self.scoring.score())
@@ -290,22 +341,40 @@ class SequenceRun:
         callbacks = _TaskCallbacks(self, progress, f"[{i + 1}/{len(parts.tasks)}] {name}")
         task_started = time.perf_counter()
         records = train_task(TaskRun(parts.ctx, parts.strategy, parts.encoded[i].train, parts.cfg.train,
-                                     self.scoring.validate, parts.scaler, resume, callbacks))
+                                     self.scoring.validate, parts.scaler, resume, callbacks, parts.cfg.distributed))
         state.history.extend(asdict(r) for r in records)
         state.wall_time_per_task_s[name] = round(
             state.wall_time_per_task_s.get(name, 0.0) + time.perf_counter() - task_started, 3)
-        for file_name, text in parts.ctx.artifacts.items():  # e.g. generated pseudo-examples, for users to read
+        for file_name, text in parts.ctx.artifacts.items() if parts.world.main else ():  # e.g. pseudo-examples
             write_atomic(parts.run_dir / file_name, text)
         self.add_stage(f"after_{name}", self.scoring.score_after(i))
         state.next_task = i + 1
         if parts.cfg.checkpoint.enabled:
             self.policy.save(state, None, None)
-        self.stop.check(parts.run_dir)
+        if self.agree(False)[0]:
+            self.stop.check(parts.run_dir)
+
+    def agree(self, due: bool, sync: bool = True) -> tuple[bool, bool]:
+        """(stop, checkpoint now), the same on every rank. Ranks compare notes at ``sync`` points only (every
+        ``train.log_every`` steps, epoch and task ends; a CPU collective each): a signal reaching any rank stops
+        them all there (Slurm signals the ranks at slightly different moments), and rank 0's clock decides a
+        time-based checkpoint. Between sync points only a step-count checkpoint (``every_n_steps``) is taken."""
+        world = self.parts.world
+        if not world.distributed:
+            return self.stop.signum is not None, due
+        if not sync:
+            return False, due and self.policy.cfg.every_n_steps is not None
+        signum, due = dist.all_reduce_max([self.stop.signum or 0, float(due and world.main)])
+        if signum and self.stop.signum is None:
+            self.stop.signum = int(signum)
+        return self.stop.signum is not None, bool(due)
 
     def add_stage(self, stage: str, results: list[dict]) -> None:
         self.writer.add_row([r["score"] for r in results])
         self.state.add_stage(stage, results)
+        self.state.info.setdefault("eval_seconds_per_stage", {})[stage] = self.scoring.take_timing()
         self.writer.write_metrics(self.state.to_metrics())
+        self.trackers.on_stage(stage, self.state.rows())
 
 
 class _TaskCallbacks(LoopCallbacks):
@@ -317,22 +386,29 @@ class _TaskCallbacks(LoopCallbacks):
 
     def on_step(self, event: dict[str, Any]) -> None:
         if event["event"] == "task_start":
-            self.epochs = event["epochs"]
+            self.epochs, parts = event["epochs"], self.run.parts
+            trainable = self.run.state.info["parameters"].setdefault("trainable_per_task", {})
+            trainable[parts.names[parts.ctx.task_index]] = event["trainable"]
             self.progress.update(self.bar, total=event["total_steps"], completed=event["step"])
         else:
             mfu = "" if event["mfu"] is None else f"MFU {event['mfu']:.1%} · "
             self.progress.update(self.bar, completed=event["step"], loss=f"{event['loss']:.3f}",
                                  speed=f"{event['tokens_per_s']:,.0f}", extras=mfu + format_extras(event["extras"]),
                                  description=f"{self.label} · epoch {event['epoch']}/{self.epochs}")
+        self.run.trackers.on_step(event, self.run.parts.ctx)
 
     def on_epoch(self, record: EpochRecord) -> None:
         self.run.writer.add_history(asdict(record))
+        self.run.trackers.on_epoch(record)
 
     def on_boundary(self, boundary: Boundary) -> None:
         run = self.run
-        if run.stop.signum is not None or (boundary.kind == "step" and run.policy.due(boundary.loop.step)):
+        sync = boundary.kind == "epoch" or boundary.loop.step % run.parts.cfg.train.log_every == 0
+        stop, due = run.agree(boundary.kind == "step" and run.policy.due(boundary.loop.step), sync)
+        if stop or due:
             run.policy.save(run.state, boundary.state_dict(), boundary.best_state)
-        run.stop.check(run.parts.run_dir)
+        if stop:
+            run.stop.check(run.parts.run_dir)
 
 
 def run(cfg: Config, run_dir: Path, config_yaml: str = "", console: Console | None = None,
@@ -343,15 +419,17 @@ def run(cfg: Config, run_dir: Path, config_yaml: str = "", console: Console | No
     SIGINT/SIGTERM stop the run at once, with status ``interrupted``."""
     run_dir = Path(run_dir)
     stop = StopRequest(deferred=False, run_dir=run_dir)
-    with run_lock(run_dir), stop_signals(stop):
-        if config_yaml and not (run_dir / "config.yaml").exists():
+    world = dist.join(cfg.distributed.kind, resolve_device(cfg.device)[0].type == "cuda", cfg.distributed.timeout_s)
+    with run_lock(run_dir) if world.main else nullcontext(), stop_signals(stop):  # rank 0 holds the lock, writes
+        if config_yaml and world.main and not (run_dir / "config.yaml").exists():
             write_atomic(run_dir / "config.yaml", config_yaml)
         try:
-            return _run(cfg, run_dir, console or Console(), base_dir, resume)
+            return _run(cfg, run_dir, console or Console(quiet=not world.main), base_dir, resume)
         except BaseException as exc:
             if stop.signum is None or (isinstance(exc, RunInterrupted) and exc.checkpointed):
                 raise
-            _mark_interrupted(run_dir)  # stopped outside the task loop (even if a library re-raised it as another)
+            if world.main:  # stopped outside the task loop (even if a library re-raised it as another)
+                _mark_interrupted(run_dir)
             raise RunInterrupted(stop.signum, run_dir, checkpointed=False) from None
 
 
@@ -368,7 +446,7 @@ def _mark_interrupted(run_dir: Path) -> None:
 def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
     parts = build_parts(cfg, run_dir, base_dir)
-    writer = RunWriter(run_dir, parts.names)
+    writer = RunWriter(run_dir, parts.names) if parts.world.main else RankWriter(run_dir, parts.names)
     policy = CheckpointPolicy(cfg.checkpoint, parts)
     state, task_resume = start_state(parts, writer, console, resume, started)
     if parts.device.type == "cuda" and cfg.device.compile:
@@ -379,16 +457,21 @@ def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, re
     console.print(f"[bold]cl-run[/bold] {cfg.strategy.name} on {cfg.tasks.name} ({len(parts.tasks)} tasks: "
                   f"{', '.join(parts.names)}) · {parts.device} {parts.precision} · "
                   f"{state.info['parameters']['total']:,} parameters")
+    trackers = open_trackers(parts, state, task_resume)  # logger=...: rank 0; a no-op without one
     try:
-        SequenceRun(parts, state, writer, policy).train(console, task_resume)
-        return finish(parts, state, writer, console)  # a full disk while writing the results is a failure too
+        SequenceRun(parts, state, writer, policy, trackers).train(console, task_resume)
+        metrics = finish(parts, state, writer, console)  # a full disk while writing the results is a failure too
+        trackers.close(state)
+        return metrics
     except (RunInterrupted, KeyboardInterrupt):
         state.status = "interrupted"
         writer.write_metrics(state.to_metrics())
+        trackers.close(state)
         raise
     except BaseException as exc:
         state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
         writer.write_metrics(state.to_metrics())
+        trackers.close(state)
         raise
 
 
@@ -402,12 +485,36 @@ def finish(parts: RunParts, state: RunState, writer: RunWriter, console: Console
     state.status = "completed"
     metrics = state.to_metrics()
     writer.write_metrics(metrics)
+    if not parts.world.main:
+        return metrics
     plot_run(parts.run_dir, parts.names, rows, metric_names,
              title=f"{parts.cfg.strategy.name} · seed {parts.cfg.seed}")
     if parts.cfg.model.name_or_path is None:
         parts.tokenizer.save_pretrained(parts.run_dir / "tokenizer")
     print_summary(console, parts.names, rows, metrics, metric_names, parts.run_dir)
     return metrics
+
+
+class RankWriter(RunWriter):
+    """The writer of ranks other than 0: it keeps the rows like rank 0's and writes nothing (rank 0 writes)."""
+
+    def __init__(self, run_dir: Path, task_names: list[str]) -> None:
+        self.run_dir, self.task_names, self.rows = Path(run_dir), task_names, []
+
+    def set_rows(self, rows: list[list[float]]) -> None:
+        self.rows = list(rows)
+
+    def add_history(self, record: dict[str, Any]) -> None:
+        pass
+
+    def set_history(self, records: list[dict[str, Any]]) -> None:
+        pass
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def supersede(self) -> Path | None:
+        return None
 
 
 def run_is_finished(run_dir: Path) -> bool:

@@ -6,18 +6,21 @@ An unknown key or a wrong type fails when Hydra composes the config. Ranges and 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
+from cl_runner.dist import launch_error
 from cl_runner.errors import ConfigError
 from cl_runner.options import SEED_MAX, WEIGHT_DTYPES, arch_errors
 from cl_runner.options import check_choice as _choice
 from cl_runner.options import check_fraction as _fraction
 from cl_runner.options import check_positive as _positive
 from cl_runner.threads import parse_setting as parse_threads
+from cl_runner.trackers.schema import LoggerConfig
 
 METRICS = ("exact_match", "label_accuracy", "perplexity")
 TASK_SOURCES = ("facts", "datasets")
@@ -34,6 +37,10 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        if self.name_or_path is not None:
+            self.arch = {}  # ignored when a pretrained model loads: metrics.json shows only what is used
+
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         if self.name_or_path is None and "model_type" not in self.arch:
@@ -47,6 +54,17 @@ class ModelConfig:
         if self.name_or_path is not None or "model_type" not in self.arch:
             return []
         return arch_errors(self.arch, f"{key}.arch")
+
+
+def used_config(cfg: DictConfig) -> DictConfig:
+    """The composed ``cfg`` as a run saves it (config.yaml), holding only what the run uses: with
+    ``model.name_or_path`` set, ``model.arch`` is empty, as ``model=gpt2`` has it (the default ``model=tiny``
+    brings one, which a pretrained model ignores). A copy when anything changes; ``cfg`` is left as it is."""
+    if OmegaConf.select(cfg, "model.name_or_path") is None or not OmegaConf.select(cfg, "model.arch"):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.model.arch = {}
+    return cfg
 
 
 @dataclass
@@ -67,6 +85,31 @@ class DeviceConfig:
         _choice(errs, f"{key}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if self.type == "cpu" and self.precision == "fp16":
             errs.append(f"{key}.precision: fp16 needs a GPU (device.type=cpu); use fp32 or bf16")
+        return errs
+
+
+@dataclass
+class DistributedConfig:
+    kind: str = "none"  # none (one process) | ddp (replicated weights) | fsdp (sharded, fully_shard)
+    timeout_s: float = 1800.0  # a collective that waits longer fails the job (a rank died or hangs)
+    find_unused_parameters: bool = False  # ddp: parameters that get no gradient in some steps (slower when true)
+    wrap: str = "block"  # fsdp: block = one FSDP unit per transformer block plus the root; model = the root only
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (less memory, one more gather)
+    param_dtype: str | None = None  # fsdp: dtype of gathered weights in forward/backward (bfloat16 | float16);
+    #                                 null = the weights' own dtype (autocast still follows device.precision)
+    reduce_dtype: str | None = None  # fsdp: dtype of the gradient reduce-scatter; null = the gradients' dtype
+    cpu_offload: bool = False  # fsdp: keep sharded weights, gradients and optimizer state in host memory
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        _choice(errs, f"{key}.kind", self.kind, ("none", "ddp", "fsdp"))
+        _choice(errs, f"{key}.wrap", self.wrap, ("block", "model"))
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                _choice(errs, f"{key}.{name}", value, ("float32", "bfloat16", "float16"))
+        if not self.timeout_s > 0:
+            errs.append(f"{key}.timeout_s: expected a positive number of seconds, got {self.timeout_s}")
         return errs
 
 
@@ -96,6 +139,8 @@ class TaskConfig:
     template: str = "{input}\nAnswer:"  # prompt; {input} and any column name, e.g. {question}
     target_template: str = " {target}"
     stop: str = "\n"  # generation stops at EOS or this string
+    max_new_tokens: int | None = None  # exact_match: this task's generation budget; null = eval.max_new_tokens
+    eval_batch_size: int | None = None  # examples per evaluation batch for this task; null = train.eval_batch_size
     max_train_examples: int | None = None  # subsample (seeded) when set
     max_eval_examples: int | None = None
     max_train_per_class: int | None = None  # at most this many training rows per target_column value (seeded)
@@ -113,6 +158,8 @@ class TaskConfig:
         _fraction(errs, f"{key}.validation_fraction", self.validation_fraction, closed_right=False)
         _positive(errs, f"{key}.max_train_examples", self.max_train_examples)
         _positive(errs, f"{key}.max_eval_examples", self.max_eval_examples)
+        _positive(errs, f"{key}.max_new_tokens", self.max_new_tokens)
+        _positive(errs, f"{key}.eval_batch_size", self.eval_batch_size)
         _positive(errs, f"{key}.max_train_per_class", self.max_train_per_class)
         _positive(errs, f"{key}.max_eval_per_class", self.max_eval_per_class)
         if self.metric == "label_accuracy" and self.source == "datasets" and not (self.verbalizer or self.labels):
@@ -192,11 +239,14 @@ class EvalConfig:
     strip_punctuation: bool = True  # exact match: drop trailing . , ; : ! ? and surrounding quotes
     max_new_tokens: int | None = None  # generation budget; null = longest target of the task + 2
     full_every: int = 1  # score every task after every N-th task (and the last); other stages: what metrics need
+    max_examples: int | None = None  # per task and split: a seeded sample of this many (a task's max_eval_examples
+    #                                  wins where set); null = all
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         _positive(errs, f"{key}.max_new_tokens", self.max_new_tokens)
         _positive(errs, f"{key}.full_every", self.full_every)
+        _positive(errs, f"{key}.max_examples", self.max_examples)
         return errs
 
 
@@ -205,6 +255,7 @@ class CheckpointConfig:
     enabled: bool = True  # checkpoint at the end of every task and within tasks (needed for resume)
     every_n_steps: int | None = None  # null = automatic: often enough to lose little, rarely enough to cost <2%
     keep_last: int = 2  # newest checkpoints kept (the previous one is the fallback if the newest is damaged)
+    mid_task: bool = True  # false: checkpoints only at task ends (and on a stop signal); resume restarts the task
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
@@ -223,9 +274,11 @@ class Config:
     strategy: Any = MISSING  # the chosen strategy's own Config (cl_runner/strategies/registry.py)
     tasks: TasksConfig = MISSING
     device: DeviceConfig = MISSING
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers (conf/logger/)
     seed: int = 0
     experiment_name: str = "cl"  # free text, recorded in metrics.json
     debug: bool = False  # show Python tracebacks instead of one-line errors
@@ -233,11 +286,22 @@ class Config:
     def errors(self) -> list[str]:
         errs = self.model.errors("model") + self.device.errors("device") + self.tasks.errors("tasks")
         errs += self.train.errors("train") + self.eval.errors("eval") + self.strategy.errors("strategy")
-        errs += self.checkpoint.errors("checkpoint")
+        errs += self.checkpoint.errors("checkpoint") + self.distributed.errors("distributed")
+        if self.distributed.kind != "none":  # a strategy that cannot run so: refused before anything loads
+            from cl_runner.strategies.registry import distributed_errors
+
+            errs += distributed_errors(self.strategy, self.distributed.kind)
+        errs += self.logger.errors("logger")
         if self.train.pack and self.strategy.name in PACK_REFUSED:  # their loss hooks re-run the model on the rows
             errs.append(f"train.pack: not supported with strategy.name={self.strategy.name} (set train.pack=false)")
         if not 0 <= self.seed <= SEED_MAX:
             errs.append(f"seed: expected a non-negative integer, at most {SEED_MAX}, got {self.seed}")
+        launch = launch_error(self.distributed.kind)
+        if launch:
+            errs.append(launch)
+        if self.distributed.kind == "fsdp" and self.device.precision == "fp16":
+            errs.append("device.precision: fp16 is not supported with distributed=fsdp (its gradient scaler is not "
+                        "sharded); use bf16")
         if not errs:  # last: its import costs seconds that a plain error need not wait for (the run pays it anyway)
             errs += self.model.arch_errors("model")
         return errs

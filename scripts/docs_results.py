@@ -115,7 +115,8 @@ def summary_page(jobs: list[Job], sequence: str, today: str) -> str:
     for job in jobs:
         m, params = job.metrics, job.metrics.get("parameters", {})
         final = params.get("final") or params  # counts after the last task (adapters and columns add some)
-        trainable = count(final.get("trainable"))
+        per_task = list((params.get("trainable_per_task") or {}).values())  # what each task's optimizer updated
+        trainable = count(per_task[-1] if per_task else final.get("trainable"))  # runs from before: "trainable"
         rows.append([f"`{job.strategy}`", FAMILY.get(job.strategy, ""), num(job.value("average_accuracy")),
                      num(job.value("average_forgetting")),
                      num(job.value("backward_transfer"), signed=True), num(job.value("forward_transfer"), signed=True),

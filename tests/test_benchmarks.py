@@ -77,3 +77,24 @@ def test_bench_strategies_every_strategy_through_the_real_loop(scripts, tmp_path
     assert set(saved["strategies"]) == expected and saved["fisher"]["speedup"] == fisher["speedup"]
     out = capsys.readouterr().out
     assert all(f"\n{name} " in out for name in expected)
+
+
+@pytest.mark.slow
+def test_bench_distributed_reports_memory_per_rank_of_every_kind(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import bench_distributed
+
+    report = bench_distributed.main(["--size", "tiny", "--examples", "8", "--batch-size", "4", "--epochs", "2",
+                                     "--out", str(tmp_path / "dist.json"), "--keep", str(tmp_path / "runs")])
+    rows = report["kinds"]
+    assert list(rows) == ["none", "ddp", "fsdp"]
+    for kind, row in rows.items():
+        assert row["status"] == "ok", (kind, row["errors"])
+        assert row["processes"] == (1 if kind == "none" else 2)
+        assert len(row["peak_rss_mib_per_rank"]) == row["processes"]  # every rank reported its own figure
+        assert row["peak_rss_mib"] > row["baseline_rss_mib"] > 0 and row["tokens_per_s"] > 0
+        assert row["parameters"] == rows["none"]["parameters"] > 0  # the same model in every kind
+    assert rows["ddp"]["memory_vs_ddp"] == 1.0 and rows["fsdp"]["memory_vs_ddp"] > 0
+    assert json.loads((tmp_path / "dist.json").read_text()) == json.loads(json.dumps(report))
+    out = capsys.readouterr().out
+    assert all(f"\n{kind} " in out for kind in ("none", "ddp", "fsdp"))

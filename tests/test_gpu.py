@@ -39,3 +39,25 @@ def test_batches_reach_the_gpu_through_pinned_memory_unchanged():
     torch.cuda.synchronize()
     for key, value in on_cpu.items():
         assert on_gpu[key].is_cuda and torch.equal(on_gpu[key].cpu(), value)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_nccl_bf16_run_on_every_visible_gpu_matches_one_process(tmp_path, kind):
+    """torchrun on all visible GPUs (NCCL, bf16; FSDP gathers in bf16 and reduces in fp32) against one process:
+    the same matrix. bf16 rounding differs with the split, so learning is compared, not bits."""
+    import json
+    import subprocess
+    import sys
+
+    gpus = torch.cuda.device_count()
+    common = ["device=cuda", "device.precision=bf16", "train.epochs=6", "checkpoint.enabled=false",
+              "train.keep_best=false"]
+    single = run_quietly(make_config(*common, small=False), tmp_path / "one")
+    extra = ["distributed.param_dtype=bfloat16", "distributed.reduce_dtype=float32"] if kind == "fsdp" else []
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m",
+                           "cl_runner", f"distributed={kind}", *common, *extra, f"hydra.run.dir={tmp_path / 'n'}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    multi = json.loads((tmp_path / "n" / "metrics.json").read_text())
+    assert multi["distributed"] == {"kind": kind, "world_size": gpus} and multi["device"].startswith("cuda")
+    assert abs(multi["average_accuracy"] - single["average_accuracy"]) <= 0.1

@@ -143,6 +143,9 @@ def test_history_seconds_exclude_the_callbacks_and_tokens_per_s_counts_real_toke
     assert all(r.seconds < 100 for r in records)  # 4 steps x (1 checkpoint + 1 event) x 1000 s are not in it
     real_tokens = sum(len(e["input_ids"]) for e in data)
     assert [r.tokens_per_s * r.seconds for r in records] == pytest.approx([real_tokens] * 2)
+    targets = sum(sum(1 for label in e["labels"][1:] if label != -100) for e in data)
+    assert 0 < targets < real_tokens
+    assert [r.target_tokens_per_s * r.seconds for r in records] == pytest.approx([targets] * 2)
     assert [r.mfu for r in records] == [None, None]  # CPU: no peak
 
 

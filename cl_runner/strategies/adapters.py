@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from cl_runner.dist import world
 from cl_runner.options import check_fraction, check_positive
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig
+from cl_runner.strategies.base import Context, Strategy, StrategyConfig, not_made_before_sharding
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.lora import (
     activate,
@@ -82,6 +83,14 @@ class Adapters(Strategy):
         self._pairs: list | None = None  # (old A stacked, new A) per layer, for the orthogonality loss
         self.costs: dict[str, Any] = {}  # accounting, updated after each task
 
+    @classmethod
+    def distributed_refusal(cls, cfg: Any, kind: str) -> str | None:
+        if kind == "fsdp" and getattr(cfg, "orthogonal_lambda", 0) > 0:
+            return ("orthogonal_lambda > 0: O-LoRA's penalty reads the adapters' A matrices outside the model's "
+                    "forward, where FSDP holds them sharded and does not reduce their gradient; use distributed=ddp "
+                    "or orthogonal_lambda=0")
+        return None
+
     def names(self) -> list[str]:
         return ["shared"] if self.shared else [adapter_name(t) for t in range(self.created)]
 
@@ -95,8 +104,20 @@ class Adapters(Strategy):
         if not self.base_parameters:
             self.base_parameters = sum(p.numel() for p in ctx.model.parameters())
         name = "shared" if self.shared else adapter_name(task)
-        add_lora(ctx.model, name, self.cfg, seed=ctx.seed_for(INIT_SALT, task), device=ctx.device)
+        if not lora_parameters(ctx.model, name):  # else made before sharding (``before_shard``)
+            if world().sharded:
+                raise not_made_before_sharding(self.name)
+            add_lora(ctx.model, name, self.cfg, seed=ctx.seed_for(INIT_SALT, task), device=ctx.device)
         self.created = task + 1
+
+    def before_shard(self, ctx: Context) -> None:
+        """FSDP: every task's adapter now, inactive (the base model's function), with the seed it would get at its
+        task: the same adapters, sharded with the base (the FSDP/peft recipe: frozen base, trainable adapters)."""
+        self.base_parameters = sum(p.numel() for p in ctx.model.parameters())
+        for task in range(1 if self.shared else len(ctx.task_names)):
+            name = "shared" if self.shared else adapter_name(task)
+            add_lora(ctx.model, name, self.cfg, seed=ctx.seed_for(INIT_SALT, task), device=ctx.device)
+        activate(ctx.model, [])
 
     def check(self, ctx: Context) -> None:
         check_targets(ctx.model, self.cfg.target_modules)

@@ -7,6 +7,13 @@ tasks.
 Merging two: ``a (x - p)^2 + b (x - q)^2 = (a + b)(x - (a p + b q)/(a + b))^2 + ab/(a + b) (p - q)^2``.
 The gradient ``lam * F * (theta - m)`` is added to ``.grad`` with fused ``torch._foreach_*`` ops after the
 backward pass, outside autograd: no graph, no extra activation memory.
+
+Several processes. Under DDP every rank holds the whole model and the averaged gradient, so every rank keeps the
+whole state and adds the same penalty gradient. Under FSDP the state is sharded like the parameters: F and m are
+this rank's shards (``common.local``: the shard of each parameter), the penalty gradient is added to the local
+shard of the sharded gradient, and only the scalars (the penalty value, the merge constant) are summed across
+ranks; no rank ever holds a full copy. ``state_dict`` gives the shards as DTensors laid out like their
+parameters (a sharded checkpoint reshards them); ``load_state_dict`` takes either form.
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ from typing import Any
 
 import torch
 
+from cl_runner.dist import all_reduce_sum, world
 from cl_runner.errors import ConfigError
 from cl_runner.lazy import no_grad
 from cl_runner.strategies.base import Context, Strategy, trainable_parameters
-from cl_runner.strategies.common import selected_parameters, tensor_bytes
+from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view
 
 LOG_EVERY = 10  # optimizer steps between penalty values logged (each is a pass over the penalised parameters)
 DTYPES = ("float32", "bfloat16")  # state_dtype: names of torch dtypes
@@ -39,28 +47,31 @@ def merge_quadratics(f1: torch.Tensor, m1: torch.Tensor, f2: torch.Tensor, m2: t
 @no_grad
 def add_penalty_grad_(params: list[torch.Tensor], anchor: list[torch.Tensor],
                       fisher: list[torch.Tensor] | None, scale: float) -> None:
-    """``p.grad += scale * F * (p - anchor)`` for every p (F = 1 when ``fisher`` is None).
+    """``p.grad += scale * F * (p - anchor)`` for every p (F = 1 when ``fisher`` is None); under FSDP on this
+    rank's shard of ``p`` and of its gradient (``anchor`` and ``fisher`` are the matching shards).
 
     Missing grads (a parameter unused by this step's batches) are created as zeros first.
     """
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    diff = torch._foreach_sub([p.detach() for p in params], anchor)
+    diff = torch._foreach_sub([local(p.detach()) for p in params], anchor)
     if fisher is not None:
         torch._foreach_mul_(diff, fisher)
-    torch._foreach_add_([p.grad for p in params], diff, alpha=scale)
+    torch._foreach_add_([local(p.grad) for p in params], diff, alpha=scale)
 
 
 @no_grad
 def quadratic_sum(params: list[torch.Tensor], anchor: list[torch.Tensor],
                   fisher: list[torch.Tensor] | None) -> torch.Tensor:
-    """``sum F (p - anchor)^2`` over all tensors, as a 0-dim fp32 tensor (no host sync)."""
-    diff = torch._foreach_sub([p.detach().float() for p in params], anchor)
+    """``sum F (p - anchor)^2`` over all tensors, as a 0-dim fp32 tensor (no host sync but, under FSDP, the sum of
+    the ranks' shards: a collective every rank makes)."""
+    diff = torch._foreach_sub([local(p.detach()).float() for p in params], anchor)
     torch._foreach_mul_(diff, diff)
     if fisher is not None:
         torch._foreach_mul_(diff, fisher)
-    return torch.stack(torch._foreach_norm(diff, 1)).sum()  # the terms are >= 0: L1 norm = sum
+    total = torch.stack(torch._foreach_norm(diff, 1)).sum()  # the terms are >= 0: L1 norm = sum
+    return all_reduce_sum(total) if world().sharded else total
 
 
 class AnchorPenalty(Strategy):
@@ -81,6 +92,7 @@ class AnchorPenalty(Strategy):
         self.fisher: list[torch.Tensor] | None = None  # F (None: a scalar F = self.weight everywhere)
         self.weight = 0.0  # scalar multiplying F (L2: the number of tasks merged; EWC: 1)
         self.const = 0.0  # C / weight (the constant of the merged quadratic)
+        self.numel = 0  # elements of the penalised parameters (all ranks' shards together)
         self._params: tuple[int, list[torch.Tensor]] | None = None  # cached (id(model), parameters)
 
     def importance(self, ctx: Context, names: list[str]) -> list[torch.Tensor] | None:
@@ -103,8 +115,10 @@ class AnchorPenalty(Strategy):
     def after_task(self, ctx: Context) -> None:
         if self.names is None:
             self.names = [n for n, _ in selected_parameters(ctx.model, self.cfg.ewc_params)]
-        theta = [p.detach() for p in self.parameters(ctx.model)]
-        self._move_to(theta[0].device)  # state loaded from a checkpoint may sit on the CPU
+        params = self.parameters(ctx.model)
+        theta = [local(p.detach()) for p in params]
+        self.numel = sum(p.numel() for p in params)
+        self._place(params)  # state loaded from a checkpoint may sit on the CPU, or be whole
         new = self.importance(ctx, self.names)
         if self.anchor is None or (self.online and new is not None):
             old = self.fisher if self.anchor is not None else None
@@ -114,14 +128,16 @@ class AnchorPenalty(Strategy):
             self.anchor, self.weight, self.const = [t.clone() for t in theta], 1.0, 0.0
         else:  # pre-sum: merge the new task's quadratic into the stored one
             uniform = new is None
-            anchor, fisher, const = [], [], self.weight * self.const  # C in absolute units while merging
+            anchor, fisher, consts = [], [], []
             for i, t in enumerate(theta):
                 f_old = torch.full_like(t, self.weight) if self.fisher is None else self.fisher[i]
                 f_new = torch.ones_like(t) if uniform else new[i]
                 f, m, c = merge_quadratics(f_old, self.anchor[i], f_new, t)
                 anchor.append(m.to(self.dtype))  # cast tensor by tensor: no full fp32 copy of the state
                 fisher.append(f.to(self.dtype))
-                const += float(c)
+                consts.append(c)
+            added = torch.stack(consts).cpu().double().sum()  # on the host: one sync, any device
+            const = self.weight * self.const + float(all_reduce_sum(added) if world().sharded else added)
             self.weight = self.weight + 1.0 if uniform else 1.0
             self.anchor, self.fisher, self.const = anchor, None if uniform else fisher, const / self.weight
         self.anchor = [m.to(self.dtype) for m in self.anchor]
@@ -131,7 +147,7 @@ class AnchorPenalty(Strategy):
         if self.anchor is None or self.lam == 0:
             return
         params = self.parameters(ctx.model)
-        self._move_to(params[0].device)
+        self._place(params)
         if ctx.step % LOG_EVERY == 0:  # a pass over the penalised parameters: not every step
             ctx.log(**{f"{self.name}_penalty": self.penalty_tensor(ctx.model)})
         add_penalty_grad_(params, self.anchor, self.fisher, self.lam * self.weight)
@@ -145,24 +161,40 @@ class AnchorPenalty(Strategy):
         if self.anchor is None:
             return torch.zeros(())
         params = self.parameters(model)
-        self._move_to(params[0].device)
+        self._place(params)
         total = quadratic_sum(params, self.anchor, self.fisher)
         return 0.5 * self.lam * self.weight * (total + self.const)
 
-    def _move_to(self, device: torch.device) -> None:
-        if self.anchor is not None and self.anchor[0].device != device:
-            self.anchor = [t.to(device) for t in self.anchor]
-            self.fisher = None if self.fisher is None else [t.to(device) for t in self.fisher]
+    def _place(self, params: list[torch.Tensor]) -> None:
+        """The state as plain tensors on the parameters' device, each this rank's shard of its parameter (a
+        checkpoint may hold it on the CPU, whole, or as DTensors)."""
+        if self.anchor is None:
+            return
+        first = self.anchor[0]
+        if hasattr(first, "to_local") or first.device != local(params[0]).device or first.shape != local(
+                params[0]).shape:
+            self.anchor = [shard_like(t, p) for t, p in zip(self.anchor, params, strict=True)]
+            self.fisher = None if self.fisher is None else [
+                shard_like(t, p) for t, p in zip(self.fisher, params, strict=True)]
 
     def accounting(self) -> dict[str, Any]:
-        state = (self.anchor or []) + (self.fisher or [])
-        return {f"{self.name}_state_bytes": tensor_bytes(state),
-                f"{self.name}_parameters": sum(t.numel() for t in self.anchor or [])}
+        """Sizes of the whole state (every rank's shards together: the same at any process count)."""
+        numel = self.numel
+        copies = 0 if self.anchor is None else 1 if self.fisher is None else 2
+        return {f"{self.name}_state_bytes": numel * copies * self.dtype.itemsize,
+                f"{self.name}_parameters": numel if self.anchor is not None else 0}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"names": self.names, "anchor": self.anchor, "fisher": self.fisher, "weight": self.weight,
+        """The state; under FSDP its shards as DTensors laid out like the parameters they were last used with."""
+        params = self._params[1] if self._params else []
+        anchor, fisher = self.anchor, self.fisher
+        if params and world().sharded and anchor is not None:
+            anchor = [sharded_view(t, p) for t, p in zip(anchor, params, strict=True)]
+            fisher = None if fisher is None else [sharded_view(t, p) for t, p in zip(fisher, params, strict=True)]
+        return {"names": self.names, "anchor": anchor, "fisher": fisher, "weight": self.weight,
                 "const": self.const}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.names, self.anchor, self.fisher = state["names"], state["anchor"], state["fisher"]
         self.weight, self.const, self._params = float(state["weight"]), float(state["const"]), None
+        self.numel = sum(t.numel() for t in self.anchor or [])  # whole tensors or DTensors: every rank's part

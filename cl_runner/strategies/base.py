@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from omegaconf import MISSING
 
+from cl_runner.errors import ConfigError
 from cl_runner.lm import Encoded
 
 
@@ -117,6 +118,15 @@ class Strategy:
 
     name: ClassVar[str] = "naive"
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+    # distributed kinds (``ddp``, ``fsdp``) this strategy cannot run under -> the reason, shown in one line before
+    # anything loads (``registry.distributed_errors``); every kind not named here gives the single-process result
+    unsupported: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def distributed_refusal(cls, cfg: Any, kind: str) -> str | None:
+        """Why this strategy, with options ``cfg``, cannot run under ``distributed.kind`` ``kind``; None when it
+        can. Override for a refusal that depends on the options (LAMOL with ``gen_ratio = 0`` is naive)."""
+        return cls.unsupported.get(kind)
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg if cfg is not None else self.Config(name=self.name)
@@ -125,6 +135,12 @@ class Strategy:
         """Once the model is built, before any evaluation or training (also on resume): raise ``ConfigError``
         (one line naming the option) for an option that cannot apply to ``ctx.model``, e.g. a parameter or
         module name that matches nothing. Only look: change nothing."""
+
+    def before_shard(self, ctx: Context) -> None:
+        """Under FSDP only, once, before the model is sharded (``ctx.model`` whole, nothing evaluated or trained
+        yet): add every module the run would add later (an adapter per task), so that FSDP shards them with the
+        rest; the hooks that add them later find them there. Whatever is added must leave the model's function
+        unchanged until its task starts (a LoRA adapter with B = 0, inactive)."""
 
     def before_task(self, ctx: Context) -> None:
         """Called before training task ``ctx.task_index`` (snapshot a teacher, add an adapter...)."""
@@ -186,6 +202,14 @@ class Strategy:
     def on_resume(self, ctx: Context) -> None:
         """After ``load_state_dict`` on resume, before the checkpoint's weights are loaded into ``ctx.model``:
         re-create any modules the strategy had added to the model (adapters), so the weights fit."""
+
+
+def not_made_before_sharding(name: str) -> ConfigError:
+    """The error of a strategy that must add a module to a model FSDP has already sharded: the runner did not
+    call ``before_shard`` before ``fully_shard``."""
+    return ConfigError(f"distributed.kind: strategy {name} cannot run with distributed=fsdp here: it adds modules "
+                       "during the run, which must be made before the model is sharded (Strategy.before_shard), "
+                       "and this runner did not call it; use distributed=ddp")
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -37,6 +37,7 @@ class Composite(Strategy):
         self.keys = [name if names.count(name) == 1 else f"{i}_{name}" for i, name in enumerate(names)]
 
     check = _forward("check")
+    before_shard = _forward("before_shard")
     before_task = _forward("before_task")
     before_epoch = _forward("before_epoch")
     after_epoch = _forward("after_epoch")

@@ -9,6 +9,15 @@ in N with a zero gradient. The model is put in eval mode (no dropout) and run un
 from the model's predictive distribution at that position (teacher-forced on the data prefix: one forward
 pass, not autoregressive generation); the uniform numbers are drawn from ``generator`` example by example, so
 the samples do not depend on batching and both estimators see the same labels for the same seed.
+
+Several processes (``fisher_diagonal``). DDP: each rank takes its contiguous slice of the examples
+(``dist.shard_bounds``), sums its examples' squared gradients, and the sums are added across ranks: the
+single-process sum, up to the order of float additions. The uniforms of ``sampled`` are drawn for every example
+on every rank (the same stream), each rank then labels its slice. FSDP: a backward reduce-scatters the gradient
+across ranks, so per-example gradients cannot be taken rank by rank; every rank runs the same examples, one
+forward and backward each, and the reduce-scatter averages identical gradients: each rank's shard of ``.grad``
+is exactly its shard of ``g_n``, squared and summed into its shard of F (no full copy anywhere; the cost per rank
+is that of one process, not a 1/N share).
 """
 
 from __future__ import annotations
@@ -19,19 +28,22 @@ from contextlib import contextmanager
 
 import torch
 
+from cl_runner.dist import all_reduce_sum, shard_bounds, world
 from cl_runner.lazy import no_grad
 from cl_runner.lm import IGNORE_INDEX, Encoded, causal_lm_loss
 from cl_runner.strategies.base import Context
-from cl_runner.strategies.common import evaluating, selected_parameters
+from cl_runner.strategies.common import evaluating, local, selected_parameters
 
 MODES = ("empirical", "sampled")
 
 
 @no_grad
-def sample_targets(ctx: Context, examples: Sequence[Encoded], generator: torch.Generator,
-                   batch_size: int = 16) -> list[Encoded]:
-    """Copies of ``examples`` whose target labels are drawn from the model (inverse CDF of its softmax)."""
-    uniforms = [torch.rand(len(e["input_ids"]), generator=generator) for e in examples]
+def sample_targets(ctx: Context, examples: Sequence[Encoded], generator: torch.Generator | None,
+                   batch_size: int = 16, uniforms: list[torch.Tensor] | None = None) -> list[Encoded]:
+    """Copies of ``examples`` whose target labels are drawn from the model (inverse CDF of its softmax); the
+    uniforms come from ``generator``, one tensor per example, unless given (``uniforms``)."""
+    if uniforms is None:
+        uniforms = [torch.rand(len(e["input_ids"]), generator=generator) for e in examples]
     sampled: list[Encoded] = []
     with evaluating(ctx.model):
         for start in range(0, len(examples), batch_size):
@@ -54,33 +66,62 @@ def sample_targets(ctx: Context, examples: Sequence[Encoded], generator: torch.G
 
 
 def _labelled(ctx: Context, examples: Sequence[Encoded], mode: str, generator: torch.Generator | None,
-              batch_size: int) -> list[Encoded]:
+              batch_size: int, part: tuple[int, int] | None = None) -> list[Encoded]:
+    """The examples ``part`` (a slice ``[start, end)``; all when None) with the labels ``mode`` uses."""
     if mode not in MODES:
         raise ValueError(f"fisher: expected one of {', '.join(MODES)}, got {mode!r}")
+    start, end = part or (0, len(examples))
     if mode == "empirical":
-        return list(examples)
+        return list(examples[start:end])
     if generator is None:
         raise ValueError("fisher=sampled needs a seeded generator")
-    return sample_targets(ctx, examples, generator, batch_size)
+    uniforms = [torch.rand(len(e["input_ids"]), generator=generator) for e in examples]  # all: the same stream
+    return sample_targets(ctx, examples[start:end], None, batch_size, uniforms[start:end])
 
 
 def fisher_diagonal_loop(ctx: Context, examples: Sequence[Encoded], *, mode: str = "empirical",
                          generator: torch.Generator | None = None,
                          param_regex: str | None = None) -> dict[str, torch.Tensor]:
-    """Reference: one forward and backward per example (batch size 1). Slow; for tests and benchmarks."""
+    """Reference: one forward and backward per example (batch size 1), in one process. Slow; for tests and
+    benchmarks."""
     named = selected_parameters(ctx.model, param_regex)
+    sums = _loop_sums(ctx, _labelled(ctx, examples, mode, generator, batch_size=16), named)
+    return {n: f / max(len(examples), 1) for n, f in sums.items()}
+
+
+def _one_loss(ctx: Context, example: Encoded) -> torch.Tensor:
+    batch = ctx.collate([example])
+    with ctx.autocast():
+        out = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return causal_lm_loss(out.logits, batch["labels"])
+
+
+def _loop_sums(ctx: Context, labelled: Sequence[Encoded], named: list) -> dict[str, torch.Tensor]:
+    """``sum_n g_n**2`` with one ``autograd.grad`` per example (no ``.grad`` touched)."""
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
     with evaluating(ctx.model):
-        for example in _labelled(ctx, examples, mode, generator, batch_size=16):
-            batch = ctx.collate([example])
-            with ctx.autocast():
-                out = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss = causal_lm_loss(out.logits, batch["labels"])
-            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        for example in labelled:
+            grads = torch.autograd.grad(_one_loss(ctx, example), [p for _, p in named], allow_unused=True)
             for (n, _), g in zip(named, grads, strict=True):
                 if g is not None:
                     fisher[n] += g.float().square()
-    return {n: f / max(len(examples), 1) for n, f in fisher.items()}
+    return fisher
+
+
+def _sharded_sums(ctx: Context, labelled: Sequence[Encoded], named: list) -> dict[str, torch.Tensor]:
+    """FSDP: this rank's shards of ``sum_n g_n**2``, every rank running the same examples (module docstring).
+    ``backward`` fills ``.grad`` (which it must: autograd.grad does not reach sharded parameters); the gradients
+    are cleared before and after."""
+    fisher = {n: torch.zeros_like(local(p), dtype=torch.float32) for n, p in named}
+    with evaluating(ctx.model):
+        for example in labelled:
+            ctx.model.zero_grad(set_to_none=True)
+            _one_loss(ctx, example).backward()
+            for n, p in named:
+                if p.grad is not None:
+                    fisher[n] += local(p.grad).float().square()
+    ctx.model.zero_grad(set_to_none=True)
+    return fisher
 
 
 def fisher_diagonal(ctx: Context, examples: Sequence[Encoded], *, mode: str = "empirical",
@@ -93,10 +134,23 @@ def fisher_diagonal(ctx: Context, examples: Sequence[Encoded], *, mode: str = "e
     the padded labels are ``-100``: the per-example loss equals the unpadded one. (Hugging Face models branch
     on the mask's values, which vmap cannot trace; for the same reason their padding check on ``input_ids``
     is switched off during the pass.) Examples are sorted by length so chunks carry little padding. Should
-    vmap still fail on some architecture, this warns and falls back to the loop on the same labels.
+    vmap still fail on some architecture, this warns and falls back to the loop on the same labels. Several
+    processes: see the module docstring (FSDP runs the loop form; the result is this rank's shard of F).
     """
+    named = selected_parameters(ctx.model, param_regex)
+    if world().sharded:
+        sums = _sharded_sums(ctx, _labelled(ctx, examples, mode, generator, batch_size), named)
+    else:
+        part = shard_bounds(len(examples)) if world().distributed else None
+        sums = _batched_sums(ctx, _labelled(ctx, examples, mode, generator, batch_size, part), named, batch_size)
+        for f in sums.values() if world().distributed else ():
+            all_reduce_sum(f)
+    return {n: f / max(len(examples), 1) for n, f in sums.items()}
+
+
+def _batched_sums(ctx: Context, labelled: list[Encoded], named: list, batch_size: int) -> dict[str, torch.Tensor]:
+    """``sum_n g_n**2`` over ``labelled`` with ``vmap`` (``fisher_diagonal``); the loop when vmap fails."""
     model = ctx.model
-    named = selected_parameters(model, param_regex)
     chosen = {n for n, _ in named}
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
     buffers = dict(model.named_buffers())
@@ -109,7 +163,6 @@ def fisher_diagonal(ctx: Context, examples: Sequence[Encoded], *, mode: str = "e
     per_example_grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))
     params = {n: p.detach() for n, p in named}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
-    labelled = _labelled(ctx, examples, mode, generator, batch_size)
     order = sorted(range(len(labelled)), key=lambda i: len(labelled[i]["input_ids"]))
     try:
         with evaluating(model), _without_pad_token_check(model), warnings.catch_warnings():
@@ -127,9 +180,9 @@ def fisher_diagonal(ctx: Context, examples: Sequence[Encoded], *, mode: str = "e
         if "vmap" not in str(exc):
             raise
         warnings.warn(f"fisher_diagonal: vmap failed ({str(exc)[:200]}); using the per-example loop",
-                      RuntimeWarning, stacklevel=2)
-        return fisher_diagonal_loop(ctx, labelled, mode="empirical", param_regex=param_regex)
-    return {n: f / max(len(examples), 1) for n, f in fisher.items()}
+                      RuntimeWarning, stacklevel=3)
+        return _loop_sums(ctx, labelled, named)
+    return fisher
 
 
 @contextmanager

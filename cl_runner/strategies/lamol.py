@@ -70,6 +70,13 @@ class LAMOL(Strategy):
     name = "lamol"
     Config = LAMOLConfig
 
+    @classmethod
+    def distributed_refusal(cls, cfg: Any, kind: str) -> str | None:
+        if kind == "fsdp" and cfg.gen_ratio > 0:
+            return ("its generation tokens are new rows of the embedding matrix, added before the first task to a "
+                    "model FSDP has already sharded; use distributed=ddp")
+        return None
+
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.first_gen_id: int | None = None  # id of GEN_0 (then GEN_t = first_gen_id + t); None: not added

@@ -10,7 +10,7 @@ import torch
 
 from cl_runner.options import check_positive
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
-from cl_runner.strategies.common import tensor_bytes
+from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.distill import distillation_kl
 
 
@@ -28,10 +28,49 @@ class LwFConfig(StrategyConfig):
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy in eval mode with no parameter requiring grad (the teacher)."""
-    teacher = copy.deepcopy(model).eval()
+    """A copy in eval mode with no parameter requiring grad (the teacher): a deep copy, or under FSDP a copy
+    sharded like ``model`` (``sharded_copy``). Under DDP ``model`` is the bare module: each rank copies it whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    teacher = (sharded_copy(model) if isinstance(model, FSDPModule) else copy.deepcopy(model)).eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the FSDP2-sharded ``model`` (which cannot be deep-copied), sharded like it: a new module of its
+    class built on the meta device from its config, ``fully_shard``-ed unit by unit as ``model`` is (same mesh,
+    mixed-precision and offload policies), then each rank copies its own shards and the buffers. No rank ever holds
+    the whole model. Needs a class built from ``model.config`` (Hugging Face models are)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    sources = dict(model.named_parameters())
+    first = next(iter(sources.values()))
+    with torch.device("meta"):
+        teacher = cls(model.config).to(first.dtype)
+    units = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    for name, unit in sorted(units, key=lambda u: (u[0] == "", -u[0].count("."))):  # inner units first, root last
+        fully_shard(teacher.get_submodule(name), mesh=first.device_mesh, **_unit_options(unit))
+    teacher.to_empty(device=local(first).device)
+    with torch.no_grad():
+        for name, param in teacher.named_parameters():
+            local(param).copy_(local(sources[name]))
+        buffers = dict(model.named_buffers())
+        for name, buffer in teacher.named_buffers():
+            buffer.copy_(buffers[name])
+    return teacher
+
+
+def _unit_options(unit: torch.nn.Module) -> dict[str, Any]:
+    """The mixed-precision and offload policies ``unit`` was sharded with (FSDP2 keeps them per parameter group);
+    the teacher never runs backward, so it always frees gathered weights after its forward."""
+    state = getattr(unit, "_get_fsdp_state", lambda: None)()  # torch's own (private) record of the options
+    groups = getattr(state, "_fsdp_param_groups", None) or []
+    options: dict[str, Any] = {"reshard_after_forward": True}
+    if groups:
+        options |= {"mp_policy": groups[0].mp_policy, "offload_policy": groups[0].offload_policy}
+    return options
 
 
 class LwF(Strategy):

@@ -10,7 +10,7 @@ import torch
 from cl_runner.lazy import no_grad
 from cl_runner.options import check_positive
 from cl_runner.strategies.base import Context, Strategy, trainable_parameters
-from cl_runner.strategies.common import tensor_bytes
+from cl_runner.strategies.common import local, shard_like, tensor_bytes
 from cl_runner.strategies.compose import Composite
 from cl_runner.strategies.replay import Replay, ReplayConfig
 
@@ -36,11 +36,12 @@ class MERConfig(ReplayConfig):
 
 @no_grad
 def reptile_update(params: dict[str, torch.Tensor], start: dict[str, torch.Tensor], rate: float) -> None:
-    """``theta <- theta_0 + rate * (theta - theta_0)`` in place (``rate = 1`` leaves ``theta`` untouched)."""
+    """``theta <- theta_0 + rate * (theta - theta_0)`` in place (``rate = 1`` leaves ``theta`` untouched); under
+    FSDP on this rank's shard (element-wise: each rank updates its own)."""
     if rate == 1:
         return
     for name, p in params.items():
-        p.lerp_(start[name].to(p.device), 1.0 - rate)
+        local(p).lerp_(shard_like(start[name], p), 1.0 - rate)
 
 
 def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,8 +109,8 @@ class Reptile(Strategy):
                 "snapshot_bytes": self.snapshot_bytes}  # weight copies held within a task
 
     def state_dict(self) -> dict[str, Any]:
-        def host(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {k: v.to("cpu") for k, v in weights.items()}
+        def host(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # FSDP shards stay DTensors
+            return {k: v if hasattr(v, "to_local") else v.to("cpu") for k, v in weights.items()}
 
         return {"window": self.window, "group": self.group, "start_batch": host(self.start_batch),
                 "start_group": host(self.start_group), "trainable": self.trainable,

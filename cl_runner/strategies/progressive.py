@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from cl_runner.dist import world
 from cl_runner.options import check_positive
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig
+from cl_runner.strategies.base import Context, Strategy, StrategyConfig, not_made_before_sharding
 from cl_runner.strategies.columns import ColumnHooks, adapted_layers, lora_column
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.seeding import seeded_rng
@@ -54,6 +55,7 @@ class Progressive(Strategy):
         self.hooks: ColumnHooks | None = None
         self.trainable: dict[str, int] = {}  # task name -> parameters trained on it
         self.costs: dict[str, Any] = {}
+        self._preparing = False  # in ``before_shard``: columns may be made though the run is sharded
 
     def _columns(self, model: torch.nn.Module) -> torch.nn.ModuleDict:
         if not hasattr(model, ATTRIBUTE):
@@ -63,13 +65,26 @@ class Progressive(Strategy):
 
     def _add(self, ctx: Context, task: int) -> torch.nn.ModuleDict:
         model = getattr(ctx.model, "_orig_mod", ctx.model)  # under torch.compile: the model itself
-        n_earlier = len(self.tasks) if self.cfg.lateral else 0
-        dtype = model.get_output_embeddings().weight.dtype
-        with seeded_rng(ctx.seed_for(INIT_SALT, task), ctx.device):
-            column = lora_column(adapted_layers(model), self.cfg.rank, n_earlier)
-        self._columns(model)[str(task)] = column.to(ctx.device, dtype)
+        columns = self._columns(model)
+        if str(task) not in columns:  # else made before sharding (``before_shard``)
+            if world().sharded and not self._preparing:
+                raise not_made_before_sharding(self.name)
+            n_earlier = len(self.tasks) if self.cfg.lateral else 0
+            dtype = model.get_output_embeddings().weight.dtype
+            with seeded_rng(ctx.seed_for(INIT_SALT, task), ctx.device):
+                column = lora_column(adapted_layers(model), self.cfg.rank, n_earlier)
+            columns[str(task)] = column.to(ctx.device, dtype)
         self.tasks.append(task)
-        return column
+        return columns[str(task)]
+
+    def before_shard(self, ctx: Context) -> None:
+        """FSDP: every task's column now, as each task would make it (same shape, same seed), inactive until its
+        task starts; FSDP shards them with the backbone."""
+        self._preparing = True
+        for task in range(len(ctx.task_names)):
+            if self._has_column(task):
+                self._add(ctx, task).requires_grad_(False)  # its task's ``before_task`` unfreezes it
+        self.tasks, self._preparing = [], False
 
     def _has_column(self, task: int) -> bool:
         return task > 0 or not self.cfg.backbone_first_task
@@ -92,12 +107,14 @@ class Progressive(Strategy):
         trained = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
         self.trainable[ctx.task_name] = trained
         columns = getattr(getattr(ctx.model, "_orig_mod", ctx.model), ATTRIBUTE, torch.nn.ModuleDict())
-        lateral = sum(p.numel() for c in columns.values() for p in c.gates.values())
-        extra = sum(p.numel() for p in columns.parameters())
+        made = [columns[str(t)] for t in self.tasks]  # not the later tasks' columns made before sharding
+        lateral = sum(p.numel() for c in made for p in c.gates.values())
+        extra = sum(p.numel() for c in made for p in c.parameters())
         self.costs = {"trainable_parameters_per_task": dict(self.trainable), "trainable_parameters": trained,
-                      "columns": len(columns), "extra_parameters": extra, "lateral_parameters": lateral,
-                      "extra_bytes": tensor_bytes(columns.parameters()),
-                      "backbone_parameters": sum(p.numel() for p in ctx.model.parameters()) - extra}
+                      "columns": len(made), "extra_parameters": extra, "lateral_parameters": lateral,
+                      "extra_bytes": tensor_bytes(p for c in made for p in c.parameters()),
+                      "backbone_parameters": sum(p.numel() for p in ctx.model.parameters())
+                      - sum(p.numel() for p in columns.parameters())}
 
     def on_resume(self, ctx: Context) -> None:
         """Re-create the columns the checkpoint holds; only the newest trains (see ``Adapters.on_resume``)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from cl_runner.dist import broadcast_object, world
 from cl_runner.lazy import no_grad
 from cl_runner.lm import IGNORE_INDEX, Encoded
 from cl_runner.strategies.base import Context
@@ -48,7 +49,12 @@ def sample_after(ctx: Context, gen_id: int, n: int, max_tokens: int, eos_id: int
 
     A row ends at the first EOS at or after position ``min_tokens`` (an EOS earlier than that can be a
     prompt's own start token) or after ``max_tokens`` tokens; the EOS is kept, so a row without one ran out.
+    Several processes: every rank samples the same rows (the same seeded draws), and each step's tokens are rank
+    0's, broadcast, so the ranks feed the model the same inputs and stop together even where their logits differ
+    in the last bits (GPU kernels): the same forward calls on every rank, as FSDP needs.
     """
+    from cl_runner.evaluate import cached_forward  # the transformers Cache API, as evaluation's generation uses it
+
     rows: list[list[int]] = []
     with evaluating(ctx.model):
         for start in range(0, n, batch_size):
@@ -59,12 +65,13 @@ def sample_after(ctx: Context, gen_id: int, n: int, max_tokens: int, eos_id: int
             mask = torch.ones((size, 1), dtype=torch.long, device=ctx.device)  # no padding: all rows start alike
             for position in range(max_tokens):
                 with ctx.autocast():
-                    out = ctx.model(input_ids=step_ids, attention_mask=mask, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                    out, past = cached_forward(ctx.model, past, input_ids=step_ids, attention_mask=mask)
                 values, index = out.logits[:, -1].float().topk(min(top_k, out.logits.shape[-1]), dim=-1)
                 probs = torch.softmax(values / temperature, dim=-1).cpu()
                 pick = torch.multinomial(probs, 1, generator=generator)  # on the CPU: seeded on any device
                 token = index.gather(1, pick.to(index.device))
+                if world().distributed:
+                    token = broadcast_object(token.cpu()).to(index.device)
                 tokens.append(token.squeeze(1).cpu())
                 if position >= min_tokens:
                     done |= tokens[-1] == eos_id

@@ -102,6 +102,20 @@ def strategy_class(name: str | None, target: str | None = None) -> type[Strategy
     return classes[name]
 
 
+def distributed_errors(cfg: Any, kind: str) -> list[str]:
+    """One line when strategy ``cfg`` cannot run under ``distributed.kind`` ``kind`` (``Strategy.unsupported``)."""
+    if kind == "none":
+        return []
+    reason = strategy_class(cfg.name, getattr(cfg, "_target_", None)).distributed_refusal(cfg, kind)
+    return [f"distributed.kind: strategy {cfg.name} cannot run with distributed={kind}: {reason}"] if reason else []
+
+
 def build_strategy(cfg: Any) -> Strategy:
-    """Instantiate the strategy the config names, with its typed config."""
+    """Instantiate the strategy the config names, with its typed config; refused (``ConfigError``) when it cannot
+    run under this process's ``distributed.kind`` (a safety net: the config check refuses it earlier)."""
+    from cl_runner.dist import world
+
+    errors = distributed_errors(cfg, world().kind)
+    if errors:
+        raise ConfigError(errors[0])
     return strategy_class(cfg.name, getattr(cfg, "_target_", None))(cfg)

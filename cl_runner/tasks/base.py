@@ -20,6 +20,8 @@ class Task:
     test: list[Example]
     labels: list[str] | None = None  # candidate targets for label_accuracy
     stop: str = "\n"  # generation stops at EOS or this string
+    max_new_tokens: int | None = None  # exact_match: generation budget (null: eval.max_new_tokens, else target + 2)
+    eval_batch_size: int | None = None  # examples per evaluation batch (null: train.eval_batch_size)
     info: dict = field(default_factory=dict)  # provenance: source, sizes, path
 
     @property

@@ -1,5 +1,10 @@
 """Load a task sequence: rows from the bundled generator or from ``datasets.load_dataset``, then one formatting path.
 
+A task whose ``path`` is a folder of O-LoRA's released ``CL_Benchmark`` (``train.json``, ``dev.json``, ``test.json``
+of ``{"sentence", "label"}`` rows and ``labels.json``), or whose ``data_dir`` is that benchmark's root (the catalogue
+sets it from ``CL_BENCHMARK_DIR``), reads those files through the same ``datasets`` path: each row's ``sentence``
+takes the place of the template's body (see ``_sentence_template``), its ``label`` is the answer.
+
 Errors name the config key (``tasks.tasks.<i>.<key>``), the file and the row, and are raised before any model
 is loaded.
 """
@@ -7,8 +12,10 @@ is loaded.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
+import re
 import string
 from collections.abc import Iterator
 from functools import partial
@@ -22,6 +29,7 @@ from cl_runner.tasks.facts import RELATIONS, fact_rows
 from cl_runner.tasks.offline import ensure_offline_data
 
 Rows = list[dict[str, Any]]
+Source = tuple[TaskConfig, dict[str, Rows], list[str] | None, dict]  # task as read, rows per split, labels, provenance
 # One row of a data file: the json loader of ``datasets`` reads 10 MiB chunks, and a longer row is no prompt or
 # document a causal LM trains on (a run on one 30 MB row was still preparing its data after 5 minutes).
 MAX_LINE_BYTES = 10 << 20
@@ -34,17 +42,7 @@ def load_sequence(cfg: TasksConfig, seed: int, base_dir: Path | None = None) -> 
 
 
 def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
-    if cfg.source == "facts":
-        if cfg.relation not in RELATIONS:
-            raise ConfigError(f"{key}.relation: expected one of {', '.join(RELATIONS)}, got {cfg.relation!r}")
-        rows, labels = fact_rows(cfg.relation, cfg.num_subjects, seed)
-        # Knowledge injection: the facts are the test, so every split holds the same facts.
-        splits = {"train": rows, "validation": rows, "test": rows}
-        info = {"source": "facts", "relation": cfg.relation}
-    else:
-        splits = _dataset_splits(cfg, seed, base_dir, key)
-        labels = list(cfg.verbalizer.values()) if cfg.verbalizer else cfg.labels
-        info = {"source": "datasets", "path": cfg.path, "data_files": _plain(cfg.data_files)}
+    cfg, splits, labels, info = _source_rows(cfg, seed, base_dir, key)
     rng = random.Random(f"subsample-{cfg.name}-{seed}")
     column = cfg.target_column if cfg.source == "datasets" else "target"
     train = _per_class(splits["train"], column, cfg.max_train_per_class, rng)
@@ -61,11 +59,33 @@ def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
         test=_format(cfg, test, key, "test"),
         labels=[_apply_target_template(cfg, label) for label in labels] if labels else None,
         stop=cfg.stop,
+        max_new_tokens=cfg.max_new_tokens,
+        eval_batch_size=cfg.eval_batch_size,
         info=info | {"sizes": {"train": len(train), "validation": len(validation), "test": len(test)}},
     )
     if task.metric == "label_accuracy" and not task.labels:
         raise ConfigError(f"{key}.labels: label_accuracy needs a label set (labels or verbalizer)")
     return task
+
+
+def _source_rows(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Source:
+    """The task as it reads its rows (a CL_Benchmark folder rewrites it), its rows per split, label set and
+    provenance."""
+    if cfg.source == "facts":
+        if cfg.relation not in RELATIONS:
+            raise ConfigError(f"{key}.relation: expected one of {', '.join(RELATIONS)}, got {cfg.relation!r}")
+        rows, labels = fact_rows(cfg.relation, cfg.num_subjects, seed)
+        # Knowledge injection: the facts are the test, so every split holds the same facts.
+        info = {"source": "facts", "relation": cfg.relation}
+        return cfg, {"train": rows, "validation": rows, "test": rows}, labels, info
+    found = _cl_benchmark_folder(cfg, base_dir, key)
+    if found is not None:
+        cfg, labels = _cl_benchmark_task(cfg, found[0], f"{key}.{found[1]}")
+        info = {"source": "cl_benchmark", "path": str(found[0]), "data_files": _plain(cfg.data_files)}
+        return cfg, _dataset_splits(cfg, seed, base_dir, key), labels, info
+    labels = list(cfg.verbalizer.values()) if cfg.verbalizer else cfg.labels
+    info = {"source": "datasets", "path": cfg.path, "data_files": _plain(cfg.data_files)}
+    return cfg, _dataset_splits(cfg, seed, base_dir, key), labels, info
 
 
 def _plain(value: Any) -> Any:
@@ -250,13 +270,7 @@ def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dic
     if cfg.validation_split is not None:
         validation = split(cfg.validation_split, "validation_split")
     else:
-        rng = random.Random(f"validation-{cfg.name}-{seed}")
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        n_val = max(1, round(len(train) * cfg.validation_fraction)) if len(train) > 1 else 0
-        held = set(order[:n_val])
-        validation = [train[i] for i in sorted(held)] if held else list(train)
-        train = [row for i, row in enumerate(train) if i not in held] or train
+        train, validation = _hold_out(train, cfg, seed)
     for name, rows in (("train", train), ("test", test)):
         if not rows:
             raise DataError(f"{key}.{name}_split: split {getattr(cfg, name + '_split')!r} of {cfg.path} is empty")
@@ -270,6 +284,91 @@ def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dic
             source = files.get(cfg.train_split, files) if isinstance(files, dict) else files or cfg.path
             raise DataError(f"{key}.{col_key}: column {column!r} not in {source} (columns: {', '.join(columns)})")
     return {"train": train, "validation": validation, "test": test}
+
+
+def _hold_out(train: Rows, cfg: TaskConfig, seed: int) -> tuple[Rows, Rows]:
+    """``validation_fraction`` of the training rows (seeded) as validation; the rest stays training data."""
+    rng = random.Random(f"validation-{cfg.name}-{seed}")
+    order = list(range(len(train)))
+    rng.shuffle(order)
+    n_val = max(1, round(len(train) * cfg.validation_fraction)) if len(train) > 1 else 0
+    held = set(order[:n_val])
+    validation = [train[i] for i in sorted(held)] if held else list(train)
+    return [row for i, row in enumerate(train) if i not in held] or train, validation
+
+
+# ------------------------------------------------------------------------------------------- O-LoRA's CL_Benchmark
+CL_BENCHMARK_FILES = {"train": "train.json", "validation": "dev.json", "test": "test.json"}  # split -> file
+ANSWER_CUE = "\nAnswer:"  # O-LoRA's prompt ends with the row and this (src/uie_dataset_lora.py:283)
+
+
+def _cl_benchmark_folder(cfg: TaskConfig, base_dir: Path, key: str) -> tuple[Path, str] | None:
+    """The task's folder of O-LoRA's CL_Benchmark, or None: ``path`` itself when it holds ``labels.json``, or, when
+    ``data_dir`` is a local folder, ``<data_dir>/<Task>/<Dataset>`` as named by the template's first two lines
+    (``Task:TC`` and ``Dataset:dbpedia``: O-LoRA's prompt prefix is its folder layout); with the key that named it."""
+    def local(value: str | None) -> Path | None:
+        if not value:
+            return None
+        folder = Path(value).expanduser()
+        return folder if folder.is_absolute() else base_dir / folder
+
+    path, root = local(cfg.path), local(cfg.data_dir)
+    if path is not None and (path / "labels.json").is_file():
+        return path, "path"
+    prefix = re.match(r"Task:([^\n/]+)\nDataset:([^\n/]+)\n", cfg.template)
+    if root is None or prefix is None:
+        return None
+    if not root.is_dir():  # a typo in CL_BENCHMARK_DIR must not fall back to the hub's data
+        raise DataError(f"{key}.data_dir: {root} is not a folder (a task whose template starts Task:/Dataset: reads "
+                        "O-LoRA's CL_Benchmark folder from data_dir)")
+    folder = root / prefix[1] / prefix[2]
+    if not (folder / "labels.json").is_file():
+        raise DataError(f"{key}.data_dir: {root} is a folder but has no {prefix[1]}/{prefix[2]}/labels.json (O-LoRA's "
+                        "CL_Benchmark layout, which the template's Task:/Dataset: lines name)")
+    return folder, "data_dir"
+
+
+def _cl_benchmark_task(cfg: TaskConfig, folder: Path, key: str) -> tuple[TaskConfig, list[str]]:
+    """The task reading ``folder``'s json files: ``sentence`` fills the template's body, ``label`` is the answer
+    text (no verbalizer); and the label set of ``labels.json``, which must be the verbalizer's words."""
+    labels = _read_labels(folder / "labels.json", key)
+    if cfg.verbalizer and set(labels) != set(cfg.verbalizer.values()):
+        raise DataError(f"{key}: {folder / 'labels.json'} lists {', '.join(labels)}; the task's verbalizer "
+                        f"answers {', '.join(cfg.verbalizer.values())} (is it the folder of another task?)")
+    for split in ("train", "test"):
+        if not (folder / CL_BENCHMARK_FILES[split]).is_file():
+            raise DataError(f"{key}: {folder} has labels.json but no {CL_BENCHMARK_FILES[split]} (O-LoRA's "
+                            "CL_Benchmark folders hold train.json, dev.json, test.json and labels.json)")
+    files = {split: str(folder / name) for split, name in CL_BENCHMARK_FILES.items() if (folder / name).is_file()}
+    return dataclasses.replace(
+        cfg, path="json", subset=None, revision=None, data_dir=None, data_files=files, train_split="train",
+        test_split="test", validation_split="validation" if "validation" in files else None,
+        input_column="sentence", target_column="label", verbalizer=None, labels=None,
+        template=_sentence_template(cfg.template, f"{key.rsplit('.', 1)[0]}.template")), labels
+
+
+def _read_labels(path: Path, key: str) -> list[str]:
+    _check_utf8(path, key, max_bytes=None)
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{key}: {path} is not valid JSON ({exc.msg})") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise DataError(f"{key}: {path} must hold a JSON list of label words, e.g. [\"True\", \"False\"]")
+    return labels
+
+
+def _sentence_template(template: str, key: str) -> str:
+    """The template with its body replaced by ``{sentence}``: the lines before the first line that holds a
+    placeholder are kept (task/dataset prefix, instruction, ``Option:`` line), then the row, then the answer cue,
+    which is how O-LoRA assembles a prompt from a ``CL_Benchmark`` row (src/uie_dataset_lora.py:283)."""
+    lines = template.split("\n")
+    with_field = [i for i, line in enumerate(lines) if any(f for _, f, _, _ in string.Formatter().parse(line))]
+    if not with_field or not template.endswith(ANSWER_CUE):
+        raise ConfigError(f"{key}: a CL_Benchmark task needs a template whose body (from its first line with a "
+                          f"placeholder) is followed by {ANSWER_CUE!r} at its end")
+    head = "".join(line + "\n" for line in lines[: with_field[0]])
+    return head + "{sentence}" + ANSWER_CUE
 
 
 # ------------------------------------------------------------------------------------------- formatting

@@ -1,0 +1,204 @@
+"""Several processes (torchrun, gloo on CPU): the same run at any process count, rank 0 alone writes, and the
+launch errors. The support matrix of docs/distributed.md is checked against what these runs observe.
+
+Tolerance. With dropout off, 1 and 2 processes compute the same step gradients up to float rounding: the
+gradient all-reduce adds the ranks' halves, where one process sums over the whole batch, and the losses of a
+step are added in another order. AdamW divides by the root of the second moment, so a rounding difference of
+~1e-7 in an early gradient moves the weights by ~lr x 1e-7 relative, and over this run's ~50 steps per task the
+epoch losses drift apart by at most 4e-5 relative (measured: naive 3.9e-5, lwf 2.9e-5, replay 4.6e-6, ewc 3.7e-7,
+adapters 2.1e-8, lamol 5.0e-7). The test allows 1e-3: a wrong gradient (a rank's half counted twice, a missing
+all-reduce, a different data order) moves the first epoch's loss by more than 1e-2. l2 under fsdp gets 5e-3
+(measured 1.0e-3 on the last task): GPT-2's key bias has a true gradient of zero (softmax ignores a constant added
+to every key), so its gradient is pure rounding noise, which Adam turns into steps of about lr whatever the noise;
+L2's penalty then pulls on those drifted weights, and gradient clipping passes the difference to every weight.
+Without clipping the same comparison gives 1.6e-4, and one process with grad_accum=2 already differs by 3.7e-4.
+The accuracy matrix is compared exactly: its cells are counts of correct answers out of 64, and a flip of one
+answer is 1.6e-2."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, cl_run
+
+DRIVER = REPO / "tests" / "dist_driver.py"
+DOCS = REPO / "docs" / "distributed.md"
+STRATEGIES = ["naive", "joint", "replay", "ewc", "l2", "lwf", "ewc_replay", "adapters", "shared_lora", "progressive",
+              "mer", "lamol"]
+LOSS_RTOL = 1e-3
+LOSS_RTOL_OF = {("l2", "fsdp"): 5e-3}  # see the module docstring
+
+
+def torchrun(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def drive(out: Path, kind: str) -> dict:
+    """The driver's results for every strategy: in this process for ``none``, else a 2-process torchrun job."""
+    if kind == "none":
+        done = subprocess.run([sys.executable, str(DRIVER), str(out), kind, ",".join(STRATEGIES)], cwd=out.parent,
+                              capture_output=True, text=True, timeout=900)
+    else:
+        done = torchrun(str(DRIVER), str(out), kind, ",".join(STRATEGIES), cwd=out.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    return drive(tmp_path_factory.mktemp("none") / "out", "none")["results"]
+
+
+def documented_support() -> dict[str, dict[str, str]]:
+    """docs/distributed.md's support table: {strategy: {"ddp": "same run" | "refused", "fsdp": ...}}."""
+    table = DOCS.read_text().split("<!-- support-matrix:start -->")[1].split("<!-- support-matrix:end -->")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    return {r[0].strip("`"): {"ddp": r[1].split(":")[0], "fsdp": r[2].split(":")[0]} for r in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_processes_train_the_single_process_run_or_refuse_in_one_line(kind, reference, tmp_path):
+    report = drive(tmp_path / "out", kind)
+    observed = {}
+    for strategy, got in report["results"].items():
+        assert got["status"] in ("ok", "refused"), f"{strategy}: {got}"
+        if got["status"] == "refused":
+            assert "\n" not in got["error"] and f"distributed={kind}" in got["error"], got["error"]
+            observed[strategy] = "refused"
+            continue
+        want = reference[strategy]
+        assert got["matrix"] == want["matrix"], strategy
+        assert len(got["losses"]) == len(want["losses"])
+        rtol = LOSS_RTOL_OF.get((strategy, kind), LOSS_RTOL)
+        for a, b in zip(got["losses"], want["losses"], strict=True):
+            assert abs(a - b) <= rtol * abs(b), (strategy, got["losses"], want["losses"])
+        observed[strategy] = "same run"
+    assert report["writes_by_rank"][1] == [], "rank 1 wrote files: " + ", ".join(report["writes_by_rank"][1][:5])
+    assert any(path.endswith("metrics.json.tmp") for path in report["writes_by_rank"][0])  # write_atomic
+    documented = {name: row[kind] for name, row in documented_support().items()}
+    assert documented == observed, f"docs/distributed.md's {kind} column is out of date: observed {observed}"
+    assert {"naive", "replay", "ewc", "lwf", "adapters"} <= {s for s, v in observed.items() if v == "same run"}
+    assert {"mer", "lamol"} & {s for s, v in observed.items() if v == "same run"}
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_one_run_directory_rank_logs_and_results_from_rank_0(tmp_path):
+    done = torchrun("-m", "cl_runner", "distributed=ddp", "train.epochs=1", "train.keep_best=false",
+                    "checkpoint.enabled=false", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs  # both ranks took rank 0's time-stamped directory
+    run_dir = runs[0]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["distributed"] == {"kind": "ddp", "world_size": 2}
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank1.log"]  # rank 0 logs to cl-run's log
+    assert done.stdout.count("Score matrix") == 1  # only rank 0 prints the table
+
+
+def test_a_distributed_run_started_without_torchrun_says_how_to_start_it(tmp_path):
+    done = cl_run("distributed=ddp", "train.epochs=1", cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    line = done.stderr.strip()
+    assert "\n" not in line and "torchrun --nproc_per_node=" in line and "distributed=ddp" in line, line
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_single_process_config_started_by_torchrun_on_two_processes_is_refused(tmp_path, monkeypatch):
+    from cl_runner.dist import launch_error
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    message = launch_error("none")
+    assert message and "distributed=ddp" in message and "2 processes" in message
+    assert launch_error("ddp") is None
+
+
+@pytest.mark.parametrize("n,size", [(10, 2), (7, 3), (1, 2), (0, 2), (5, 1)])
+def test_rank_slices_are_the_items_in_order_with_sizes_differing_by_at_most_one(n, size):
+    from cl_runner.dist import shard_bounds
+
+    bounds = [shard_bounds(n, r, size) for r in range(size)]
+    assert [i for start, end in bounds for i in range(start, end)] == list(range(n))
+    sizes = [end - start for start, end in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_the_ranks_micro_batches_share_the_whole_steps_target_tokens():
+    from cl_runner.loop import local_share, split, weighted
+
+    step = [{"input_ids": list(range(4 + i)), "labels": [-100] * 3 + list(range(1 + i))} for i in range(5)]
+    one = weighted(split(step, 2))
+    two = [local_share(step, 1, rank, 2) for rank in range(2)]
+    assert [w for part in two for _, w in part] == pytest.approx([w for _, w in one])
+    assert sum(w for part in two for _, w in part) == pytest.approx(1.0)
+    assert [e for part in two for examples, _ in part for e in examples] == step  # the single-process order
+    lone = local_share(step[:1], 1, 1, 2)  # rank 1 of a one-example step: a zero-weight pass on that example
+    assert lone == [(step[:1], 0.0)]
+
+
+def test_the_docs_table_names_every_strategy():
+    assert set(documented_support()) == set(STRATEGIES)
+    assert re.search(r"torchrun --nproc_per_node", DOCS.read_text())
+
+
+def test_slurm_multi_gpu_launcher_config_composes_one_process_per_gpu():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from test_report import _hydra_config
+
+    launcher = _hydra_config("hydra/launcher=slurm_ddp", "hydra.launcher.partition=gpu", "distributed=fsdp",
+                             "hydra.launcher.nodes=2").hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.nodes) == ("gpu", 2)
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8 and launcher.max_num_timeout > 0
+
+
+def test_slurm_tasks_without_torchrun_are_ranks(monkeypatch):
+    from cl_runner.dist import launch_env
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert launch_env() == {"rank": 9, "size": 16, "local_rank": 1}
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # an ordinary one-task Slurm job is not a distributed launch
+    assert launch_env() is None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint_then_resume_finishes(tmp_path):
+    """Slurm pre-emption signals every rank, but not at the same instant: the ranks agree at each step boundary,
+    so a signal to rank 1 alone stops both after the same step, with one checkpoint, and a resume completes."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = ["-m", "cl_runner", "distributed=ddp", "train.epochs=30", "train.keep_best=false",
+            f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not (run_dir / "history.jsonl").exists() and time.time() < deadline:  # training has started
+        time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    rank1 = [int(pid) for pid in children if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+    assert len(rank1) == 1, children
+    os.kill(rank1[0], signal.SIGTERM)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode != 0 and err.count("exitcode  : 143") + err.count("SIGTERM") >= 1, err[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["checkpoints"]["count"] >= 1
+    resumed = torchrun("-m", "cl_runner", f"resume={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
