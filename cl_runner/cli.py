@@ -393,22 +393,41 @@ def main(argv: list[str] | None = None) -> None:
     for found in (CLAIMED, NEW_DIRS, FAILURES, STOP_SIGNAL):  # main() may run more than once in a process (tests)
         found.clear()
     try:
-        _main(list(sys.argv[1:] if argv is None else argv))
-    except BaseException:
-        if not STOP_SIGNAL:
-            raise
-        _stopped(STOP_SIGNAL[0])
+        ended = _main_until_exit(list(sys.argv[1:] if argv is None else argv))
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if argv is None:  # the program itself, not a test calling main(argv)
-        _exit_without_teardown()
+    # the program itself (not a test calling main(argv)), when it succeeded or is a rank of a distributed run,
+    # whose teardown can wait on (or abort over) its process group's threads
+    if argv is None and (ended is None or dist.world().distributed):
+        _exit_without_teardown(None if ended is None else ended.code)
+    if ended is not None:
+        raise ended
 
 
-def _exit_without_teardown() -> None:
-    """Exit 0 now, without the interpreter's teardown: once torch and transformers are loaded it frees every
-    module and object one by one (1 s and more), and nothing a finished run wrote depends on it. First, what the
-    teardown would have done that matters: other threads finish, exit handlers run (logging flushes), output."""
+def _main_until_exit(argv: list[str]) -> SystemExit | None:
+    """Run ``_main``; returns how it asked to exit (None: it finished). A stop signal becomes one line."""
+    try:
+        try:
+            _main(argv)
+        except BaseException:
+            if not STOP_SIGNAL:
+                raise
+            _stopped(STOP_SIGNAL[0])
+    except SystemExit as ended:
+        return ended
+    return None
+
+
+def _exit_without_teardown(code: int | str | None = 0) -> None:
+    """Exit with ``code`` now, without the interpreter's teardown: once torch and transformers are loaded it frees
+    every module and object one by one (1 s and more), and nothing a finished run wrote depends on it; a rank of a
+    distributed run can even hang or abort there, its process group's threads still waiting on the others. First,
+    what the teardown would have done that matters: other threads finish, exit handlers run (logging flushes),
+    output. ``code`` as ``sys.exit`` takes it (None: 0; a string: printed, then 1)."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    code = code if isinstance(code, int) else (0 if code is None else 1)
     import atexit
     import threading
 
@@ -418,7 +437,7 @@ def _exit_without_teardown() -> None:
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _help(overrides: list[str]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def main(argv: list[str]) -> None:
         report = {"results": results, "writes_by_rank": writes}
         (out / "results.json").write_text(json.dumps(report, indent=1))
     dist.leave()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as cl-run does: a rank's interpreter teardown can abort over the process group's threads
 
 
 if __name__ == "__main__":

@@ -189,7 +189,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args],
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
-    while not (run_dir / "history.jsonl").exists() and time.time() < deadline:  # training has started
+    history = run_dir / "history.jsonl"  # written empty at the start: wait for the first epoch's line
+    while not (history.exists() and history.stat().st_size) and time.time() < deadline:
         time.sleep(0.2)
     children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
     rank1 = [int(pid) for pid in children if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
@@ -202,3 +203,25 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     resumed = torchrun("-m", "cl_runner", f"resume={run_dir}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_while_loading_ends_the_whole_job_instead_of_hanging(tmp_path):
+    """Before the task loop a signal stops a rank at once; the other rank, waiting in a collective, is ended by
+    torchrun (the stopped rank exits without the interpreter teardown, which could wait on its process group)."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cl_runner",
+                            "distributed=ddp", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    rank1, deadline = [], time.time() + 120
+    while not rank1 and time.time() < deadline:
+        time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+        rank1 = [int(p) for p in children if b"RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")]
+    time.sleep(3)  # inside cl-run's start-up (imports, composing, joining the group)
+    os.kill(rank1[0], signal.SIGTERM)
+    _, err = job.communicate(timeout=240)
+    assert job.returncode != 0 and "exitcode  : 143" in err, err[-2000:]
