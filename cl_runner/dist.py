@@ -15,7 +15,6 @@ agreement (objects, stop flags) never waits on the GPU stream."""
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -183,7 +182,3 @@ def barrier() -> None:
 
         torch_dist.barrier()
 
-
-def same_everywhere(obj: Any) -> bool:
-    """Whether ``obj`` (picklable) is identical on every rank: a cheap check for things that must agree."""
-    return len({pickle.dumps(o) for o in all_gather_objects(obj)}) == 1

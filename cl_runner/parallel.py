@@ -44,12 +44,6 @@ def shard(model: torch.nn.Module, cfg: DistributedConfig) -> torch.nn.Module:
     return model
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def train_module(model: torch.nn.Module, world: World, cfg: DistributedConfig,
                  device: torch.device) -> torch.nn.Module:
     """What the loop runs the training forward through: a DDP wrapper over ``model`` (ddp), else ``model``."""
