@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
+from cl_runner import seq2seq
 from cl_runner.dist import all_gather_objects, all_reduce_max, world
 from cl_runner.lm import collate, token_nll
 from cl_runner.schema import EvalConfig
+from cl_runner.seq2seq import is_encoder_decoder, model_batch, model_inputs
 from cl_runner.tasks.encode import EncodedTask, EvalItem
 
 _TRAILING = re.compile(r"[\s.,;:!?]+$")
@@ -50,6 +52,7 @@ class Scorer:
     decode: Callable[[list[int]], str]
     batch_tokens: int | None = None  # padded tokens per batch (None: batch_size examples per batch)
     on_examples: Callable[[int], None] | None = None  # progress: examples scored by all ranks (rank 0's estimate)
+    examples: bool = False  # also return each example's record under "examples", in example order (predictions.py)
 
 
 def normalize_answer(text: str, stop: str, lowercase: bool = True, strip_punctuation: bool = True) -> str:
@@ -152,50 +155,73 @@ def _all_done(done: bool) -> bool:
     return all_reduce_max([0.0 if done else 1.0])[0] == 0.0
 
 
+def greedy_loop(scorer: Scorer, n: int, max_new_tokens: int, dummy: bool,
+                forward: Callable[[torch.Tensor | None, Any], tuple[torch.Tensor, Any]]) -> list[list[int]]:
+    """The greedy decoding loop of every model kind: ``forward(the last tokens (n, 1), or None at the first
+    step; cache)`` returns the next-token logits (n, V) and the cache. Stops when every row has ended with EOS
+    (under FSDP: every rank's rows); the rows come back without their EOS."""
+    finished = torch.full((n,), dummy, dtype=torch.bool, device=scorer.device)
+    generated, cache, token = [], None, None
+    for _ in range(max_new_tokens):
+        with scorer.autocast():
+            logits, cache = forward(None if token is None else token[:, None], cache)
+        token = torch.where(finished, torch.full_like(finished, scorer.eos_id, dtype=torch.long), logits.argmax(-1))
+        generated.append(token)
+        finished |= token == scorer.eos_id
+        if _all_done(bool(finished.all())):
+            break
+    tokens = torch.stack(generated, dim=1).tolist()
+    return [row[: row.index(scorer.eos_id)] if scorer.eos_id in row else row for row in tokens]
+
+
 @torch.no_grad()
 def greedy_generate(scorer: Scorer, prompts: list[list[int]], max_new_tokens: int,
                     dummy: bool = False) -> list[list[int]]:
     """Greedy continuation of each prompt (left-padded batch, KV cache), stopping at EOS. ``dummy``: a batch
     that only keeps this rank in step with the others (FSDP), done from the start."""
+    if is_encoder_decoder(scorer.model):  # the encoder once, the decoder from its start token
+        return seq2seq.greedy_generate(scorer, prompts, max_new_tokens, dummy)
     ids, mask = _left_pad(prompts, scorer.pad_id, scorer.device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    finished = torch.full((len(prompts),), dummy, dtype=torch.bool, device=scorer.device)
-    generated, cache = [], None
-    step_ids, step_pos = ids, positions
-    for _ in range(max_new_tokens):
-        with scorer.autocast():
-            out, cache = cached_forward(scorer.model, cache, input_ids=step_ids, attention_mask=mask,
-                                        position_ids=step_pos)
-        token = out.logits[:, -1].argmax(-1)
-        token = torch.where(finished, torch.full_like(token, scorer.eos_id), token)
-        generated.append(token)
-        finished |= token == scorer.eos_id
-        if _all_done(bool(finished.all())):
-            break
-        step_ids = token[:, None]
-        step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    tokens = torch.stack(generated, dim=1).tolist()
-    return [row[: row.index(scorer.eos_id)] if scorer.eos_id in row else row for row in tokens]
+
+    def forward(step: torch.Tensor | None, cache: Any) -> tuple[torch.Tensor, Any]:
+        nonlocal mask, positions
+        if step is not None:  # one new token per row: its position follows the row's last one
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out, cache = cached_forward(scorer.model, cache, input_ids=ids if step is None else step,
+                                    attention_mask=mask, position_ids=positions)
+        return out.logits[:, -1], cache
+
+    return greedy_loop(scorer, len(prompts), max_new_tokens, dummy, forward)
 
 
 def exact_match(scorer: Scorer, items: list[EvalItem], stop: str, max_new_tokens: int) -> dict:
     rule = {"stop": stop, "lowercase": scorer.cfg.lowercase, "strip_punctuation": scorer.cfg.strip_punctuation}
 
-    def score_batch(batch: list[int], dummy: bool) -> list[tuple[bool, bool]]:
+    def score_batch(batch: list[int], dummy: bool) -> list[dict]:
         outputs = greedy_generate(scorer, [items[i].prompt_ids for i in batch], max_new_tokens, dummy)
-        predictions = [normalize_answer(scorer.decode(tokens), **rule) for tokens in outputs]
+        generated = [scorer.decode(tokens) for tokens in outputs]
+        predictions = [normalize_answer(text, **rule) for text in generated]
         references = [normalize_answer(items[i].target, **rule) for i in batch]
-        return [(p == ref, not p) for p, ref in zip(predictions, references, strict=True)]
+        return [{"generated": text, "prediction": p, "correct": p == ref}
+                for text, p, ref in zip(generated, predictions, references, strict=True)]
 
     results = per_example(scorer, [len(it.prompt_ids) + max_new_tokens for it in items], score_batch)
-    correct, blank = sum(r[0] for r in results), sum(r[1] for r in results)
-    return {"score": correct / max(len(items), 1), "n": len(items), "blank": blank}
+    correct, blank = sum(r["correct"] for r in results), sum(not r["prediction"] for r in results)
+    return _with_examples(scorer, {"score": correct / max(len(items), 1), "n": len(items), "blank": blank}, results)
+
+
+def _with_examples(scorer: Scorer, result: dict, records: list[dict]) -> dict:
+    """``result``, plus the per-example ``records`` under "examples" when ``scorer.examples`` asks for them."""
+    return {**result, "examples": records} if scorer.examples else result
 
 
 @torch.no_grad()
 def label_logprobs(scorer: Scorer, prompts: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
     """(B, K) log-probability of each label continuation: the prompt runs once, labels reuse its KV cache."""
+    if is_encoder_decoder(scorer.model):  # the encoder once per prompt, the labels on the decoder
+        return seq2seq.label_logprobs(scorer, prompts, labels)
     ids, mask = _left_pad(prompts, scorer.pad_id, scorer.device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     batch, n_labels = len(prompts), len(labels)
@@ -228,12 +254,15 @@ def label_logprobs(scorer: Scorer, prompts: list[list[int]], labels: list[list[i
 
 
 def label_accuracy(scorer: Scorer, items: list[EvalItem], labels: list[list[int]], label_texts: list[str]) -> dict:
-    def score_batch(batch: list[int], dummy: bool) -> list[bool]:
-        choices = label_logprobs(scorer, [items[i].prompt_ids for i in batch], labels).argmax(-1).tolist()
-        return [label_texts[choice] == items[i].target for i, choice in zip(batch, choices, strict=True)]
+    def score_batch(batch: list[int], dummy: bool) -> list[dict]:
+        logprobs = label_logprobs(scorer, [items[i].prompt_ids for i in batch], labels).cpu()  # one transfer
+        return [{"prediction": label_texts[choice], "label_scores": dict(zip(label_texts, row, strict=True)),
+                 "correct": label_texts[choice] == items[i].target}
+                for i, choice, row in zip(batch, logprobs.argmax(-1).tolist(), logprobs.tolist(), strict=True)]
 
-    correct = sum(per_example(scorer, [len(it.prompt_ids) for it in items], score_batch))
-    return {"score": correct / max(len(items), 1), "n": len(items)}
+    results = per_example(scorer, [len(it.prompt_ids) for it in items], score_batch)
+    correct = sum(r["correct"] for r in results)
+    return _with_examples(scorer, {"score": correct / max(len(items), 1), "n": len(items)}, results)
 
 
 @torch.no_grad()
@@ -245,16 +274,18 @@ def perplexity(scorer: Scorer, items: list[EvalItem]) -> dict:
         for it in items
     ]
 
-    def score_batch(batch: list[int], dummy: bool) -> list[tuple[float, int]]:
-        tensors = collate([encoded[i] for i in batch], scorer.pad_id, scorer.device)
+    def score_batch(batch: list[int], dummy: bool) -> list[dict]:
+        tensors = model_batch(scorer.model, collate([encoded[i] for i in batch], scorer.pad_id, scorer.device))
         with scorer.autocast():
-            logits = scorer.model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+            logits = scorer.model(**model_inputs(tensors)).logits
         nll = token_nll(logits, tensors["labels"]).sum(-1).tolist()
-        return list(zip(nll, (tensors["labels"][:, 1:] != -100).sum(-1).tolist(), strict=True))
+        tokens = (tensors["labels"][:, 1:] != -100).sum(-1).tolist()
+        return [{"nll": value, "tokens": count} for value, count in zip(nll, tokens, strict=True)]
 
     results = per_example(scorer, [len(e["input_ids"]) for e in encoded], score_batch)
-    total_nll, total_tokens = math.fsum(r[0] for r in results), sum(r[1] for r in results)
-    return {"score": math.exp(min(total_nll / max(total_tokens, 1), 50.0)), "n": len(items), "tokens": total_tokens}
+    total_nll, total_tokens = math.fsum(r["nll"] for r in results), sum(r["tokens"] for r in results)
+    score = math.exp(min(total_nll / max(total_tokens, 1), 50.0))
+    return _with_examples(scorer, {"score": score, "n": len(items), "tokens": total_tokens}, results)
 
 
 def score_task(scorer: Scorer, task: EncodedTask, metric: str, stop: str, label_texts: list[str] | None,

@@ -47,6 +47,7 @@ from cl_runner.lm import Encoded, causal_lm_loss, pack, target_count, token_coun
 from cl_runner.models import trainable_count
 from cl_runner.parallel import gradient_sync, train_module
 from cl_runner.schema import DistributedConfig, TrainConfig
+from cl_runner.seq2seq import model_batch, model_inputs
 from cl_runner.strategies.base import Context, MicroBatch, Strategy
 
 GROUP_WINDOW = 50  # train.group_by_length sorts by length within windows of this many step batches
@@ -67,6 +68,8 @@ class EpochRecord:
     mfu: float | None = None  # model FLOPs utilisation (flops.py); None on CPU or a GPU without a known peak
     target_tokens_per_s: float | None = None  # the tokens the loss is computed on, per second (None: older runs)
     validation_seconds: float | None = None  # the validation after this epoch; None when not validated
+    tokens: int | None = None  # tokens of the batches trained on (as tokens_per_s counts them; None: older runs)
+    target_tokens: int | None = None  # the target tokens among them (the positions the loss is computed on)
     extras: dict[str, float] = field(default_factory=dict)  # the latest values strategies logged (ctx.log)
 
 
@@ -317,12 +320,13 @@ class _TaskTrainer:
         ctx.micro = MicroBatch(examples, step, weight)
         if self.cfg.pack:  # examples kept apart by position_ids, not by a padding mask (lm.pack)
             batch = pack(examples, self.cfg.max_length, ctx.collate)
-            inputs = {"position_ids": batch["position_ids"], "attention_mask": None, "use_cache": False}
-        else:
-            batch = ctx.collate(examples)
-            inputs = {"attention_mask": batch["attention_mask"]}
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None,
+                      "use_cache": False}
+        else:  # an encoder-decoder reads the prompt with its encoder, the target with its decoder (seq2seq.py)
+            batch = model_batch(ctx.model, ctx.collate(examples), examples)
+            inputs = model_inputs(batch)
         with ctx.autocast():
-            outputs = self.module(input_ids=batch["input_ids"], **inputs)
+            outputs = self.module(**inputs)
             loss = causal_lm_loss(outputs.logits, batch["labels"], self.cfg.loss_chunk_tokens)
             loss = self.job.strategy.loss(ctx, batch, outputs, loss)
         scaled = loss * (weight * self.world.size)
@@ -399,6 +403,7 @@ class _TaskTrainer:
             seconds=state.seconds, lr=self.scheduler.get_last_lr()[0], skipped_steps=state.skipped,
             mfu=mfu(self.flops, speed, self.peak), extras=read_extras(ctx.extras),
             target_tokens_per_s=state.targets / max(state.seconds, 1e-9), validation_seconds=validation_seconds,
+            tokens=state.tokens, target_tokens=state.targets,
         )
         state.records.append(asdict(record))
         state.epoch, state.batches_done = epoch + 1, 0

@@ -62,10 +62,9 @@ def check_weight_files(directory: Path, key: str) -> None:
 def shape_mismatch(directory: Path, config) -> str:
     """The first tensor of the ``*.safetensors`` files whose shape differs from the one ``config`` gives it."""
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        expected = {n: list(t.shape) for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        expected = {n: list(t.shape) for n, t in auto_class(config).from_config(config).state_dict().items()}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as weights:
             for name in weights.keys():
@@ -153,8 +152,17 @@ def load_tokenizer(cfg: ModelConfig, texts: list[str]):
     return tokenizer
 
 
+def auto_class(config):
+    """``AutoModelForSeq2SeqLM`` for an encoder-decoder config (T5, BART: ``config.is_encoder_decoder``), else
+    ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
 def load_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
-    """The causal LM: ``from_pretrained`` for a hub id or directory, ``from_config`` (seeded) for ``arch``."""
+    """The causal LM or encoder-decoder (``auto_class``): ``from_pretrained`` for a hub id or directory,
+    ``from_config`` (seeded) for ``arch``."""
     model = _build(cfg, tokenizer, seed) if cfg.name_or_path is None else _load_pretrained(cfg)
     if cfg.name_or_path is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
@@ -162,7 +170,7 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
 
 
 def _build(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     arch = dict(cfg.arch)
     model_type = arch.pop("model_type")
@@ -177,12 +185,14 @@ def _build(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
         )
     except (ValueError, TypeError) as exc:
         raise ModelError(f"model.arch: cannot build a {model_type!r} config: {_first_line(exc)}") from None
+    if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = tokenizer.pad_token_id  # as T5's own checkpoints have it
     torch.manual_seed(seed)
     try:
-        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
+        return auto_class(config).from_config(config, dtype=DTYPES[cfg.dtype])
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
-            raise ModelError(f"model.arch.model_type: {model_type!r} is not a causal LM") from None
+            raise ModelError(f"model.arch.model_type: {model_type!r} is not a causal LM or encoder-decoder") from None
         raise ModelError(f"model.arch: cannot build the model: {_first_line(exc)}") from None
     except (RuntimeError, TypeError, ZeroDivisionError) as exc:
         raise ModelError(f"model.arch: cannot build the model: {_first_line(exc)}") from None
@@ -190,7 +200,7 @@ def _build(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
 
 def _load_pretrained(cfg: ModelConfig) -> torch.nn.Module:
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     source = cfg.name_or_path
     local = _looks_local(source)
@@ -208,12 +218,14 @@ def _load_pretrained(cfg: ModelConfig) -> torch.nn.Module:
         ) from None
     try:
         with _quiet_load():
-            return AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=DTYPES[cfg.dtype],
-                                                        revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+            return auto_class(model_config).from_pretrained(path, config=model_config, dtype=DTYPES[cfg.dtype],
+                                                            revision=cfg.revision,
+                                                            trust_remote_code=cfg.trust_remote_code)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise ModelError(
-                f"model.name_or_path: {source!r} is a {model_config.model_type!r} model, not a causal LM"
+                f"model.name_or_path: {source!r} is a {model_config.model_type!r} model, not a causal LM or "
+                "encoder-decoder"
             ) from None
         raise ModelError(f"model.name_or_path: cannot load {source!r} ({_first_line(exc)})") from None
     except (OSError, SafetensorError) as exc:  # a hub model's damaged cache files end here

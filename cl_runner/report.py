@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cl_runner import plots
+from cl_runner.cost import COST_FIELDS, format_value
 from cl_runner.results import print_whole, write_atomic
 
 # metrics.json key -> (label, higher is better). The first five are the table's columns; all are sortable.
@@ -41,6 +42,13 @@ ALIASES = {"acc": "average_accuracy", "forgetting": "average_forgetting", "bwt":
            "fwt": "forward_transfer", "wall_time": "wall_time_s", "time": "wall_time_s",
            "lca": "average_learning_curve_area"}
 NO_METRICS = "no metrics.json (job died before its first evaluation)"
+# metrics.json's cost block (cl_runner/cost.py): every number sortable (lower is better) and in the CSVs; these
+# printed in the table when a run has them
+COST_COLUMNS = {"cost.trainable_parameters": "trainable", "cost.extra_parameters": "extra params",
+                "cost.peak_cpu_rss_bytes": "peak RSS", "cost.peak_cuda_allocated_bytes": "peak CUDA",
+                "cost.train_seconds": "train (s)", "cost.eval_seconds": "eval (s)", "cost.tokens_seen": "tokens"}
+METRICS.update({f"cost.{key}": (COST_COLUMNS.get(f"cost.{key}", key), False) for key in COST_FIELDS})
+LONG_NAMES.update({f"cost.{key}": label for key, (label, _) in COST_FIELDS.items()})
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -62,7 +70,10 @@ class Job:
         return tuple(o for o in self.overrides if override_key(o) != "seed")
 
     def value(self, metric: str) -> float | None:
-        value = self.metrics.get(metric)
+        """A number of metrics.json; a dotted name reads a nested one (``cost.train_seconds``)."""
+        value: Any = self.metrics
+        for key in metric.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return float(value) if ok else None
 
@@ -258,26 +269,43 @@ def mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def cell(name: str, mean: float | None, std: float | None) -> str:
+    """A metric's cell: mean ± std; cost counts and bytes as their mean, compactly (529.3k, 1.2 GB)."""
+    key = name.removeprefix("cost.")
+    if key in COST_FIELDS and COST_FIELDS[key][1] != "seconds":
+        return format_value(key, mean)
+    return mean_std(mean, std, 1 if name == "wall_time_s" or key in COST_FIELDS else 3)
+
+
+def delta_cell(name: str, delta: float | None) -> str:
+    key = name.removeprefix("cost.")
+    if delta is None:
+        return "-"
+    if key in COST_FIELDS and COST_FIELDS[key][1] != "seconds":
+        return ("+" if delta >= 0 else "-") + format_value(key, abs(delta))
+    return f"{delta:+.{1 if name == 'wall_time_s' or key in COST_FIELDS else 3}f}"
+
+
 def formatted(rows: list[dict[str, Any]], keys: list[str], metric: str) -> tuple[list[str], list[list[str]]]:
-    """Headers and cells of the printed table (console and Markdown): metrics as mean ± std."""
+    """Headers and cells of the printed table (console and Markdown): metrics as mean ± std, then the cost
+    columns that any row has a value for."""
     headers = ["#", "strategy", *keys, "seeds", "runs"]
-    for name in SHOWN:
+    shown = [*SHOWN, *(name for name in COST_COLUMNS if any(row[f"{name}_mean"] is not None for row in rows))]
+    for name in shown:
         headers.append(METRICS[name][0])
         if name == metric:
             headers.append("Δ best")
-    if metric not in SHOWN:
+    if metric not in shown:
         headers += [METRICS[metric][0], "Δ best"]
     headers.append("status")
     cells = []
     for row in rows:
         line = [str(row["rank"]), row["strategy"], *(str(row[k]) for k in keys), row["seeds"] or "-",
                 str(row["completed"]) if row["completed"] == row["runs"] else f"{row['completed']} of {row['runs']}"]
-        shown = SHOWN if metric in SHOWN else [*SHOWN, metric]
-        for name in shown:
-            line.append(mean_std(row[f"{name}_mean"], row[f"{name}_std"], 1 if name == "wall_time_s" else 3))
+        for name in shown if metric in shown else [*shown, metric]:
+            line.append(cell(name, row[f"{name}_mean"], row[f"{name}_std"]))
             if name == metric:
-                delta = row[f"delta_{metric}"]
-                line.append("-" if delta is None else f"{delta:+.{1 if name == 'wall_time_s' else 3}f}")
+                line.append(delta_cell(name, row[f"delta_{metric}"]))
         line.append(row["status"])
         cells.append(line)
     return headers, cells
@@ -477,8 +505,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the files (default: the PATH when one is given, else ./report)")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    parser.add_argument("--flips", metavar="A:B", default=None,
+                        help="one run: the examples that went from right to wrong (and wrong to right) between "
+                             "stages A and B (init, after_TASK or TASK); needs the run's predictions on disk "
+                             "(eval.save_predictions=every); prints them, writes nothing")
+    parser.add_argument("--task", default=None, help="with --flips: this task only (default: every task)")
+    parser.add_argument("--limit", type=int, default=10, help="with --flips: examples shown per direction")
+    parser.add_argument("--paper", action="store_true",
+                        help="the runs beside the numbers their papers report (the experiment files' paper: "
+                             "blocks, docs/benchmarks.md), with the rows not run yet; writes reproduction.md")
     args = parser.parse_args(argv)
     try:
+        if args.flips is not None:
+            return flips_main(args.paths, args.flips, args.task, args.limit)
+        if args.paper:
+            return paper_report(args.paths, args.out)
         report = build_report(args.paths, args.sort)
     except ValueError as exc:
         print(f"cl-report: error: {exc}", file=sys.stderr)
@@ -488,6 +529,25 @@ def main(argv: list[str] | None = None) -> None:
     print_report(report, console)
     written = write_report(report, out_dir, with_plots=not args.no_plots)
     console.print(f"written to [bold]{escape(str(out_dir))}[/bold]: {', '.join(p.name for p in written)}")
+
+
+def paper_report(paths: list[Path], out: Path | None) -> None:
+    """``--paper``: cl_runner/reproduction.py's table, printed and written (to --out, else the one PATH)."""
+    from cl_runner.reproduction import paper_main
+
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        raise ValueError(f"--paper: expected run or sweep folders, got {', '.join(missing)}")
+    print(paper_main(paths, out or (paths[0] if len(paths) == 1 else Path("report"))), end="")
+
+
+def flips_main(paths: list[Path], spec: str, task: str | None, limit: int) -> None:
+    """``--flips``: the flipped examples of one run (cl_runner/predictions.py); ValueError: a one-line error."""
+    from cl_runner.predictions import print_flips
+
+    if len(paths) != 1 or not (paths[0] / "metrics.json").is_file():
+        raise ValueError(f"--flips: expected one run directory (holding metrics.json), got {' '.join(map(str, paths))}")
+    print_flips(paths[0], spec, task, limit, Console())
 
 
 if __name__ == "__main__":

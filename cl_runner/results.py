@@ -19,11 +19,13 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
+from cl_runner.cost import cost_rows
 from cl_runner.errors import DiskFullError
 
 log = logging.getLogger(__name__)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-RESULT_FILES = ("accuracy_matrix.csv", "metrics.json", "history.jsonl", "score_matrix.png", "learning_curves.png")
+RESULT_FILES = ("accuracy_matrix.csv", "metrics.json", "history.jsonl", "score_matrix.png", "learning_curves.png",
+                "predictions")  # predictions/: a folder (eval.save_predictions)
 
 
 def is_disk_full(exc: BaseException | None) -> bool:
@@ -83,9 +85,10 @@ def stage_names(task_names: list[str]) -> list[str]:
 class RunWriter:
     """Writes ``accuracy_matrix.csv``, ``history.jsonl``, ``metrics.json`` and ``config.yaml`` into ``run_dir``."""
 
-    def __init__(self, run_dir: Path, task_names: list[str]) -> None:
+    def __init__(self, run_dir: Path, task_names: list[str], monitor_names: list[str] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.task_names = task_names
+        self.monitor_names = monitor_names or []  # extra columns after the tasks: monitor:<name> (never trained)
         self.rows: list[list[float | None]] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -98,7 +101,7 @@ class RunWriter:
         self.rows = list(rows)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["stage", *self.task_names])
+        writer.writerow(["stage", *self.task_names, *(f"monitor:{name}" for name in self.monitor_names)])
         for stage, row in zip(stage_names(self.task_names), self.rows, strict=False):
             # exact: metrics recompute to the bit; empty: a cell the stage schedule (eval.full_every) skipped
             writer.writerow([stage, *("" if v is None else repr(float(v)) for v in row)])
@@ -189,6 +192,8 @@ def print_summary(console: Console, task_names: list[str], rows: list[list[float
     ]:
         summary.add_row(label, _fmt(metrics.get(key)))
     summary.add_row("wall time (s)", _fmt(metrics.get("wall_time_s"), 1))
+    for label, value in cost_rows(metrics.get("cost") or {}):  # parameters, peak memory, seconds, tokens
+        summary.add_row(label, value)
     for key, value in (metrics.get("strategy_accounting") or {}).items():
         summary.add_row(escape(key.replace("_", " ")), escape(str(value)))
     print_whole(console, summary)

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cl_runner import dist
+from cl_runner import cost, dist
 from cl_runner import metrics as cl_metrics
 from cl_runner.checkpoint import (
     Checkpoint,
@@ -48,8 +48,11 @@ from cl_runner.evaluate import Scorer
 from cl_runner.lm import collate
 from cl_runner.loop import Boundary, EpochRecord, LoopCallbacks, TaskRun, make_optimizer, read_extras, train_task
 from cl_runner.models import load_model, load_tokenizer, parameter_counts
+from cl_runner.monitors import Monitors, matrix_rows, print_monitors
+from cl_runner.monitors import summarize as summarize_monitors
 from cl_runner.parallel import shard
 from cl_runner.plots import plot_run
+from cl_runner.predictions import PredictionWriter
 from cl_runner.results import RunWriter, print_summary, write_atomic
 from cl_runner.run_state import RunState
 from cl_runner.runtime import (
@@ -62,9 +65,10 @@ from cl_runner.runtime import (
     seed_everything,
     stop_signals,
 )
-from cl_runner.schema import CheckpointConfig, Config, as_dict
+from cl_runner.schema import CheckpointConfig, Config, TrainConfig, as_dict
 from cl_runner.sequence_scoring import SequenceScorer
 from cl_runner.strategies import Context, Strategy, build_strategy
+from cl_runner.task_overrides import strategy_config
 from cl_runner.tasks import encode_task, load_sequence
 from cl_runner.tasks.base import Task
 from cl_runner.tasks.encode import EncodedTask
@@ -101,6 +105,7 @@ class RunParts:
     precision: str
     scaler: torch.amp.GradScaler | None
     world: dist.World = dist.World()
+    monitors: Monitors | None = None  # tasks.monitor: scored at every stage, never trained
 
     @property
     def names(self) -> list[str]:
@@ -115,6 +120,7 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
         device = torch.device("cuda", world.local_rank)  # one device per rank (torchrun's LOCAL_RANK)
     seed_everything(cfg.seed)
     tasks = load_sequence(cfg.tasks, cfg.seed, base_dir)
+    monitors = Monitors(cfg, base_dir)  # their data errors too before the model loads
     tokenizer = load_tokenizer(cfg.model, [text for t in tasks for text in t.texts()])
     model = load_model(cfg.model, tokenizer, cfg.seed)
     if not world.sharded:  # sharded models move to the device once sharded (place_sharded)
@@ -127,6 +133,7 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
     if device.type == "cuda" and cfg.device.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     encoded = [encode_task(t, i, tokenizer, cfg.train.max_length) for i, t in enumerate(tasks)]
+    monitors.encode(tokenizer, cfg.train.max_length)
     ctx = Context(
         model=model, device=device, autocast=autocast_factory(device, precision),
         collate=partial(collate, pad_id=tokenizer.pad_token_id, device=device),
@@ -134,10 +141,11 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
         seed=cfg.seed, eos_id=tokenizer.eos_token_id, decode=partial(tokenizer.decode, skip_special_tokens=True),
     )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    strategy = build_strategy(cfg.strategy)
+    strategy = build_strategy(strategy_config(cfg.strategy, cfg.tasks.strategy_overrides))
     if world.sharded:
         place_sharded(model, strategy, ctx, cfg)
-    parts = RunParts(cfg, run_dir, tasks, encoded, tokenizer, model, strategy, ctx, device, precision, scaler, world)
+    parts = RunParts(cfg, run_dir, tasks, encoded, tokenizer, model, strategy, ctx, device, precision, scaler, world,
+                     monitors)
     parts.strategy.check(ctx)  # options that name parameters or modules: before any evaluation or training
     return parts
 
@@ -163,6 +171,7 @@ def run_info(parts: RunParts) -> dict[str, Any]:
                         else platform.processor() or platform.machine()),
         "parameters": {**parameter_counts(parts.model), "trainable_per_task": {}}, "versions": package_versions(),
         "prompts_cut": {t.name: t.cut for t in parts.encoded},
+        **({"monitor_tasks": parts.monitors.info()} if parts.monitors.items else {}),
         "examples": {t.name: t.info["sizes"] for t in parts.tasks},
         "config": as_dict(cfg),
     }
@@ -259,7 +268,7 @@ def start_state(parts: RunParts, writer: RunWriter, console: Console, resume: bo
     for path, reason in damaged if parts.world.main else ():
         move_aside(path, reason)
     kept = writer.supersede() if damaged and checkpoint is None else None
-    writer.set_rows(state.rows())
+    writer.set_rows(matrix_rows(state.stages, parts.names, parts.monitors.names))
     writer.set_history(state.history + (task["loop"]["records"] if task else []))
     writer.write_metrics(state.to_metrics())
     if checkpoint is not None:
@@ -323,6 +332,9 @@ class SequenceRun:
         self.parts, self.state, self.writer, self.policy = parts, state, writer, policy
         self.trackers = trackers or Trackers([])  # experiment trackers (cl_runner/trackers/), rank 0
         self.scoring = sequence_scorer(parts)
+        self.predictions = PredictionWriter(  # eval.save_predictions: predictions/<stage>/<task>.jsonl
+            parts.run_dir, parts.cfg.eval.save_predictions, f"after_{parts.names[-1]}", self.scoring.tasks,
+            lambda j: self.scoring.eval_set(j, "test").test, parts.ctx.decode, parts.world.main)
         self.stop = StopRequest()
 
     def train(self, console: Console, task_resume: dict[str, Any] | None) -> None:
@@ -340,7 +352,7 @@ class SequenceRun:
         parts.ctx.task_index = i
         callbacks = _TaskCallbacks(self, progress, f"[{i + 1}/{len(parts.tasks)}] {name}")
         task_started = time.perf_counter()
-        records = train_task(TaskRun(parts.ctx, parts.strategy, parts.encoded[i].train, parts.cfg.train,
+        records = train_task(TaskRun(parts.ctx, parts.strategy, parts.encoded[i].train, for_task(parts, i),
                                      self.scoring.validate, parts.scaler, resume, callbacks, parts.cfg.distributed))
         state.history.extend(asdict(r) for r in records)
         state.wall_time_per_task_s[name] = round(
@@ -370,11 +382,27 @@ class SequenceRun:
         return self.stop.signum is not None, bool(due)
 
     def add_stage(self, stage: str, results: list[dict]) -> None:
-        self.writer.add_row([r["score"] for r in results])
+        self.predictions.write(stage, self.scoring.last_examples)  # before the row: a row's files are on disk
+        parts = self.parts
+        monitored = parts.monitors.score(self.scoring.scorer, parts.strategy, parts.ctx, parts.tokenizer,
+                                         None if stage == "init" else parts.ctx.task_index)
+        self.writer.add_row([r["score"] for r in results] + [m["score"] for m in monitored.values()])
         self.state.add_stage(stage, results)
+        if monitored:  # stages[i]["monitors"]: the monitors' columns (cl_runner/monitors.py)
+            self.state.stages[-1]["monitors"] = monitored
         self.state.info.setdefault("eval_seconds_per_stage", {})[stage] = self.scoring.take_timing()
+        self.state.info["cost"] = cost.run_cost(self.state.info, self.state.history,
+                                                parameter_counts(self.parts.model)["total"], self.parts.device)
         self.writer.write_metrics(self.state.to_metrics())
         self.trackers.on_stage(stage, self.state.rows())
+
+
+def for_task(parts: RunParts, i: int) -> TrainConfig:
+    """Task ``i``'s own settings, the same on every (re)start: its strategy options on the strategy
+    (tasks.strategy_overrides, then the task's), and the training settings with its epochs."""
+    cfg, task = parts.cfg, parts.cfg.tasks.tasks[i]
+    parts.strategy.cfg = strategy_config(cfg.strategy, cfg.tasks.strategy_overrides, task.strategy_overrides)
+    return cfg.train if task.epochs is None else replace(cfg.train, epochs=task.epochs)
 
 
 class _TaskCallbacks(LoopCallbacks):
@@ -446,7 +474,9 @@ def _mark_interrupted(run_dir: Path) -> None:
 def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
     parts = build_parts(cfg, run_dir, base_dir)
-    writer = RunWriter(run_dir, parts.names) if parts.world.main else RankWriter(run_dir, parts.names)
+    cost.start(parts.device)  # CUDA's peak memory counts from here (the cost block of metrics.json)
+    writer = (RunWriter(run_dir, parts.names, parts.monitors.names) if parts.world.main
+              else RankWriter(run_dir, parts.names))
     policy = CheckpointPolicy(cfg.checkpoint, parts)
     state, task_resume = start_state(parts, writer, console, resume, started)
     if parts.device.type == "cuda" and cfg.device.compile:
@@ -480,6 +510,8 @@ def finish(parts: RunParts, state: RunState, writer: RunWriter, console: Console
     rows, metric_names = state.rows(), [t.metric for t in parts.tasks]
     state.results = cl_metrics.summarize(rows[1:], rows[0], [t.higher_is_better for t in parts.tasks], parts.names)
     state.results["strategy_accounting"] = parts.strategy.accounting()
+    if parts.monitors.items:  # apart from ACC/forgetting/BWT/FWT, which are over the sequence only
+        state.results["monitors"] = summarize_monitors(state.stages, parts.monitors.names)
     state.info["parameters"]["final"] = parameter_counts(parts.model)  # adapters and columns add parameters
     state.results["wall_time_s"] = round(state.elapsed(), 3)
     state.status = "completed"
@@ -492,6 +524,7 @@ def finish(parts: RunParts, state: RunState, writer: RunWriter, console: Console
     if parts.cfg.model.name_or_path is None:
         parts.tokenizer.save_pretrained(parts.run_dir / "tokenizer")
     print_summary(console, parts.names, rows, metrics, metric_names, parts.run_dir)
+    print_monitors(console, metrics.get("monitors") or {})
     return metrics
 
 

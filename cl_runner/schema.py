@@ -7,11 +7,14 @@ An unknown key or a wrong type fails when Hydra composes the config. Ranges and 
 from __future__ import annotations
 
 import copy
+import importlib.util
+from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
+from omegaconf.errors import ConfigKeyError
 
 from cl_runner.dist import launch_error
 from cl_runner.errors import ConfigError
@@ -19,6 +22,7 @@ from cl_runner.options import SEED_MAX, WEIGHT_DTYPES, arch_errors
 from cl_runner.options import check_choice as _choice
 from cl_runner.options import check_fraction as _fraction
 from cl_runner.options import check_positive as _positive
+from cl_runner.task_overrides import override_errors, task_configs
 from cl_runner.threads import parse_setting as parse_threads
 from cl_runner.trackers.schema import LoggerConfig
 
@@ -145,6 +149,10 @@ class TaskConfig:
     max_eval_examples: int | None = None
     max_train_per_class: int | None = None  # at most this many training rows per target_column value (seeded)
     max_eval_per_class: int | None = None  # the same for validation and test; applied before the max_*_examples caps
+    epochs: int | None = None  # this task's epochs; null = train.epochs (train.max_steps still wins when set)
+    # {strategy name: {option: value}} for this task only, e.g. {adapters: {orthogonal_lambda: 5}}; applied before
+    # the task trains when that strategy runs (cl_runner/task_overrides.py says which options may vary per task)
+    strategy_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
@@ -162,19 +170,66 @@ class TaskConfig:
         _positive(errs, f"{key}.eval_batch_size", self.eval_batch_size)
         _positive(errs, f"{key}.max_train_per_class", self.max_train_per_class)
         _positive(errs, f"{key}.max_eval_per_class", self.max_eval_per_class)
+        _positive(errs, f"{key}.epochs", self.epochs)
+        errs += override_errors(self.strategy_overrides, f"{key}.strategy_overrides", per_task=True)
         if self.metric == "label_accuracy" and self.source == "datasets" and not (self.verbalizer or self.labels):
             errs.append(f"{key}.labels: label_accuracy needs a label set (labels or verbalizer)")
         return errs
 
 
 @dataclass
+class MonitorConfig(TaskConfig):
+    """A monitor (``tasks.monitor.<name>``): scored at every stage, never trained (docs/monitors.md). Any task
+    config, or an lm-evaluation-harness task named by ``lm_eval`` (then the task keys above are not used)."""
+
+    name: str | None = None  # null: the key under tasks.monitor (the name must equal it when set)
+    lm_eval: str | None = None  # an lm-evaluation-harness task (mmlu, hellaswag, ...); needs the lm_eval package
+    limit: float | None = None  # lm_eval: at most this many examples per (sub)task, a fraction when < 1; null = all
+    num_fewshot: int | None = None  # lm_eval: few-shot examples in each prompt; null = the task's own default
+    include_path: str | None = None  # lm_eval: a folder of own task YAMLs (relative: from the launch directory)
+    score_key: str | None = None  # lm_eval: the result reported, e.g. "acc_norm,none"; null = the task's first metric
+
+    def errors(self, key: str) -> list[str]:
+        errs: list[str] = []
+        if self.name is not None and self.name != key.rsplit(".", 1)[-1]:
+            errs.append(f"{key}.name: a monitor's name is its key under tasks.monitor; drop name or use that key")
+        lm_keys = ("limit", "num_fewshot", "include_path", "score_key")
+        set_keys = [f.name for f in fields(TaskConfig) if f.name != "name" and getattr(self, f.name) != _default(f)]
+        errs += [f"{key}.{k}: a monitor is never trained; drop it" for k in set_keys
+                 if k in ("epochs", "strategy_overrides")]
+        if self.lm_eval is None:
+            errs += [f"{key}.{k}: only for lm_eval monitors ({key}.lm_eval is null)" for k in lm_keys
+                     if getattr(self, k) is not None]
+            return errs + super().errors(key)
+        errs += [f"{key}.{k}: not used by an lm_eval monitor (the harness task defines it); drop it"
+                 for k in set_keys if k not in ("epochs", "strategy_overrides", "eval_batch_size")]
+        if importlib.util.find_spec("lm_eval") is None:
+            errs.append(f"{key}.lm_eval: needs the lm_eval package, which is not installed "
+                        "(pip install 'cl-runner[lm_eval]')")
+        _positive(errs, f"{key}.limit", self.limit)
+        _positive(errs, f"{key}.num_fewshot", self.num_fewshot, allow_zero=True)
+        return errs
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING_FIELD else f.default
+
+
+@dataclass
 class TasksConfig:
     name: str = MISSING
     tasks: list[TaskConfig] = field(default_factory=list)
+    # Tasks scored at every stage and never trained: {name: task config or {lm_eval: task, ...}} (docs/monitors.md).
+    # A dict, so that several +tasks/monitor=... files and +tasks.monitor.NAME=... entries add up; its entries are
+    # typed as MonitorConfig by ``validate`` (Hydra cannot take a whole dict into a typed dict from an override).
+    monitor: dict[str, Any] = field(default_factory=dict)
     # Compose time only: the definitions a sequence file takes from conf/tasks/catalogue/, which its `tasks` list
     # points at ('${..catalogue.dbpedia}'; Hydra cannot build a list from files, it can build a dict). Emptied once
     # validated, so the validated config (metrics.json) holds each task once, in `tasks`.
     catalogue: dict[str, TaskConfig] = field(default_factory=dict)
+    # {strategy name: {option: value}} for the whole sequence, applied before the strategy is built when that
+    # strategy runs (a published method's settings; beats strategy.*): cl_runner/task_overrides.py
+    strategy_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.catalogue = {}
@@ -188,6 +243,12 @@ class TasksConfig:
             errs.append(f"{key}.tasks: task name {dup!r} is used twice")
         for i, task in enumerate(self.tasks):
             errs += task.errors(f"{key}.tasks.{i}")
+        for name, monitor in self.monitor.items():
+            errs += monitor.errors(f"{key}.monitor.{name}")
+            if name in names:
+                errs.append(f"{key}.monitor.{name}: {name!r} is a task of the sequence (trained); name the monitor "
+                            "otherwise")
+        errs += override_errors(self.strategy_overrides, f"{key}.strategy_overrides", per_task=False)
         return errs
 
 
@@ -241,9 +302,11 @@ class EvalConfig:
     full_every: int = 1  # score every task after every N-th task (and the last); other stages: what metrics need
     max_examples: int | None = None  # per task and split: a seeded sample of this many (a task's max_eval_examples
     #                                  wins where set); null = all
+    save_predictions: str = "final"  # per-example predictions/<stage>/<task>.jsonl: final | every (stage) | none
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
+        _choice(errs, f"{key}.save_predictions", self.save_predictions, ("final", "every", "none"))
         _positive(errs, f"{key}.max_new_tokens", self.max_new_tokens)
         _positive(errs, f"{key}.full_every", self.full_every)
         _positive(errs, f"{key}.max_examples", self.max_examples)
@@ -265,7 +328,9 @@ class CheckpointConfig:
 
 
 # ----------------------------------------------------------------------------------------------- root
-PACK_REFUSED = ("lwf", "lamol")  # strategies whose ``loss`` hook forwards or reads the batch's rows itself
+PACK_REFUSED = ("lwf", "lamol",  # strategies whose ``loss`` hook forwards or reads the batch's rows itself
+                "prompt_tuning", "progressive_prompts",  # a soft prompt per example, not per packed row
+                "ilora")  # its consistency loss reads the replayed examples' rows
 
 
 @dataclass
@@ -281,6 +346,8 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers (conf/logger/)
     seed: int = 0
     experiment_name: str = "cl"  # free text, recorded in metrics.json
+    paper: dict[str, Any] = field(default_factory=dict)  # published numbers to compare with (cl-report --paper;
+    #                                                       conf/experiment/olora_*.yaml); no effect on the run
     debug: bool = False  # show Python tracebacks instead of one-line errors
 
     def errors(self) -> list[str]:
@@ -290,7 +357,8 @@ class Config:
         if self.distributed.kind != "none":  # a strategy that cannot run so: refused before anything loads
             from cl_runner.strategies.registry import distributed_errors
 
-            errs += distributed_errors(self.strategy, self.distributed.kind)
+            configs = [self.strategy] if errs else task_configs(self.strategy, self.tasks)  # with their overrides
+            errs += list(dict.fromkeys(e for c in configs for e in distributed_errors(c, self.distributed.kind)))
         errs += self.logger.errors("logger")
         if self.train.pack and self.strategy.name in PACK_REFUSED:  # their loss hooks re-run the model on the rows
             errs.append(f"train.pack: not supported with strategy.name={self.strategy.name} (set train.pack=false)")
@@ -304,6 +372,10 @@ class Config:
                         "sharded); use bf16")
         if not errs:  # last: its import costs seconds that a plain error need not wait for (the run pays it anyway)
             errs += self.model.arch_errors("model")
+        if not errs:  # what an encoder-decoder model cannot run with (cl_runner/seq2seq.py)
+            from cl_runner.seq2seq import config_errors
+
+            errs += config_errors(self)
         return errs
 
 
@@ -341,11 +413,20 @@ def _unknown_keys(node: Any, schema: type, prefix: str) -> list[str]:
 
 def _typed_strategy(schema: type, node: DictConfig) -> Any:
     """``node``'s values in the strategy's own Config; a value of the wrong type names its key."""
+    return _typed(schema, node, "strategy")
+
+
+def _typed(schema: type, node: Any, key: str) -> Any:
+    """``node``'s values in ``schema``; an unknown key or a value of the wrong type names its key."""
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{key}: expected a mapping of options (e.g. {{lm_eval: mmlu}}), got {node!r}")
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node)))
+    except ConfigKeyError as exc:
+        raise ConfigError(f"{key}.{exc.full_key or exc.key}: unknown key (see docs/configuration.md)") from None
     except ValidationError as exc:
         detail = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"strategy.{exc.full_key or exc.key}: {detail}") from None
+        raise ConfigError(f"{key}.{exc.full_key or exc.key}: {detail}") from None
 
 
 def validate(cfg: DictConfig) -> Config:
@@ -358,6 +439,8 @@ def validate(cfg: DictConfig) -> Config:
         hint = "unknown key (see docs/configuration.md)"
         raise ConfigError("; ".join(f"{key}: {hint}" for key in unknown))
     config = OmegaConf.to_object(cfg)
+    config.tasks.monitor = {name: _typed(MonitorConfig, node, f"tasks.monitor.{name}")
+                            for name, node in (cfg.tasks.monitor or {}).items()}
     if not isinstance(config.strategy, schema):  # composed without the schema (a _target_, a saved config)
         config.strategy = _typed_strategy(schema, cfg.strategy)
     errors = config.errors()

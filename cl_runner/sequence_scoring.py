@@ -105,6 +105,7 @@ class SequenceScorer:
     progress: EvalProgress = field(default_factory=EvalProgress)
     last_seconds: float = 0.0  # the latest pass (score)
     validation_seconds: float = 0.0  # validation passes since ``take_timing``
+    last_examples: dict[int, list[dict] | None] = field(default_factory=dict)  # latest test pass: task -> records
     _sets: dict[tuple[int, str], EncodedTask] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,15 +118,19 @@ class SequenceScorer:
         sets = [self.eval_set(j, split) for j in indices]
         total = sum(len(s.test if split == "test" else s.validation) for s in sets)
         self.progress.start(label, total, len(indices), keep=split == "test")
-        results = []
+        results, examples = [], split == "test"  # a test pass keeps each example's record (predictions.py)
+        self.last_examples = {} if examples else self.last_examples
         try:
             for k, (j, encoded) in enumerate(zip(indices, sets, strict=True)):
                 self.strategy.before_eval(self.ctx, j)
                 task = self.tasks[j]
                 self.progress.task(task.name, k + 1, len(indices))
-                scorer = replace(self.scorer, batch_size=task.eval_batch_size or self.scorer.batch_size)
+                scorer = replace(self.scorer, batch_size=task.eval_batch_size or self.scorer.batch_size,
+                                 examples=examples)
                 results.append(score_task(scorer, encoded, task.metric, task.stop, task.labels, split,
                                           task.max_new_tokens))
+                if examples:
+                    self.last_examples[j] = results[-1].pop("examples", None)
             self.strategy.after_eval(self.ctx)
         finally:
             self.last_seconds = time.perf_counter() - started

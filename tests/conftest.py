@@ -9,6 +9,12 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml): a worker per core, at most 4 (each holds torch and its test's runs in memory;
+    more rarely pays on the few long modules that each stay on one worker)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

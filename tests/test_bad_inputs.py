@@ -14,7 +14,7 @@ from bad_files import write_data_files, write_model_dirs
 from helpers import write_jsonl
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from transformers import GPT2Config, GPT2LMHeadModel, T5Config
+from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig
 
 from cl_runner import cli
 from cl_runner.models import train_tokenizer
@@ -94,8 +94,8 @@ CASES = [
     # --- model
     ("missing model directory", ["model.name_or_path=/does/not/exist"], "model.name_or_path: directory not found"),
     ("model directory without tokenizer", ["model.name_or_path={tmp}/no-tok"], "model.name_or_path: no tokenizer"),
-    ("not a causal LM", ["model.name_or_path={tmp}/t5"], "model.name_or_path: '{tmp}/t5' is a 't5' model, not a "
-                                                          "causal LM"),
+    ("not a causal LM", ["model.name_or_path={tmp}/vit"], "model.name_or_path: '{tmp}/vit' is a 'vit' model, not a "
+                                                           "causal LM or encoder-decoder"),
     ("built model without model_type", ["~model.arch.model_type"], "model.arch.model_type: required"),
     # --- data (round two): what datasets reports as "An error occurred while generating the dataset"
     ("data file not UTF-8", [task("latin1.jsonl")],
@@ -168,6 +168,23 @@ CASES = [
      "tasks.tasks.0.data_files.train: file not found"),  # the directory stays, empty
     ("run dir that is a file", ["hydra.run.dir={tmp}/good.jsonl"], "hydra.run.dir: cannot write to {tmp}/good.jsonl"),
     ("run dir under a file", ["hydra.run.dir={tmp}/good.jsonl/x"], "hydra.run.dir: cannot write to {tmp}/good.jsonl/x"),
+    # --- monitors (tasks.monitor, docs/monitors.md)
+    ("unknown monitor key", ["+tasks.monitor.m={bogus: 1}"], "tasks.monitor.m.bogus: unknown key"),
+    ("monitor that is not a mapping", ["+tasks.monitor.m=5"], "tasks.monitor.m: expected a mapping of options"),
+    ("monitor named as a task of the sequence", ["+tasks.monitor.color={source: facts, relation: color}"],
+     "tasks.monitor.color: 'color' is a task of the sequence (trained)"),
+    ("monitor given epochs", ["+tasks.monitor.m={source: facts, relation: color, epochs: 2}"],
+     "tasks.monitor.m.epochs: a monitor is never trained"),
+    ("task key on an lm_eval monitor", ["+tasks.monitor.m={lm_eval: mmlu, path: json}"],
+     "tasks.monitor.m.path: not used by an lm_eval monitor"),
+    ("lm_eval key on a task monitor", ["+tasks.monitor.m={source: facts, relation: color, limit: 5}"],
+     "tasks.monitor.m.limit: only for lm_eval monitors"),
+    ("negative lm_eval limit", ["+tasks.monitor.m={lm_eval: mmlu, limit: -5}"],
+     "tasks.monitor.m.limit: expected a positive number"),
+    ("monitor data file missing", ["+tasks.monitor.m={path: json, data_files: {test: nope.jsonl}, train_split: test}"],
+     "tasks.monitor.m.data_files.test: file not found"),
+    ("lm_eval include_path missing", ["+tasks.monitor.m={lm_eval: mine, include_path: nowhere}"],
+     "tasks.monitor.m.include_path: not a folder of lm-eval task YAMLs"),
 ]
 
 
@@ -182,10 +199,10 @@ def workspace(tmp_path_factory):
     write_jsonl(root / "blank.jsonl", [good[0], {"question": "q", "answer": "  "}])
     tok = train_tokenizer(["capital of france? paris"] * 5, vocab_size=300)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64)).save_pretrained(root / "no-tok")
-    t5 = root / "t5"
-    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=len(tok)).save_pretrained(t5)
-    tok.save_pretrained(t5)
-    torch.save({}, root / "t5" / "unused.bin")
+    vit = root / "vit"  # an image encoder: neither a causal LM nor an encoder-decoder
+    ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(vit)
+    tok.save_pretrained(vit)
+    torch.save({}, vit / "unused.bin")
     (root / "done").mkdir()
     (root / "done" / "config.yaml").write_text("seed: 0\n")
     (root / "done" / "metrics.json").write_text('{"status": "running"}\n')

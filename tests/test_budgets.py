@@ -37,7 +37,7 @@ def test_a_sequence_budget_beats_the_root_config_and_loses_to_the_command_line()
 def test_an_experiment_file_beats_the_sequence_budget():
     cfg = make_config("experiment=olora_standard_order1", "tasks=offline_lm_domains", small=False)
     assert cfg.tasks.name == "offline_lm_domains"
-    assert (cfg.train.epochs, cfg.train.lr, cfg.train.keep_best) == (1, 1.0e-5, False)  # base/olora.yaml
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.keep_best) == (1, 1.0e-3, False)  # base/olora.yaml
 
 
 def test_keys_a_budget_does_not_set_keep_the_root_defaults():

@@ -54,9 +54,9 @@ def test_nccl_bf16_run_on_every_visible_gpu_matches_one_process(tmp_path, kind):
               "train.keep_best=false"]
     single = run_quietly(make_config(*common, small=False), tmp_path / "one")
     extra = ["distributed.param_dtype=bfloat16", "distributed.reduce_dtype=float32"] if kind == "fsdp" else []
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m",
-                           "cl_runner", f"distributed={kind}", *common, *extra, f"hydra.run.dir={tmp_path / 'n'}"],
-                          capture_output=True, text=True, timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+    done = subprocess.run([*torchrun, "-m", "cl_runner", f"distributed={kind}", *common, *extra,
+                           f"hydra.run.dir={tmp_path / 'n'}"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     multi = json.loads((tmp_path / "n" / "metrics.json").read_text())
     assert multi["distributed"] == {"kind": kind, "world_size": gpus} and multi["device"].startswith("cuda")

@@ -55,7 +55,7 @@ def test_grad_accum_gives_the_same_matrix_for_every_strategy(tmp_path, strategy)
 
 
 def test_there_is_one_case_per_shipped_strategy():
-    assert len(STRATEGIES) == 12 and "replay" in STRATEGIES and "lamol" in STRATEGIES
+    assert len(STRATEGIES) == 21 and "replay" in STRATEGIES and "merge" in STRATEGIES
 
 
 def example(n_targets: int) -> dict:

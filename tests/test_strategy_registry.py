@@ -141,7 +141,8 @@ def test_a_target_class_is_a_strategy_without_any_registration(tmp_path, monkeyp
 
 
 def test_an_unknown_strategy_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"strategy.name: expected one of adapters, .*, shared_lora, got 'nope'"):
+    known = r"adapters, agem, .*, replay, shared_lora, si"
+    with pytest.raises(ConfigError, match=rf"strategy.name: expected one of {known}, got 'nope'"):
         strategy_class("nope")
 
 

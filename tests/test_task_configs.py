@@ -119,12 +119,13 @@ def test_the_olora_experiments_differ_only_in_their_sequence_and_name():
         config = as_dict(make_config(f"experiment={name}", small=False))
         assert config.pop("experiment_name") == name
         assert config.pop("tasks")["name"] == name.removeprefix("olora_")
+        config.pop("paper")  # the published numbers of that order
         return config
 
-    olora = [name for name in EXPERIMENTS if name.startswith("olora_")]
+    olora = [name for name in EXPERIMENTS if name.startswith("olora_") and name != "olora_smoke"]
     assert len(olora) == 6
     base = rest(olora[0])
-    assert base["model"]["name_or_path"] == "openai-community/gpt2-large" and base["train"]["epochs"] == 1
+    assert base["model"]["name_or_path"] == "google-t5/t5-large" and base["train"]["epochs"] == 1
     for name in olora[1:]:
         assert rest(name) == base, name
         assert "  - base/olora" in (REPO / "conf" / "experiment" / f"{name}.yaml").read_text()

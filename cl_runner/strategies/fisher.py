@@ -23,7 +23,7 @@ is that of one process, not a 1/N share).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -31,10 +31,13 @@ import torch
 from cl_runner.dist import all_reduce_sum, shard_bounds, world
 from cl_runner.lazy import no_grad
 from cl_runner.lm import IGNORE_INDEX, Encoded, causal_lm_loss
+from cl_runner.seq2seq import is_encoder_decoder, model_batch, model_inputs
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.common import evaluating, local, selected_parameters
 
 MODES = ("empirical", "sampled")
+Objective = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # (logits, labels) of one example -> scalar
+Transform = Callable[["torch.Tensor"], "torch.Tensor"]  # a gradient -> what is summed over examples (g**2, |g|)
 
 
 @no_grad
@@ -89,26 +92,33 @@ def fisher_diagonal_loop(ctx: Context, examples: Sequence[Encoded], *, mode: str
     return {n: f / max(len(examples), 1) for n, f in sums.items()}
 
 
-def _one_loss(ctx: Context, example: Encoded) -> torch.Tensor:
-    batch = ctx.collate([example])
+def square(g: torch.Tensor) -> torch.Tensor:
+    return g.square()
+
+
+def _one_loss(ctx: Context, example: Encoded, objective: Objective = causal_lm_loss) -> torch.Tensor:
+    batch = model_batch(ctx.model, ctx.collate([example]), [example])  # encoder-decoder: seq2seq.py
     with ctx.autocast():
-        out = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return causal_lm_loss(out.logits, batch["labels"])
+        out = ctx.model(**model_inputs(batch))
+    return objective(out.logits, batch["labels"])
 
 
-def _loop_sums(ctx: Context, labelled: Sequence[Encoded], named: list) -> dict[str, torch.Tensor]:
-    """``sum_n g_n**2`` with one ``autograd.grad`` per example (no ``.grad`` touched)."""
+def _loop_sums(ctx: Context, labelled: Sequence[Encoded], named: list, objective: Objective = causal_lm_loss,
+               transform: Transform = square) -> dict[str, torch.Tensor]:
+    """``sum_n g_n**2`` (``transform(g_n)``) with one ``autograd.grad`` per example (no ``.grad`` touched)."""
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
     with evaluating(ctx.model):
         for example in labelled:
-            grads = torch.autograd.grad(_one_loss(ctx, example), [p for _, p in named], allow_unused=True)
+            grads = torch.autograd.grad(_one_loss(ctx, example, objective), [p for _, p in named],
+                                        allow_unused=True)
             for (n, _), g in zip(named, grads, strict=True):
                 if g is not None:
-                    fisher[n] += g.float().square()
+                    fisher[n] += transform(g.float())
     return fisher
 
 
-def _sharded_sums(ctx: Context, labelled: Sequence[Encoded], named: list) -> dict[str, torch.Tensor]:
+def _sharded_sums(ctx: Context, labelled: Sequence[Encoded], named: list, objective: Objective = causal_lm_loss,
+                  transform: Transform = square) -> dict[str, torch.Tensor]:
     """FSDP: this rank's shards of ``sum_n g_n**2``, every rank running the same examples (module docstring).
     ``backward`` fills ``.grad`` (which it must: autograd.grad does not reach sharded parameters); the gradients
     are cleared before and after."""
@@ -116,10 +126,10 @@ def _sharded_sums(ctx: Context, labelled: Sequence[Encoded], named: list) -> dic
     with evaluating(ctx.model):
         for example in labelled:
             ctx.model.zero_grad(set_to_none=True)
-            _one_loss(ctx, example).backward()
+            _one_loss(ctx, example, objective).backward()
             for n, p in named:
                 if p.grad is not None:
-                    fisher[n] += local(p.grad).float().square()
+                    fisher[n] += transform(local(p.grad).float())
     ctx.model.zero_grad(set_to_none=True)
     return fisher
 
@@ -137,20 +147,35 @@ def fisher_diagonal(ctx: Context, examples: Sequence[Encoded], *, mode: str = "e
     vmap still fail on some architecture, this warns and falls back to the loop on the same labels. Several
     processes: see the module docstring (FSDP runs the loop form; the result is this rank's shard of F).
     """
+    return gradient_mean(ctx, examples, param_regex=param_regex, batch_size=batch_size,
+                         label=lambda part: _labelled(ctx, examples, mode, generator, batch_size, part))
+
+
+def gradient_mean(ctx: Context, examples: Sequence[Encoded], *, objective: Objective = causal_lm_loss,
+                  transform: Transform = square, param_regex: str | None = None, batch_size: int = 16,
+                  label: Callable[[tuple[int, int] | None], list[Encoded]] | None = None) -> dict[str, torch.Tensor]:
+    """``1/N sum_n transform(g_n)``, ``g_n`` the gradient of ``objective(logits, labels)`` on example n alone:
+    ``fisher_diagonal``'s machinery (batched per-example gradients, the DDP split, the FSDP loop) for any
+    per-example scalar (MAS: the squared norm of the outputs, summing ``|g_n|``). ``label(part)``
+    gives the examples of ``part`` (a slice; None = all) as the objective sees them (default: as they are)."""
     named = selected_parameters(ctx.model, param_regex)
+    label = label or (lambda part: list(examples[slice(*part)] if part else examples))
     if world().sharded:
-        sums = _sharded_sums(ctx, _labelled(ctx, examples, mode, generator, batch_size), named)
+        sums = _sharded_sums(ctx, label(None), named, objective, transform)
     else:
         part = shard_bounds(len(examples)) if world().distributed else None
-        sums = _batched_sums(ctx, _labelled(ctx, examples, mode, generator, batch_size, part), named, batch_size)
+        sums = _batched_sums(ctx, label(part), named, batch_size, objective, transform)
         for f in sums.values() if world().distributed else ():
             all_reduce_sum(f)
     return {n: f / max(len(examples), 1) for n, f in sums.items()}
 
 
-def _batched_sums(ctx: Context, labelled: list[Encoded], named: list, batch_size: int) -> dict[str, torch.Tensor]:
-    """``sum_n g_n**2`` over ``labelled`` with ``vmap`` (``fisher_diagonal``); the loop when vmap fails."""
+def _batched_sums(ctx: Context, labelled: list[Encoded], named: list, batch_size: int,
+                  objective: Objective = causal_lm_loss, transform: Transform = square) -> dict[str, torch.Tensor]:
+    """``sum_n transform(g_n)`` over ``labelled`` with ``vmap`` (``fisher_diagonal``); the loop when vmap fails."""
     model = ctx.model
+    if is_encoder_decoder(model):  # its encoder needs the padding mask, which vmap cannot take (docstring above)
+        return _loop_sums(ctx, labelled, named, objective, transform)
     chosen = {n for n, _ in named}
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
     buffers = dict(model.named_buffers())
@@ -158,7 +183,7 @@ def _batched_sums(ctx: Context, labelled: list[Encoded], named: list, batch_size
     def example_loss(params: dict[str, torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor):
         out = torch.func.functional_call(model, (params, frozen, buffers), args=(),
                                          kwargs={"input_ids": input_ids[None], "use_cache": False})
-        return causal_lm_loss(out.logits, labels[None])
+        return objective(out.logits, labels[None])
 
     per_example_grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))
     params = {n: p.detach() for n, p in named}
@@ -175,13 +200,13 @@ def _batched_sums(ctx: Context, labelled: list[Encoded], named: list, batch_size
                 with ctx.autocast():
                     grads = per_example_grads(params, batch["input_ids"], batch["labels"])
                 for n, g in grads.items():
-                    fisher[n] += g.float().square().sum(0)
+                    fisher[n] += transform(g.float()).sum(0)
     except RuntimeError as exc:
         if "vmap" not in str(exc):
             raise
         warnings.warn(f"fisher_diagonal: vmap failed ({str(exc)[:200]}); using the per-example loop",
                       RuntimeWarning, stacklevel=3)
-        return _loop_sums(ctx, labelled, named)
+        return _loop_sums(ctx, labelled, named, objective, transform)
     return fisher
 
 

@@ -13,6 +13,7 @@ import torch
 from cl_runner.errors import ConfigError
 from cl_runner.lm import Encoded, causal_lm_loss
 from cl_runner.options import check_positive
+from cl_runner.seq2seq import check_strategy
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.pseudo import answer_cue, generation_batch, parse_sample, prompt_of, sample_after
 from cl_runner.strategies.seeding import seeded_rng
@@ -105,6 +106,9 @@ class LAMOL(Strategy):
         if self._gen_ids is None:
             self._gen_ids = torch.arange(len(ctx.task_names), device=ctx.device) + self.first_gen_id
         return self._gen_ids
+
+    def check(self, ctx: Context) -> None:
+        check_strategy(ctx.model, self.name)  # whole examples are generated as one sequence (seq2seq.py)
 
     def before_task(self, ctx: Context) -> None:
         if self.cfg.gen_ratio == 0:

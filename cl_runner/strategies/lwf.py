@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from cl_runner.options import check_positive
+from cl_runner.seq2seq import model_inputs
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.distill import distillation_kl
@@ -100,7 +101,7 @@ class LwF(Strategy):
         if teacher is None or self.cfg.alpha == 0:
             return loss
         with torch.no_grad(), ctx.autocast():
-            teacher_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            teacher_out = teacher(**model_inputs(batch))  # an encoder-decoder's decoder logits (seq2seq.py)
         temperature = self.cfg.temperature
         kl = distillation_kl(outputs.logits, teacher_out.logits, batch["labels"], temperature)
         ctx.log(lwf_kl=kl.detach())

@@ -1,5 +1,6 @@
 """Progressive networks for causal LMs: a frozen column per finished task, a new laterally linked one per task
-(the column mathematics and the hooks that run them are in ``columns.py``)."""
+(the column mathematics and the hooks that run them are in ``columns.py``). Progressive *Prompts* (a soft
+prompt per task, concatenated) is another method: ``progressive_prompts`` in ``prompts.py``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from cl_runner.dist import world
 from cl_runner.options import check_positive
+from cl_runner.seq2seq import check_strategy
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig, not_made_before_sharding
 from cl_runner.strategies.columns import ColumnHooks, adapted_layers, lora_column
 from cl_runner.strategies.common import tensor_bytes
@@ -88,6 +90,9 @@ class Progressive(Strategy):
 
     def _has_column(self, task: int) -> bool:
         return task > 0 or not self.cfg.backbone_first_task
+
+    def check(self, ctx: Context) -> None:
+        check_strategy(ctx.model, self.name)  # an encoder-decoder has two stacks of blocks (seq2seq.py)
 
     def before_task(self, ctx: Context) -> None:
         if not self._has_column(ctx.task_index):

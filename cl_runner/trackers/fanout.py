@@ -12,29 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from cl_runner.logs import quiet_logger
 from cl_runner.results import write_atomic
 from cl_runner.trackers.backends import BACKENDS, Matrix, TrackedRun, Tracker
 
 log = logging.getLogger(__name__)
 TRACKERS_FILE = "trackers.json"
+HTTP_RETRIES = "urllib3.connectionpool"  # logs a line per HTTP retry (MLflow's client): kept quiet
 NOT_LOGGED = {"checkpoints", "tensorboard", "wandb", "mlruns", "superseded"}  # folders kept out of the artifacts
-
-
-@contextmanager
-def quiet_retries() -> Iterator[None]:
-    """Keep urllib3's line per HTTP retry (MLflow's client) out of the log: a tracker that fails says so once."""
-    logger = logging.getLogger("urllib3.connectionpool")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def brief(exc: BaseException, most: int = 300) -> str:
@@ -104,7 +93,7 @@ class Trackers:
     def _call(self, method: str, *args: Any) -> None:
         for tracker in list(self.trackers):
             try:
-                with quiet_retries():
+                with quiet_logger(HTTP_RETRIES):
                     getattr(tracker, method)(*args)
             except Exception as exc:  # a dashboard never costs the run
                 log.warning("logger %s failed and is switched off for this run (%s)", tracker.name, brief(exc))
@@ -169,8 +158,9 @@ class Trackers:
         artifacts, the status. Closes every tracker; calling it again does nothing."""
         if not self.trackers:
             return
-        if state.status == "completed":
-            self._call("summary", numbers(state.results, "summary/"), self.done)
+        if state.status == "completed":  # with the cost block (metrics.json "cost": summary/cost/...)
+            self._call("summary", numbers({**state.results, "cost": state.info.get("cost") or {}}, "summary/"),
+                       self.done)
         if self.run_dir is not None:
             self._call("artifacts", result_files(self.run_dir), self.run_dir)
         self._call("close", state.status, state.error)
@@ -204,7 +194,7 @@ def open_trackers(parts: Any, state: Any, task_resume: dict[str, Any] | None) ->
     trackers = []
     for name in chosen:
         try:
-            with quiet_retries():
+            with quiet_logger(HTTP_RETRIES):
                 trackers.append(BACKENDS[name](getattr(parts.cfg.logger, name), run, (saved or {}).get(name, {})))
         except Exception as exc:
             log.warning("logger %s could not start and is off for this run (%s)", name, brief(exc))

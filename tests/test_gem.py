@@ -1,0 +1,134 @@
+"""A-GEM and GEM (cl_runner/strategies/gem.py): the projection and the dual QP against hand and brute-force
+answers, the reference gradient against plain autograd, the hook on a tiny model, the refusals."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from test_loop import context, examples, tiny_model
+
+from cl_runner.errors import ConfigError
+from cl_runner.lm import causal_lm_loss, collate
+from cl_runner.strategies.gem import (
+    AGEM,
+    GEM,
+    RIDGE,
+    AGEMConfig,
+    GEMConfig,
+    agem_project,
+    examples_gradient,
+    gem_dual,
+)
+
+
+def test_agem_projects_a_conflicting_gradient_onto_the_reference_plane_and_leaves_an_agreeing_one():
+    g, r = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # g.r = -1, r.r = 2: g - (-1/2) r
+    torch.testing.assert_close(agem_project(g, r), torch.tensor([0.5, 0.5]))
+    assert float(torch.dot(agem_project(g, r), r)) == pytest.approx(0.0)
+    agreeing = torch.tensor([1.0, 2.0])  # g.r = 1 > 0
+    assert torch.equal(agem_project(agreeing, r), agreeing)
+
+
+def brute_force_dual(gram: torch.Tensor, dots: torch.Tensor, margin: float) -> torch.Tensor:
+    """Every choice of free coordinates: solve the equality system on them, keep the feasible point of least
+    objective (the minimiser of a convex QP over a box is one of these)."""
+    a, b, t = gram.double() + RIDGE * torch.eye(len(dots), dtype=torch.float64), dots.double(), len(dots)
+    best, best_value = None, float("inf")
+    for free in itertools.chain.from_iterable(itertools.combinations(range(t), k) for k in range(t + 1)):
+        v = torch.full((t,), float(margin), dtype=torch.float64)
+        if free:
+            idx = list(free)
+            fixed = [k for k in range(t) if k not in free]
+            rhs = -(b[idx] + a[idx][:, fixed] @ v[fixed]) if fixed else -b[idx]
+            v[idx] = torch.linalg.solve(a[idx][:, idx], rhs)
+        if (v >= margin - 1e-12).all():
+            value = float(0.5 * v @ a @ v + b @ v)
+            if value < best_value:
+                best, best_value = v, value
+    return best
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.5])
+def test_gem_dual_matches_brute_force_and_its_projection_satisfies_every_constraint(margin):
+    torch.manual_seed(0)
+    for _ in range(5):
+        refs = torch.randn(4, 7, dtype=torch.float64)  # 4 earlier tasks, 7 parameters
+        g = torch.randn(7, dtype=torch.float64) - refs.sum(0)  # mostly conflicting
+        gram, dots = refs @ refs.T, refs @ g
+        v = gem_dual(gram, dots, margin)
+        torch.testing.assert_close(v, brute_force_dual(gram, dots, margin), atol=1e-9, rtol=1e-9)
+        z = g + refs.T @ v
+        assert (refs @ z >= -RIDGE * v - 1e-9).all()  # G z >= 0 up to the ridge's pull
+
+
+def test_gem_dual_on_a_hand_case():
+    # one earlier task, g = (1, 0), g_1 = (-1, 1): v = -(g.g_1) / (g_1.g_1 + ridge) = 1 / (2 + ridge)
+    refs, g = torch.tensor([[-1.0, 1.0]]), torch.tensor([1.0, 0.0])
+    v = gem_dual(refs @ refs.T, refs @ g)
+    assert float(v[0]) == pytest.approx(1 / (2 + RIDGE))
+    # two conflicting tasks, orthogonal: each gets its own A-GEM coefficient
+    refs, g = torch.tensor([[-1.0, 0.0, 1.0], [0.0, -1.0, 0.0]]), torch.tensor([1.0, 1.0, 0.0])
+    v = gem_dual(refs @ refs.T, refs @ g)
+    torch.testing.assert_close(v, torch.tensor([1 / (2 + RIDGE), 1 / (1 + RIDGE)], dtype=torch.float64))
+
+
+def test_reference_gradient_is_the_mean_target_nll_gradient_whatever_the_chunks_and_leaves_grad_alone():
+    model, data = tiny_model(), examples(6)
+    ctx = context(model, data)
+    model.zero_grad()
+    causal_lm_loss(model(**{k: v for k, v in collate(data, 0).items() if k in ("input_ids", "attention_mask")}
+                         ).logits, collate(data, 0)["labels"]).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    marker = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, m in zip(model.parameters(), marker, strict=True):
+        p.grad = m
+    for chunk in (1, 4, 6):
+        got = examples_gradient(ctx, data, chunk)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert all(p.grad is m for p, m in zip(model.parameters(), marker, strict=True))
+
+
+def flat(tensors):
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def test_agem_hook_replaces_the_step_gradient_by_its_projection():
+    model, data = tiny_model(), examples(8)
+    ctx = context(model, [data])
+    ctx.task_names, ctx.train_sets = ["a", "b"], [data[:4], data[4:]]
+    agem = AGEM(AGEMConfig(ref_batch_size=4, buffer_size=4))
+    agem.after_task(ctx)  # the buffer holds task a's 4 examples: the draw is all of them
+    ctx.task_index = 1
+    torch.manual_seed(3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    g = flat(p.grad for p in model.parameters()).clone()
+    ref = flat(examples_gradient(ctx, data[:4], 4))
+    g = -g if torch.dot(g, ref) > 0 else g  # make it conflict
+    for p, part in zip(model.parameters(), torch.split(g, [p.numel() for p in model.parameters()]), strict=True):
+        p.grad = part.view_as(p).clone()
+    agem.after_backward(ctx)
+    got = flat(p.grad for p in model.parameters())
+    torch.testing.assert_close(got, agem_project(g, ref), atol=1e-6, rtol=1e-5)
+    assert float(torch.dot(got, ref)) == pytest.approx(0.0, abs=1e-4) and agem.changed == 1
+
+
+def test_gem_refuses_a_sequence_above_max_tasks_in_one_line():
+    model, data = tiny_model(), examples(4)
+    ctx = context(model, data)
+    ctx.task_names = ["a", "b", "c"]
+    GEM(GEMConfig(max_tasks=3)).check(ctx)
+    with pytest.raises(ConfigError, match=r"^strategy.max_tasks: .*3 tasks, above max_tasks=2") as err:
+        GEM(GEMConfig(max_tasks=2)).check(ctx)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_options_are_reported_one_line_each():
+    assert GEMConfig(margin=-1.0, max_tasks=0, ref_batch_size=0).errors("strategy") == [
+        "strategy.ref_batch_size: expected a positive number, got 0",
+        "strategy.margin: expected a non-negative number, got -1.0",
+        "strategy.max_tasks: expected a positive number, got 0"]
+    assert AGEMConfig(sampling="newest").errors("strategy")[0].startswith("strategy.sampling: expected one of")
