@@ -28,16 +28,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cl_runner.lazy import no_grad
 from cl_runner.lm import Encoded, target_mask, token_nll
-from cl_runner.strategies.base import Context
+from cl_runner.options import check_choice, check_positive
+from cl_runner.strategies.base import Context, StrategyConfig
 from cl_runner.strategies.common import evaluating
 
 SAMPLINGS = ("reservoir", "random", "importance", "hardest")
+
+
+@dataclass
+class BufferConfig(StrategyConfig):
+    """The options of every strategy that keeps a ``ReplayBuffer`` (replay and what builds on it, der, agem, gem)."""
+
+    buffer_size: int = 200  # examples kept in total, over all tasks
+    sampling: str = "reservoir"  # reservoir | random | importance | hardest (buffer.py)
+    per_task: bool = False  # equal share of the buffer per task seen
+
+    def buffer_errors(self, errs: list[str], key: str) -> None:
+        check_positive(errs, f"{key}.buffer_size", self.buffer_size)
+        check_choice(errs, f"{key}.sampling", self.sampling, SAMPLINGS)
 CANDIDATES_PER_SLOT = 8  # importance / hardest score at most this many candidates per buffer slot of the task
 
 

@@ -32,8 +32,8 @@ import torch
 from cl_runner.lazy import no_grad
 from cl_runner.lm import Encoded, target_mask, token_nll
 from cl_runner.options import check_choice, check_positive
-from cl_runner.strategies.base import Context, StrategyConfig, trainable_parameters
-from cl_runner.strategies.buffer import SAMPLINGS
+from cl_runner.strategies.base import Context, trainable_parameters
+from cl_runner.strategies.buffer import BufferConfig
 from cl_runner.strategies.common import evaluating
 from cl_runner.strategies.gem import BufferGradients, examples_gradient, step_gradients
 
@@ -45,11 +45,8 @@ if TYPE_CHECKING:  # an alias read at import would load torch (cl_runner/lazy.py
 
 
 @dataclass
-class DERConfig(StrategyConfig):
+class DERConfig(BufferConfig):
     name: str = "der"
-    buffer_size: int = 200  # examples kept in total, over all tasks
-    sampling: str = "reservoir"  # reservoir | random | importance | hardest (buffer.py)
-    per_task: bool = False  # equal share of the buffer per task seen
     replay_batch_size: int = 8  # buffer examples per optimizer step (both terms)
     alpha: float = 0.5  # weight of the logit term
     beta: float = 0.5  # weight of the cross-entropy on buffered labels (DER++); 0 is DER
@@ -59,9 +56,9 @@ class DERConfig(StrategyConfig):
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
-        for name in ("buffer_size", "replay_batch_size", "top_k"):
+        self.buffer_errors(errs, key)
+        for name in ("replay_batch_size", "top_k"):
             check_positive(errs, f"{key}.{name}", getattr(self, name))
-        check_choice(errs, f"{key}.sampling", self.sampling, SAMPLINGS)
         check_choice(errs, f"{key}.distance", self.distance, DISTANCES)
         check_choice(errs, f"{key}.logit_dtype", self.logit_dtype, LOGIT_DTYPES)
         check_positive(errs, f"{key}.alpha", self.alpha, allow_zero=True)

@@ -35,9 +35,9 @@ from cl_runner.dist import all_reduce_sum, world
 from cl_runner.errors import ConfigError
 from cl_runner.lazy import no_grad
 from cl_runner.lm import Encoded, target_count, token_nll
-from cl_runner.options import check_choice, check_positive
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig, trainable_parameters
-from cl_runner.strategies.buffer import SAMPLINGS, ReplayBuffer, example_losses
+from cl_runner.options import check_positive
+from cl_runner.strategies.base import Context, Strategy, trainable_parameters
+from cl_runner.strategies.buffer import BufferConfig, ReplayBuffer, example_losses
 from cl_runner.strategies.common import local
 
 FILL_SALT = 61  # ctx.generator salts: which examples a task leaves in the buffer
@@ -141,17 +141,13 @@ def examples_gradient(ctx: Context, examples: Sequence[Encoded], chunk: int,
 
 
 @dataclass
-class AGEMConfig(StrategyConfig):
+class AGEMConfig(BufferConfig):
     name: str = "agem"
-    buffer_size: int = 200  # examples kept in total, over all tasks
-    sampling: str = "reservoir"  # reservoir | random | importance | hardest (buffer.py)
-    per_task: bool = False  # equal share of the buffer per task seen
     ref_batch_size: int = 16  # buffer examples per reference gradient (GEM: per earlier task), every step
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
-        check_positive(errs, f"{key}.buffer_size", self.buffer_size)
-        check_choice(errs, f"{key}.sampling", self.sampling, SAMPLINGS)
+        self.buffer_errors(errs, key)
         check_positive(errs, f"{key}.ref_batch_size", self.ref_batch_size)
         return errs
 

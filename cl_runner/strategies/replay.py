@@ -10,27 +10,23 @@ from typing import Any
 import torch
 
 from cl_runner.lm import Encoded
-from cl_runner.options import check_choice, check_fraction, check_positive
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig
-from cl_runner.strategies.buffer import SAMPLINGS, ReplayBuffer, example_losses
+from cl_runner.options import check_fraction, check_positive
+from cl_runner.strategies.base import Context, Strategy
+from cl_runner.strategies.buffer import BufferConfig, ReplayBuffer, example_losses
 
 FILL_SALT = 11  # ctx.generator salts: which examples a task leaves in the buffer
 MIX_SALT = 12  # ... and which buffer examples join the batches of the next tasks
 
 
 @dataclass
-class ReplayConfig(StrategyConfig):
+class ReplayConfig(BufferConfig):
     name: str = "replay"
-    buffer_size: int = 200  # examples kept in total, over all tasks
-    sampling: str = "reservoir"  # reservoir | random | importance | hardest (buffer.py)
-    per_task: bool = False  # equal share of the buffer per task seen
     replay_ratio: float = 0.25  # fraction of each training batch drawn from the buffer
     replay_batch_size: int | None = None  # buffer examples per batch; overrides replay_ratio when set
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
-        check_positive(errs, f"{key}.buffer_size", self.buffer_size)
-        check_choice(errs, f"{key}.sampling", self.sampling, SAMPLINGS)
+        self.buffer_errors(errs, key)
         check_fraction(errs, f"{key}.replay_ratio", self.replay_ratio, closed_right=False)
         check_positive(errs, f"{key}.replay_batch_size", self.replay_batch_size)
         return errs
