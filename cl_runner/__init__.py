@@ -1,6 +1,6 @@
 """cl-runner: continual learning experiments for causal language models."""
 
-from cl_runner.lazy import defer
+from cl_runner.core.lazy import defer
 
 __version__ = "0.1.0"
 

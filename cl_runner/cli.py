@@ -16,8 +16,8 @@ import signal
 import sys
 from pathlib import Path
 
-from cl_runner import dist
-from cl_runner.preflight import CONF_DIR, checked, one_line, preflight, split_args
+from cl_runner.config.preflight import CONF_DIR, checked, one_line, preflight, split_args
+from cl_runner.core import dist
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 2, 1, 3, 4, 130
 CLAIMED: list[Path] = []  # run directories this process has locked and writes into
@@ -132,9 +132,9 @@ FAILURES: list[str] = []  # jobs of this process's sweep that failed (a sweep go
 
 def _execute(config, run_dir: Path, config_yaml: str, resume: bool) -> int:
     """Run one job and map its outcome to an exit status (printing one line for every failure)."""
-    from cl_runner.errors import UserError
-    from cl_runner.run import run
-    from cl_runner.runtime import RunInterrupted
+    from cl_runner.core.errors import UserError
+    from cl_runner.engine.run import run
+    from cl_runner.engine.runtime import RunInterrupted
 
     try:
         run(config, run_dir, config_yaml, base_dir=Path.cwd(), resume=resume)
@@ -182,8 +182,8 @@ def _record_failure(run_dir: Path, code: int, message: str) -> None:
     """A job that failed before its run wrote anything still leaves a metrics.json saying why (for cl-report)."""
     import json
 
-    from cl_runner.errors import UserError
-    from cl_runner.results import write_atomic
+    from cl_runner.core.errors import UserError
+    from cl_runner.core.files import write_atomic
 
     metrics = run_dir / "metrics.json"
     if code and code not in (EXIT_INTERRUPTED, 143) and run_dir.is_dir() and not metrics.exists():
@@ -229,8 +229,8 @@ def _task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    import cl_runner.run  # noqa: F401 - the heavy imports (torch, transformers), before the directory is touched
-    from cl_runner.errors import UserError
+    import cl_runner.engine.run  # noqa: F401 - the heavy imports (torch, transformers), before the directory is touched
+    from cl_runner.core.errors import UserError
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -253,9 +253,9 @@ def _claim_and_run(cfg, config, run_dir: Path, multirun: bool) -> int:
     then write Hydra's files and run the job; a single run refused for bad input is undone."""
     from omegaconf import OmegaConf
 
-    from cl_runner.run import run_is_finished
-    from cl_runner.runtime import run_lock
-    from cl_runner.schema import used_config
+    from cl_runner.config.schema import used_config
+    from cl_runner.engine.run import run_is_finished
+    from cl_runner.engine.runtime import run_lock
 
     config_yaml = OmegaConf.to_yaml(used_config(cfg), resolve=True)
     if not _join(config).main:
@@ -313,7 +313,7 @@ def _rank_log(run_dir: Path) -> None:
 
 def _existing_run(run_dir: Path, config_yaml: str) -> bool:
     """True when ``run_dir`` already holds this experiment (a re-run sweep resumes it); a different one is an error."""
-    from cl_runner.errors import UserError
+    from cl_runner.core.errors import UserError
 
     saved = run_dir / "config.yaml"
     if not saved.exists():
@@ -333,7 +333,7 @@ def _write_hydra_files(task_cfg, run_dir: Path, resume: bool) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, read_write
 
-    from cl_runner.results import write_atomic
+    from cl_runner.core.files import write_atomic
 
     out = run_dir / ".hydra"
     if resume and (out / "overrides.yaml").exists():
@@ -350,9 +350,9 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     """``cl-run resume=PATH``: continue the run in PATH with the config saved there."""
     from omegaconf import OmegaConf
 
-    from cl_runner.errors import UserError
-    from cl_runner.run import run_is_finished
-    from cl_runner.schema import Config, register_configs
+    from cl_runner.config.schema import Config, register_configs
+    from cl_runner.core.errors import UserError
+    from cl_runner.engine.run import run_is_finished
 
     if path.strip() in ("", "null", "None", "~"):
         return _report(f"resume: expected the path of a run directory, got {path.strip() or 'nothing'!r}",
@@ -386,7 +386,7 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """``cl-run``. SIGINT/SIGTERM are handled from here on: one line and exit 130/143 at any moment."""
-    from cl_runner.threads import set_wait_policy
+    from cl_runner.engine.threads import set_wait_policy
 
     set_wait_policy()  # OpenMP reads OMP_WAIT_POLICY once, when torch loads: idle threads sleep (threads.py)
     previous = {s: signal.signal(s, _stop_now) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -441,8 +441,8 @@ def _exit_without_teardown(code: int | str | None = 0) -> None:
 
 
 def _help(overrides: list[str]) -> int:
-    """``cl-run --help``: cl_runner/help.py's page (Hydra's own takes seconds; --hydra-help is still Hydra's)."""
-    from cl_runner.help import help_text
+    """``cl-run --help``: cl_runner/config/help.py's page (Hydra's own takes seconds; --hydra-help is still Hydra's)."""
+    from cl_runner.config.help import help_text
 
     try:
         print(help_text(overrides))
@@ -452,7 +452,7 @@ def _help(overrides: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> None:
-    from cl_runner.preflight import search_path_args, with_overrides
+    from cl_runner.config.preflight import search_path_args, with_overrides
 
     try:  # --config-dir DIR, hydra.searchpath, ./cl-conf, $CL_RUNNER_CONFIG_PATH: one hydra.searchpath override
         argv, search = search_path_args(argv)
@@ -466,7 +466,7 @@ def _main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         sys.exit(_help(overrides))
     if not introspect:
-        from cl_runner.errors import UserError
+        from cl_runner.core.errors import UserError
 
         try:
             overrides = preflight(overrides, multirun)  # glob() sweeps written out over the whole search path
@@ -475,7 +475,7 @@ def _main(argv: list[str]) -> None:
             _fail(str(exc))
     import hydra
 
-    from cl_runner.schema import register_configs
+    from cl_runner.config.schema import register_configs
 
     register_configs()
     sys.argv = [sys.argv[0], *argv]

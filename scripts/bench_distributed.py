@@ -1,5 +1,5 @@
 """Memory per rank and tokens/s of ``distributed=none`` (1 process) vs ``ddp`` vs ``fsdp`` (N processes), through the
-real run: every process calls ``cl_runner.run.run`` on the composed config (``torchrun --standalone`` starts the
+real run: every process calls ``cl_runner.engine.run.run`` on the composed config (``torchrun --standalone`` starts the
 N-process jobs), on a GPT-2 built from a config (``--size``; nothing downloaded) and one bundled facts task.
 
 Each process writes ``<runs>/<kind>-<repeat>/rank<r>.json`` (``--keep``, else a temporary directory): its peak host
@@ -154,8 +154,8 @@ def worker(out: Path, config_overrides: list[str]) -> int:
     from bench_loop import compose_config
     from rich.console import Console
 
-    from cl_runner import dist
-    from cl_runner.run import run
+    from cl_runner.core import dist
+    from cl_runner.engine.run import run
 
     rank = int(os.environ.get("RANK", "0"))
     report = {"rank": rank, "baseline_rss_mib": rss_mib(), "error": None}

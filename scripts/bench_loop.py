@@ -3,8 +3,8 @@
 Four contenders train the same model (same initial weights) on the same random-token data with the same batch,
 learning rate and clipping, each with its own copy of the model and its own optimizer:
 
-- ``cl_runner``: the real loop, ``cl_runner.loop.train_task`` with the naive strategy and a Context built as
-  ``cl_runner.run.build_parts`` builds it (validation off: ``train.keep_best=false``).
+- ``cl_runner``: the real loop, ``cl_runner.engine.loop.train_task`` with the naive strategy and a Context built as
+  ``cl_runner.engine.run.build_parts`` builds it (validation off: ``train.keep_best=false``).
 - ``plain``: forward, token-mean cross-entropy, backward, ``clip_grad_norm_``, ``AdamW(fused=True)`` step,
   on batches already on the device (the best case for data loading).
 - ``compiled``: the same loop with forward + loss under ``torch.compile`` (compilation is in the warm-up).
@@ -16,7 +16,7 @@ there), ``--rounds`` rounds give each contender ``--block`` optimizer steps in t
 syncs; the median over rounds is reported. ``train_task`` and ``Trainer.train`` run in threads that wait at
 every optimizer step for their next turn, so each runs one uninterrupted task. Reported per contender:
 tokens/s, the ratio to ``plain``, MFU (6 x parameters x tokens/s / the device's peak bf16 FLOP/s, from
-``cl_runner.flops``; None on CPU and on GPUs missing from its table), and peak memory (CUDA:
+``cl_runner.engine.flops``; None on CPU and on GPUs missing from its table), and peak memory (CUDA:
 ``max_memory_allocated`` above what was allocated before the contender was built; CPU: growth of the process's
 peak RSS over the same span, compilation included).
 
@@ -50,10 +50,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cl_runner.flops import flops_per_token, mfu, peak_flops
-from cl_runner.lm import collate
-from cl_runner.runtime import autocast_factory, resolve_device
-from cl_runner.schema import Config
+from cl_runner.config.schema import Config
+from cl_runner.engine.flops import flops_per_token, mfu, peak_flops
+from cl_runner.engine.runtime import autocast_factory, resolve_device
+from cl_runner.models.lm import collate
 from cl_runner.strategies import Context
 
 CONTENDERS = ("cl_runner", "plain", "compiled", "hf_trainer")
@@ -75,7 +75,7 @@ def compose_config(*overrides: str) -> Config:
     from hydra import compose, initialize_config_dir
 
     from cl_runner.cli import CONF_DIR
-    from cl_runner.schema import register_configs, validate
+    from cl_runner.config.schema import register_configs, validate
 
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -105,7 +105,7 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def make_context(cfg: Config, model: torch.nn.Module, train_sets: list[list[dict]]) -> Context:
-    """The Context ``cl_runner.run.build_parts`` builds, for a model and encoded tasks given here."""
+    """The Context ``cl_runner.engine.run.build_parts`` builds, for a model and encoded tasks given here."""
     device, precision = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.device.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -213,7 +213,7 @@ class Relay:
 
 def step_callbacks(on_step: Callable[[], None]):
     """``LoopCallbacks`` that report each optimizer step of ``train_task`` to a Relay."""
-    from cl_runner.loop import LoopCallbacks
+    from cl_runner.engine.loop import LoopCallbacks
 
     class _Steps(LoopCallbacks):
         def on_boundary(self, boundary) -> None:
@@ -225,7 +225,7 @@ def step_callbacks(on_step: Callable[[], None]):
 
 def train_task_target(ctx: Context, strategy, examples: list[dict], cfg: Config, steps: int):
     """The relayed function of ``train_task`` on ``examples`` for ``steps`` optimizer steps (no validation)."""
-    from cl_runner.loop import TaskRun, train_task
+    from cl_runner.engine.loop import TaskRun, train_task
 
     train = dataclasses.replace(cfg.train, max_steps=steps, keep_best=False)
 

@@ -12,7 +12,7 @@ on ``PYTHONPATH``), which gives a before/after pair measured under the same load
 
 The default run is ``cl-run`` with no overrides (its output goes to a temporary directory). Its phases come from
 timestamps that a small wrapper records in the child process, without any change to cl-runner: ``run()``
-called and returned (a hook on the import of ``cl_runner.run``), every optimizer step (torch's global optimizer
+called and returned (a hook on the import of ``cl_runner.engine.run``), every optimizer step (torch's global optimizer
 step hook) and the plots (``plot_run``); the process start and exit are taken in this script around the child.
 
 Fixed cost = (start -> first step) + (last step -> exit) - final evaluation and result files, i.e. the
@@ -66,7 +66,7 @@ def patch(module):
 
 class PatchRun(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "cl_runner.run":
+        if name != "cl_runner.engine.run":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

@@ -2,7 +2,7 @@
 
 What it measures, all in one process so that the ratios compare like with like:
 
-1. Training-step time per strategy, as a ratio to naive, through the real loop (``cl_runner.loop.train_task``).
+1. Training-step time per strategy, as a ratio to naive, through the real loop (``cl_runner.engine.loop.train_task``).
    Every strategy (all of conf/strategy/*.yaml by default, with their shipped options) gets the same initial
    weights and is first trained on task 0 for ``--setup-steps`` steps, so that its real ``after_task`` sets up
    its state (buffer filled, Fisher estimated, teacher copied, adapter or column added); the time from task 0's
@@ -56,7 +56,7 @@ from bench_loop import (
 )
 
 from cl_runner.cli import CONF_DIR
-from cl_runner.loop import TaskRun, train_task
+from cl_runner.engine.loop import TaskRun, train_task
 from cl_runner.strategies import build_strategy
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.fisher import fisher_diagonal, fisher_diagonal_loop

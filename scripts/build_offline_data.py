@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from cl_runner.errors import UserError
+from cl_runner.core.errors import UserError
 from cl_runner.tasks.offline import DEFAULT_DATA_DIR, Sizes, build
 
 

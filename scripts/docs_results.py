@@ -2,8 +2,8 @@
 
 Every number in a docs results table comes from here: the script runs the real ``cl-run`` (as
 ``python -m cl_runner``, in a subprocess, on the CPU, one thread) for each strategy on a task sequence, then builds
-Markdown tables from the run directories with ``cl_runner.report`` (the code behind ``cl-report``). The docs pages
-include the files with ``--8<--`` (pymdownx.snippets); never edit them by hand.
+Markdown tables from the run directories with ``cl_runner.outputs.report`` (the code behind ``cl-report``). The docs
+pages include the files with ``--8<--`` (pymdownx.snippets); never edit them by hand.
 
     python scripts/docs_results.py                                 # every strategy, default sequence, seed 0
     python scripts/docs_results.py --seeds 0,1,2 --jobs 2          # 3 seeds (report: mean ± std), 2 runs at once
@@ -30,7 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cl_runner.report import Job, build_report, markdown, read_job
+from cl_runner.outputs.jobs import Job, read_job
+from cl_runner.outputs.report import build_report, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cl_runner.models import train_tokenizer
+from cl_runner.models.load import train_tokenizer
 
 GOOD = [{"question": "capital of france?", "answer": "paris"}, {"question": "capital of peru?", "answer": "lima"}]
 GOOD_LINES = "".join(json.dumps(row) + "\n" for row in GOOD)

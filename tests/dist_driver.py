@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import make_config  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from cl_runner import dist  # noqa: E402
-from cl_runner.errors import UserError  # noqa: E402
-from cl_runner.run import run  # noqa: E402
+from cl_runner.core import dist  # noqa: E402
+from cl_runner.core.errors import UserError  # noqa: E402
+from cl_runner.engine.run import run  # noqa: E402
 
 # No dropout: its masks are drawn per micro-batch in the micro-batch's shape, so they (not their distribution)
 # change with the number of processes, as with train.grad_accum.

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from cl_runner.cli import CONF_DIR
-from cl_runner.run import run
-from cl_runner.schema import Config, register_configs, validate
+from cl_runner.config.schema import Config, register_configs, validate
+from cl_runner.engine.run import run
 
 REPO = Path(__file__).resolve().parent.parent
 register_configs()

@@ -10,7 +10,7 @@ import torch
 from helpers import make_config, run_quietly
 from tiny_lm import logits, one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
-from cl_runner.errors import ConfigError
+from cl_runner.core.errors import ConfigError
 from cl_runner.strategies.adapters import Adapters, AdaptersConfig, SharedLoRA, SharedLoRAConfig
 from cl_runner.strategies.lora import add_lora, lora_parameters, subspace_overlap
 

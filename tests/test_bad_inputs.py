@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig
 
 from cl_runner import cli
-from cl_runner.models import train_tokenizer
+from cl_runner.models.load import train_tokenizer
 
 ONE = "{name:t,path:json,data_files:{train:%s,test:%s},input_column:question,target_column:answer%s}"
 
@@ -54,8 +54,8 @@ CASES = [
     ("task of a catalogue sequence by position", ["tasks=standard_order1", "tasks.tasks.0.max_eval_examples=3"],
      "tasks.tasks.0.max_eval_examples: this sequence's tasks come from conf/tasks/catalogue and cannot be changed by "
      "position; change one by name: tasks.catalogue.<task>.<key>=..."),
-    ("plugin strategy class that is not one", ["strategy._target_=cl_runner.metrics.summarize"],
-     "strategy._target_: cl_runner.metrics.summarize is not a Strategy subclass that sets name and Config"),
+    ("plugin strategy class that is not one", ["strategy._target_=cl_runner.scoring.cl_metrics.summarize"],
+     "strategy._target_: cl_runner.scoring.cl_metrics.summarize is not a Strategy subclass that sets name and Config"),
     ("unwritable output dir", ["hydra.run.dir=/proc/cl-run-test"], "hydra.run.dir: cannot write to /proc/cl-run"),
     ("max_length beyond the model's context", ["train.max_length=4096"], "train.max_length: 4096 exceeds the model"),
     ("task without name", ["tasks.tasks=[{path:json,data_files:{train:good.jsonl,test:good.jsonl}}]"],

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, make_config, write_jsonl
 
-from cl_runner.errors import DataError
+from cl_runner.core.errors import DataError
 from cl_runner.tasks.load import load_task
 
 # configs/instruction_config.json, lines 3, 6, 9, 12, 15, 18, 21

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from dist_driver import NO_DROPOUT
 
-from cl_runner import checkpoint as ckpt
-from cl_runner.checkpoint import list_checkpoints
+from cl_runner.core import rng
+from cl_runner.engine import checkpoint as ckpt
+from cl_runner.engine.checkpoint import list_checkpoints
 
 # 64 facts / batch 8 = 8 steps per epoch, 2 epochs, 3 tasks; a checkpoint after every step and best weights
 # validated after every epoch (so mid-task checkpoints hold them, and epoch ends store them as a reference).
@@ -137,6 +138,6 @@ def test_a_full_disk_on_any_rank_is_recognised():
 def test_rng_state_is_each_ranks_own_on_the_same_count_else_rank_0s(monkeypatch):
     saved = [{"rank": 0}, {"rank": 1}]
     for rank, size, expected in [(1, 2, 1), (0, 2, 0), (0, 1, 0), (2, 4, 0)]:
-        monkeypatch.setattr(ckpt.dist, "world", lambda r=rank, n=size: ckpt.dist.World(r, n, r, "ddp"))
-        assert ckpt.rank_rng(saved) == {"rank": expected}
-    assert ckpt.rank_rng({"python": 1}) == {"python": 1}  # a single-process checkpoint
+        monkeypatch.setattr(rng.dist, "world", lambda r=rank, n=size: rng.dist.World(r, n, r, "ddp"))
+        assert rng.rank_rng(saved) == {"rank": expected}
+    assert rng.rank_rng({"python": 1}) == {"python": 1}  # a single-process checkpoint

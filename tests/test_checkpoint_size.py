@@ -12,9 +12,10 @@ import torch
 from helpers import make_config
 from rich.console import Console
 
-from cl_runner import checkpoint as ckpt
-from cl_runner.run import run
-from cl_runner.run_state import RunState
+from cl_runner.core import rng
+from cl_runner.engine import checkpoint as ckpt
+from cl_runner.engine.run import run
+from cl_runner.engine.run_state import RunState
 
 
 class Tied(torch.nn.Module):
@@ -29,7 +30,7 @@ class Tied(torch.nn.Module):
 
 def payload() -> dict:
     return {"run": RunState(info={"tasks": []}).to_checkpoint(), "task": None, "strategy": {}, "extras": {},
-            "rng": ckpt.rng_state()}
+            "rng": rng.rng_state()}
 
 
 def shifted(model: torch.nn.Module) -> dict[str, torch.Tensor]:

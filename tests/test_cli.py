@@ -15,7 +15,7 @@ import pytest
 from helpers import cl_run, write_jsonl
 
 from cl_runner import cli
-from cl_runner import run as run_module
+from cl_runner.engine import run as run_module
 
 QUICK = ["device=cpu", "train.epochs=2"]
 

@@ -16,7 +16,7 @@ import yaml
 from test_bad_inputs import snapshot
 
 from cl_runner import cli
-from cl_runner.preflight import CONF_DIR, ENV_VAR, preflight, search_path_args
+from cl_runner.config.preflight import CONF_DIR, ENV_VAR, preflight, search_path_args
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "own_configs.md"
 MINE = "name: mine\ntasks:\n  - {name: color, source: facts, relation: color, num_subjects: 8, metric: exact_match}\n"

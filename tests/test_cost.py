@@ -1,4 +1,4 @@
-"""The cost block of metrics.json (cl_runner/cost.py): its numbers from what the run records (parameters, epoch
+"""The cost block of metrics.json (cl_runner/outputs/cost.py): its numbers from what the run records (parameters, epoch
 records, evaluation seconds) and the peaks in bytes; end to end, the tokens seen equal the training data's tokens
 times the epochs, and the same numbers reach the console table, cl-report's table and the trackers."""
 
@@ -15,9 +15,10 @@ from helpers import make_config, run_quietly
 from rich.console import Console
 from transformers import AutoTokenizer
 
-from cl_runner import cost, report
-from cl_runner.lm import token_counts
-from cl_runner.results import print_summary
+from cl_runner import report_cli
+from cl_runner.models.lm import token_counts
+from cl_runner.outputs import cost, report
+from cl_runner.outputs.results import print_summary
 from cl_runner.tasks import encode_task, load_sequence
 
 
@@ -85,7 +86,7 @@ def test_a_runs_cost_counts_its_data_and_reaches_every_table_and_the_trackers(tm
     line = next(line for line in out.getvalue().splitlines() if "tokens trained on" in line)
     assert f" {cost.compact(block['tokens_seen'])} " in line
     monkeypatch.setattr(report, "Console", lambda: Console(width=250))
-    report.main([str(run_dir), "--out", str(tmp_path / "report"), "--no-plots"])
+    report_cli.main([str(run_dir), "--out", str(tmp_path / "report"), "--no-plots"])
     printed = capsys.readouterr().out
     assert "train (s)" in printed and "peak RSS" in printed and "peak CUDA" not in printed
     with (tmp_path / "report" / "report.csv").open(newline="") as handle:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_loop import context, examples, tiny_model
 
-from cl_runner.lm import collate
+from cl_runner.models.lm import collate
 from cl_runner.strategies.der import DER, ID, DERConfig, logit_distance
 
 STUDENT = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])

@@ -123,7 +123,7 @@ def test_a_distributed_run_started_without_torchrun_says_how_to_start_it(tmp_pat
 
 
 def test_a_single_process_config_started_by_torchrun_on_two_processes_is_refused(tmp_path, monkeypatch):
-    from cl_runner.dist import launch_error
+    from cl_runner.core.dist import launch_error
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -134,7 +134,7 @@ def test_a_single_process_config_started_by_torchrun_on_two_processes_is_refused
 
 @pytest.mark.parametrize("n,size", [(10, 2), (7, 3), (1, 2), (0, 2), (5, 1)])
 def test_rank_slices_are_the_items_in_order_with_sizes_differing_by_at_most_one(n, size):
-    from cl_runner.dist import shard_bounds
+    from cl_runner.core.dist import shard_bounds
 
     bounds = [shard_bounds(n, r, size) for r in range(size)]
     assert [i for start, end in bounds for i in range(start, end)] == list(range(n))
@@ -143,7 +143,7 @@ def test_rank_slices_are_the_items_in_order_with_sizes_differing_by_at_most_one(
 
 
 def test_the_ranks_micro_batches_share_the_whole_steps_target_tokens():
-    from cl_runner.loop import local_share, split, weighted
+    from cl_runner.engine.loop import local_share, split, weighted
 
     step = [{"input_ids": list(range(4 + i)), "labels": [-100] * 3 + list(range(1 + i))} for i in range(5)]
     one = weighted(split(step, 2))
@@ -172,7 +172,7 @@ def test_slurm_multi_gpu_launcher_config_composes_one_process_per_gpu():
 
 
 def test_slurm_tasks_without_torchrun_are_ranks(monkeypatch):
-    from cl_runner.dist import launch_env
+    from cl_runner.core.dist import launch_env
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

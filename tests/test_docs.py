@@ -75,7 +75,7 @@ def test_every_option_in_conf_is_in_the_configuration_reference() -> None:
 def test_every_task_key_is_in_the_configuration_reference() -> None:
     from dataclasses import fields
 
-    from cl_runner.schema import TaskConfig
+    from cl_runner.config.schema import TaskConfig
 
     reference = documented_keys()
     missing = [f.name for f in fields(TaskConfig) if f"| `{f.name}` |" not in reference]

@@ -14,10 +14,11 @@ from rich.console import Console
 from test_loop import context, examples, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from cl_runner.errors import ConfigError
-from cl_runner.evaluate import Scorer, cached_forward, score_task
-from cl_runner.schema import EvalConfig
-from cl_runner.sequence_scoring import SequenceScorer
+from cl_runner.config.schema import EvalConfig
+from cl_runner.core.errors import ConfigError
+from cl_runner.models.generation import cached_forward
+from cl_runner.scoring.evaluate import Scorer, score_task
+from cl_runner.scoring.sequence import SequenceScorer
 from cl_runner.strategies.base import Strategy
 from cl_runner.tasks.base import Task
 from cl_runner.tasks.encode import EncodedTask, EvalItem
@@ -128,8 +129,8 @@ def test_a_tasks_own_generation_budget_wins_over_eval_max_new_tokens(monkeypatch
 
     import torch
 
-    import cl_runner.evaluate as ev
-    from cl_runner.schema import EvalConfig
+    import cl_runner.scoring.evaluate as ev
+    from cl_runner.config.schema import EvalConfig
 
     seen = []
     monkeypatch.setattr(ev, "exact_match", lambda scorer, items, stop, budget: seen.append(budget) or {"score": 0.0})
@@ -147,9 +148,9 @@ def test_a_tasks_own_eval_batch_size_and_budget_reach_its_scoring(monkeypatch):
 
     import torch
 
-    import cl_runner.sequence_scoring as ss
-    from cl_runner.evaluate import Scorer
-    from cl_runner.schema import EvalConfig
+    import cl_runner.scoring.sequence as ss
+    from cl_runner.config.schema import EvalConfig
+    from cl_runner.scoring.evaluate import Scorer
     from cl_runner.strategies.base import Strategy
     from cl_runner.tasks.base import Task
     from cl_runner.tasks.encode import EncodedTask

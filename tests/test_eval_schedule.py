@@ -10,12 +10,12 @@ import torch
 from helpers import make_config, run_quietly
 from test_loop import context, examples, tiny_model
 
-from cl_runner import metrics
-from cl_runner.evaluate import Scorer
-from cl_runner.loop import LoopCallbacks, TaskRun, train_task
-from cl_runner.results import RunWriter
-from cl_runner.schema import EvalConfig, TrainConfig
-from cl_runner.sequence_scoring import SequenceScorer, stage_tasks
+from cl_runner.config.schema import EvalConfig, TrainConfig
+from cl_runner.engine.loop import LoopCallbacks, TaskRun, train_task
+from cl_runner.outputs.results import RunWriter
+from cl_runner.scoring import cl_metrics as metrics
+from cl_runner.scoring.evaluate import Scorer
+from cl_runner.scoring.sequence import SequenceScorer, stage_tasks
 from cl_runner.strategies.base import Strategy
 from cl_runner.tasks.base import Task
 from cl_runner.tasks.encode import EncodedTask, EvalItem

@@ -22,9 +22,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cl_runner import dist, evaluate
-from cl_runner.evaluate import Scorer, gather_results, greedy_generate, rank_batches, score_task
-from cl_runner.schema import EvalConfig
+from cl_runner.config.schema import EvalConfig
+from cl_runner.core import dist
+from cl_runner.models import generation
+from cl_runner.scoring import evaluate
+from cl_runner.scoring.evaluate import Scorer, gather_results, greedy_generate, rank_batches, score_task
 from cl_runner.tasks.encode import EncodedTask, EvalItem
 
 EOS = 3
@@ -93,7 +95,7 @@ def test_gathered_results_come_back_in_example_order_each_once():
 # ------------------------------------------------------------------------------------------ ranks as threads
 class ThreadRanks:
     """``size`` ranks as threads of this process: ``world()``, ``all_gather_objects`` and ``all_reduce_max`` of
-    cl_runner.evaluate replaced by in-process equivalents (a barrier per collective; a missed one times out)."""
+    cl_runner.scoring.evaluate replaced by in-process equivalents (a barrier per collective; a missed one times out)."""
 
     def __init__(self, size: int, kind: str) -> None:
         self.size, self.kind = size, kind
@@ -149,7 +151,8 @@ def test_two_ranks_score_exactly_as_one_and_fsdp_ranks_make_the_same_forwards(mo
     model.register_forward_hook(lambda *_: ranks.local.events.append("forward"))
     monkeypatch.setattr(evaluate, "world", ranks.world)
     monkeypatch.setattr(evaluate, "all_gather_objects", ranks.all_gather)
-    monkeypatch.setattr(evaluate, "all_reduce_max", ranks.all_reduce_max)
+    monkeypatch.setattr(generation, "world", ranks.world)
+    monkeypatch.setattr(generation, "all_reduce_max", ranks.all_reduce_max)
     both = ranks.run(lambda: _score_all(_scorer(model), tasks))
     assert both == [single, single]  # every number, on every rank
     forwards = [events.count("forward") for events in ranks.events]
@@ -194,8 +197,8 @@ def worker(kind: str, out: Path) -> None:
     tasks = _tasks(model)  # before sharding: every rank has the same items
     where = dist.join(kind, use_cuda=False, timeout_s=120)
     if where.sharded:
-        from cl_runner.parallel import shard
-        from cl_runner.schema import DistributedConfig
+        from cl_runner.config.schema import DistributedConfig
+        from cl_runner.engine.parallel import shard
 
         shard(model, DistributedConfig(kind="fsdp"))
     forwards, planned = Counter(), []

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_lm import one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
-from cl_runner.lm import collate
+from cl_runner.models.lm import collate
 from cl_runner.strategies import build_strategy
 from cl_runner.strategies.anchor import LOG_EVERY
 from cl_runner.strategies.base import Context

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_loop import context, examples, tiny_model
 
-from cl_runner.errors import ConfigError
-from cl_runner.lm import causal_lm_loss, collate
+from cl_runner.core.errors import ConfigError
+from cl_runner.models.lm import causal_lm_loss, collate
 from cl_runner.strategies.gem import (
     AGEM,
     GEM,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import make_config, run_quietly
 
-from cl_runner.runtime import autocast_factory, resolve_device
-from cl_runner.schema import DeviceConfig
+from cl_runner.config.schema import DeviceConfig
+from cl_runner.engine.runtime import autocast_factory, resolve_device
 
 pytestmark = pytest.mark.gpu
 
@@ -31,7 +31,7 @@ def test_auto_device_picks_cuda_with_bf16_or_fp16():
 
 
 def test_batches_reach_the_gpu_through_pinned_memory_unchanged():
-    from cl_runner.lm import collate
+    from cl_runner.models.lm import collate
 
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "task_id": 0},
                 {"input_ids": [8, 9], "labels": [-100, 9], "task_id": 1}]

@@ -1,6 +1,6 @@
 """train.grad_accum changes how a step is computed, never what is learnt: for every shipped strategy, 1, 2 and 4
 micro-batches per optimizer step at the same batch_size give the same accuracy matrix and (up to float rounding)
-the same training losses. Dropout is off: its masks are drawn per micro-batch (see cl_runner/loop.py)."""
+the same training losses. Dropout is off: its masks are drawn per micro-batch (see cl_runner/engine/loop.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 from helpers import REPO, make_config, run_quietly
 from rich.console import Console
 
-from cl_runner.checkpoint import list_checkpoints
-from cl_runner.loop import split, weighted
-from cl_runner.run import run
+from cl_runner.engine.checkpoint import list_checkpoints
+from cl_runner.engine.loop import split, weighted
+from cl_runner.engine.run import run
 from cl_runner.strategies.base import MicroBatch
 from cl_runner.strategies.lamol import generation_share
 

@@ -8,8 +8,8 @@ import torch
 from helpers import make_config
 from tiny_lm import one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
-from cl_runner.errors import UserError
-from cl_runner.loop import split, weighted
+from cl_runner.core.errors import UserError
+from cl_runner.engine.loop import split, weighted
 from cl_runner.strategies.base import MicroBatch
 from cl_runner.strategies.ilora import ILoRA, ILoRAConfig, consistency_sum, ema_
 from cl_runner.strategies.lora import lora_parameters

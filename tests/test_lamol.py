@@ -13,9 +13,9 @@ from helpers import make_config, run_quietly
 from safetensors.torch import load_file
 from tiny_lm import CUE, EOS, VOCAB, one_thread, task_examples, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
-from cl_runner.checkpoint import list_checkpoints
-from cl_runner.errors import ConfigError
-from cl_runner.lm import IGNORE_INDEX
+from cl_runner.core.errors import ConfigError
+from cl_runner.engine.checkpoint import list_checkpoints
+from cl_runner.models.lm import IGNORE_INDEX
 from cl_runner.strategies.lamol import LAMOL, LAMOLConfig
 from cl_runner.strategies.pseudo import answer_cue, generation_batch, parse_sample
 

@@ -8,11 +8,11 @@ from functools import partial
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cl_runner.evaluate import Scorer
-from cl_runner.lm import collate
-from cl_runner.loop import LoopCallbacks, TaskRun, train_task
-from cl_runner.schema import EvalConfig, TrainConfig
-from cl_runner.sequence_scoring import SequenceScorer
+from cl_runner.config.schema import EvalConfig, TrainConfig
+from cl_runner.engine.loop import LoopCallbacks, TaskRun, train_task
+from cl_runner.models.lm import collate
+from cl_runner.scoring.evaluate import Scorer
+from cl_runner.scoring.sequence import SequenceScorer
 from cl_runner.strategies.base import Context, Strategy
 from cl_runner.tasks.base import Task
 from cl_runner.tasks.encode import EncodedTask, EvalItem

@@ -11,11 +11,11 @@ import pytest
 import torch
 from test_loop import context, examples, tiny_model
 
-from cl_runner import loop as loop_module
-from cl_runner.flops import flops_per_token, mfu, peak_flops, peak_flops_of
-from cl_runner.lm import causal_lm_loss
-from cl_runner.loop import LoopCallbacks, TaskRun, make_optimizer, step_batches, train_task
-from cl_runner.schema import TrainConfig
+from cl_runner.config.schema import TrainConfig
+from cl_runner.engine import loop as loop_module
+from cl_runner.engine.flops import flops_per_token, mfu, peak_flops, peak_flops_of
+from cl_runner.engine.loop import LoopCallbacks, TaskRun, make_optimizer, step_batches, train_task
+from cl_runner.models.lm import causal_lm_loss
 from cl_runner.strategies.base import Strategy
 
 

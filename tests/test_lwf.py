@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_lm import one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
-from cl_runner.lm import causal_lm_loss, collate
+from cl_runner.models.lm import causal_lm_loss, collate
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.distill import distillation_kl
 from cl_runner.strategies.lwf import LwF, LwFConfig

@@ -11,8 +11,8 @@ from helpers import make_config, run_quietly
 from safetensors.torch import load_file
 from tiny_lm import one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
-from cl_runner.checkpoint import list_checkpoints
-from cl_runner.errors import ConfigError
+from cl_runner.core.errors import ConfigError
+from cl_runner.engine.checkpoint import list_checkpoints
 from cl_runner.strategies.mer import MER, MERConfig
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import make_config, run_quietly
 
-from cl_runner.errors import ConfigError
+from cl_runner.core.errors import ConfigError
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.merge import FullMerge, MergeConfig, set_weights
-from cl_runner.strategies.merging import (
+from cl_runner.strategies.merge_methods import (
     dare_drop,
     empty_state,
     fold,

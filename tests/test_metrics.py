@@ -2,7 +2,7 @@
 
 import pytest
 
-from cl_runner import metrics
+from cl_runner.scoring import cl_metrics as metrics
 
 R = [
     [0.9, 0.1, 0.2],

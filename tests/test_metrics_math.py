@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from cl_runner import metrics
+from cl_runner.scoring import cl_metrics as metrics
 
 
 def reference(r, init, up):

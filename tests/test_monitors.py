@@ -9,9 +9,10 @@ import pytest
 import torch
 from helpers import make_config, run_quietly, write_jsonl
 
-from cl_runner import metrics, monitors
-from cl_runner import run as run_module
-from cl_runner.errors import ConfigError
+from cl_runner.core.errors import ConfigError
+from cl_runner.engine import run as run_module
+from cl_runner.scoring import cl_metrics as metrics
+from cl_runner.scoring import monitors
 
 SMALL = ["train.epochs=2", "checkpoint.enabled=false", *(f"tasks.tasks.{i}.num_subjects=12" for i in range(3))]
 LM_EVAL_TASK = """task: cl_local_mc

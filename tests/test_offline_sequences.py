@@ -10,7 +10,7 @@ import sys
 import pytest
 from helpers import REPO, make_config, run_quietly
 
-from cl_runner.errors import DataError
+from cl_runner.core.errors import DataError
 from cl_runner.tasks import load_sequence, offline
 
 SMALL = offline.Sizes(lm_train=16, lm_validation=4, lm_test=6, max_chars=300, facts_per_domain=12)

@@ -15,11 +15,11 @@ from rich.console import Console
 from tiny_lm import one_thread, task_examples, tiny_context, tiny_model  # noqa: F401 (autouse fixture)
 
 from cl_runner.cli import CONF_DIR, _existing_run
-from cl_runner.lm import token_counts
-from cl_runner.loop import make_optimizer
-from cl_runner.models import parameter_count, train_tokenizer, trainable_count
-from cl_runner.results import print_summary
-from cl_runner.schema import Config, TrainConfig, as_dict, register_configs, used_config, validate
+from cl_runner.config.schema import Config, TrainConfig, as_dict, register_configs, used_config, validate
+from cl_runner.engine.loop import make_optimizer
+from cl_runner.models.lm import token_counts
+from cl_runner.models.load import parameter_count, train_tokenizer, trainable_count
+from cl_runner.outputs.results import print_summary
 from cl_runner.strategies.adapters import Adapters, AdaptersConfig
 from cl_runner.strategies.lora import lora_parameters
 
@@ -62,7 +62,7 @@ def test_a_run_on_a_local_pretrained_model_records_no_architecture(tmp_path):
     tok.save_pretrained(tmp_path / "lm")
     cfg = composed(f"model.name_or_path={tmp_path / 'lm'}", "train.epochs=1", "train.max_length=128",
                    "train.keep_best=false", "checkpoint.enabled=false")
-    from cl_runner.run import run
+    from cl_runner.engine.run import run
 
     run(validate(cfg), tmp_path / "run", OmegaConf.to_yaml(used_config(cfg), resolve=True),
         console=Console(file=io.StringIO()))

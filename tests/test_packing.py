@@ -15,10 +15,10 @@ from test_grad_accum import NO_DROPOUT, OPTIONS, SMALL, STRATEGIES, TASKS
 from test_loop import context, examples, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cl_runner.errors import ConfigError
-from cl_runner.lm import IGNORE_INDEX, causal_lm_loss, collate, pack, pack_rows, target_count
-from cl_runner.loop import LoopCallbacks, TaskRun, train_task
-from cl_runner.schema import PACK_REFUSED, TrainConfig
+from cl_runner.config.schema import PACK_REFUSED, TrainConfig
+from cl_runner.core.errors import ConfigError
+from cl_runner.engine.loop import LoopCallbacks, TaskRun, train_task
+from cl_runner.models.lm import IGNORE_INDEX, causal_lm_loss, collate, pack, pack_rows, target_count
 from cl_runner.strategies.base import Strategy
 
 COLLATE = partial(collate, pad_id=0)

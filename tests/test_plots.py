@@ -5,7 +5,7 @@ import logging
 import pytest
 from PIL import Image
 
-from cl_runner import plots
+from cl_runner.outputs import plots
 
 NAMES = ["color", "city", "food"]
 ROWS = [[0.0, 0.0, 0.0], [0.95, 0.02, 0.0], [0.40, 0.97, 0.03], [0.12, 0.33, 0.98]]
@@ -47,7 +47,7 @@ def test_perplexity_tasks_get_their_own_panel(tmp_path):
 
 
 def test_plot_run_never_raises(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="cl_runner.plots"):
+    with caplog.at_level(logging.WARNING, logger="cl_runner.outputs.plots"):
         assert plots.plot_run(tmp_path, NAMES, [[0.1, 0.2]], ["exact_match"] * 3) == []
     assert "plots of" in caplog.text and "were not written" in caplog.text
 

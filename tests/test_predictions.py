@@ -18,10 +18,11 @@ from rich.console import Console
 from test_run import LOCAL_SEQUENCE, _sentiment_files
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cl_runner import predictions, report
-from cl_runner.evaluate import Scorer, normalize_answer, score_task
-from cl_runner.run import SequenceRun
-from cl_runner.schema import EvalConfig
+from cl_runner import report_cli
+from cl_runner.config.schema import EvalConfig
+from cl_runner.engine.run import SequenceRun
+from cl_runner.outputs import predictions, report
+from cl_runner.scoring.evaluate import Scorer, normalize_answer, score_task
 from cl_runner.tasks.encode import EncodedTask, EvalItem
 
 LABELS = ["[20]", "[21, 22]", "[23]"]
@@ -118,7 +119,7 @@ def crafted_run(root: Path, saved: str = "every") -> Path:
 
 def flips_output(argv: list[str], capsys) -> tuple[int, str, str]:
     try:
-        report.main(argv)
+        report_cli.main(argv)
         code = 0
     except SystemExit as exc:
         code = exc.code
@@ -208,7 +209,7 @@ def test_a_resumed_run_leaves_the_same_prediction_files(local_run, monkeypatch):
         patch.setattr(SequenceRun, "add_stage", add_stage)
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_quietly(cfg, root / "resumed", base_dir=root)
-    from cl_runner.run import run
+    from cl_runner.engine.run import run
 
     run(cfg, root / "resumed", console=Console(quiet=True), base_dir=root, resume=True)
     assert tree(root / "resumed") == tree(root / "run")

@@ -9,7 +9,7 @@ import torch
 from helpers import make_config, run_quietly
 from tiny_lm import logits, one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
-from cl_runner.errors import ConfigError
+from cl_runner.core.errors import ConfigError
 from cl_runner.strategies.progressive import ATTRIBUTE, Progressive, ProgressiveConfig
 
 # the tiny model's adapted layers per block as (in, out): c_attn, attn.c_proj, c_fc, mlp.c_proj; two blocks

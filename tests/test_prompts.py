@@ -10,9 +10,9 @@ import torch
 from helpers import make_config, run_quietly
 from tiny_lm import CUE, EOS, one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
-from cl_runner.errors import ConfigError
-from cl_runner.evaluate import Scorer, greedy_generate, label_logprobs
-from cl_runner.schema import EvalConfig
+from cl_runner.config.schema import EvalConfig
+from cl_runner.core.errors import ConfigError
+from cl_runner.scoring.evaluate import Scorer, greedy_generate, label_logprobs
 from cl_runner.strategies.prompts import (
     ATTRIBUTE,
     ProgressivePrompts,

@@ -26,13 +26,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from cl_runner import checkpoint as ckpt
-from cl_runner import run as run_module
 from cl_runner.cli import CONF_DIR
-from cl_runner.errors import CheckpointMismatch, DiskFullError
-from cl_runner.results import RunWriter, is_disk_full, write_atomic
-from cl_runner.run import run
-from cl_runner.schema import register_configs, validate
+from cl_runner.config.schema import register_configs, validate
+from cl_runner.core import rng
+from cl_runner.core.errors import CheckpointMismatch, DiskFullError
+from cl_runner.core.files import is_disk_full, write_atomic
+from cl_runner.engine import checkpoint as ckpt
+from cl_runner.engine import run as run_module
+from cl_runner.engine.run import run
+from cl_runner.outputs.results import RunWriter
 
 register_configs()
 # 3 tasks of 16 facts, batch 4: 4 steps per epoch, 2 epochs, validated every epoch (so checkpoints hold best weights)
@@ -124,7 +126,7 @@ def reference(tmp_path_factory) -> tuple[tuple[str, list[dict], dict], dict, lis
 def tiny_checkpoint(run_dir: Path, number: int, width: int = 4, best: bool = True) -> Path:
     model = torch.nn.Linear(width, 2)
     state = {"run": {k: None for k in ckpt.SAVED} | {"info": {"tasks": ["a"]}}, "task": None, "strategy": {},
-             "extras": {}, "rng": ckpt.rng_state()}
+             "extras": {}, "rng": rng.rng_state()}
     weights = {k: v.clone() for k, v in model.state_dict().items()} if best else None
     return ckpt.save_checkpoint(run_dir, number, model, state, weights, keep_last=10)[0]
 

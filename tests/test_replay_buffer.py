@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_lm import one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
-from cl_runner.lm import causal_lm_loss, collate
+from cl_runner.models.lm import causal_lm_loss, collate
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.buffer import (
     CANDIDATES_PER_SLOT,

@@ -17,9 +17,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from cl_runner import report
+from cl_runner import report_cli
 from cl_runner.cli import CONF_DIR
-from cl_runner.sweep import SweepRecorder
+from cl_runner.outputs import jobs as job_files
+from cl_runner.outputs import report
+from cl_runner.outputs.sweep import SweepRecorder
 
 SMALL_TASKS = [f"tasks.tasks.{i}.num_subjects=16" for i in range(3)]  # a quarter of the default facts
 SWEEP_ARGS = ["-m", "train.lr=1e-3,1e-2", "seed=0,1", "device=cpu", "train.epochs=1", *SMALL_TASKS]
@@ -76,7 +78,7 @@ def test_sweep_json_lists_every_job_with_its_metrics(sweep):
 
 @pytest.mark.slow
 def test_report_means_and_stds_match_the_jobs_by_hand(sweep, tmp_path, capsys):
-    report.main([str(sweep), "--out", str(tmp_path)])
+    report_cli.main([str(sweep), "--out", str(tmp_path)])
     rows = _read_csv(tmp_path / "report.csv")
     assert [r["train.lr"] for r in rows] and {r["train.lr"] for r in rows} == {"0.001", "0.01"}
     assert all(r["seeds"] == "0,1" and r["runs"] == "2" and r["status"] == "completed" for r in rows)
@@ -157,18 +159,18 @@ def test_failed_jobs_are_listed_as_failed_with_their_error(sweep, tmp_path, caps
     _fake_job(copy / nan, ["train.lr=0.1", "seed=0", *fixed], {
         "status": "failed", "error": "FloatingPointError: loss is nan at step 3", "strategy": "naive", "seed": 0})
     _fake_job(copy / died, ["seed=1", "train.lr=0.1", *fixed], None)
-    report.main([str(copy), "--no-plots"])
+    report_cli.main([str(copy), "--no-plots"])
     rows = {r["train.lr"]: r for r in _read_csv(copy / "report.csv")}
     assert rows["0.1"]["status"] == "failed" and rows["0.1"]["completed"] == "0" and rows["0.1"]["runs"] == "2"
     assert rows["0.1"]["average_accuracy_mean"] == "" and rows["0.1"]["rank"] == "3"  # no value: ranked last
     assert "FloatingPointError: loss is nan at step 3" in rows["0.1"]["errors"]
-    assert f"{died}: {report.NO_METRICS}" in rows["0.1"]["errors"]
+    assert f"{died}: {job_files.NO_METRICS}" in rows["0.1"]["errors"]
     assert rows["0.1"]["seeds"] == "0,1"
     jobs = {r["job"]: r for r in _read_csv(copy / "jobs.csv")}
     assert jobs[died]["status"] == "failed" and jobs[nan]["error"].startswith("FloatingPointError")
     printed = capsys.readouterr().out
     assert f"failed {nan}: FloatingPointError: loss is nan at step 3" in printed
-    assert f"failed {died}: {report.NO_METRICS}" in printed
+    assert f"failed {died}: {job_files.NO_METRICS}" in printed
     markdown = (copy / "report.md").read_text()
     assert "## Jobs that did not complete" in markdown and "**failed**: FloatingPointError" in markdown
 
@@ -227,7 +229,7 @@ def test_strategies_compared_over_seeds_give_one_row_and_a_bar_per_strategy(tmp_
 @pytest.mark.slow
 def test_bad_paths_exit_2_with_one_line(tmp_path):
     for args, message in [([str(tmp_path / "nope")], "not a directory"), ([str(tmp_path)], "no runs found")]:
-        proc = subprocess.run([sys.executable, "-m", "cl_runner.report", *args], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "cl_runner.outputs.report", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -247,7 +249,7 @@ sys.modules["hydra_plugins"] = types.ModuleType("hydra_plugins")
 sys.modules["hydra_plugins"].__path__ = []
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from cl_runner.schema import register_configs
+from cl_runner.config.schema import register_configs
 register_configs()
 with initialize_config_dir({str(CONF_DIR)!r}, version_base="1.3"):
     cfg = compose("config", overrides=["seed=1"], return_hydra_config=True)
@@ -262,7 +264,8 @@ with initialize_config_dir({str(CONF_DIR)!r}, version_base="1.3"):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     composed, missing = proc.stdout.strip().splitlines()
-    assert composed.split() == ["${hydra.job.num}_${hydra.job.override_dirname}", "cl_runner.sweep.SweepRecorder",
+    assert composed.split() == ["${hydra.job.num}_${hydra.job.override_dirname}",
+                                "cl_runner.outputs.sweep.SweepRecorder",
                                 "hydra._internal.core_plugins.basic_launcher.BasicLauncher"]
     assert "Could not load 'hydra/launcher/submitit_slurm'" in missing
 

@@ -10,8 +10,8 @@ import pytest
 from helpers import REPO, make_config, run_quietly
 from test_benchmark_fidelity import _cl_benchmark
 
-from cl_runner.report import main as report_main
-from cl_runner.reproduction import NOT_RUN, experiment_rows, markdown, reproduction
+from cl_runner.outputs.reproduction import NOT_RUN, experiment_rows, markdown, reproduction
+from cl_runner.report_cli import main as report_main
 
 OLORA = {"name": "adapters", "merge": False, "orthogonal_lambda": 0.0, "rank": 8}
 AS_PUBLISHED = {"adapters": {"merge": True, "orthogonal_lambda": 0.5}}  # base/olora.yaml's sequence overrides

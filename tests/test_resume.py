@@ -20,8 +20,8 @@ import torch
 from helpers import cl_run, make_config, run_quietly
 from rich.console import Console
 
-from cl_runner import checkpoint as checkpoint_module
-from cl_runner.run import run
+from cl_runner.engine import checkpoint as checkpoint_module
+from cl_runner.engine.run import run
 
 # small but with several checkpoints per task: 64 facts / batch 8 = 8 steps per epoch
 FAST = ["device=cpu", "train.epochs=4", "checkpoint.every_n_steps=5", "checkpoint.keep_last=2"]

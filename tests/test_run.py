@@ -8,10 +8,10 @@ import pytest
 from helpers import make_config, run_quietly, write_jsonl
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from cl_runner import metrics as cl_metrics
-from cl_runner import run as run_module
-from cl_runner.errors import DataError, ModelError
-from cl_runner.models import train_tokenizer
+from cl_runner.core.errors import DataError, ModelError
+from cl_runner.engine import run as run_module
+from cl_runner.models.load import train_tokenizer
+from cl_runner.scoring import cl_metrics
 from cl_runner.strategies.base import Strategy
 
 

@@ -1,4 +1,4 @@
-"""Encoder-decoder models (cl_runner/seq2seq.py) on a tiny T5 built from conf/model/tiny_t5.yaml, CPU, offline:
+"""Encoder-decoder models (cl_runner/models/seq2seq.py) on a tiny T5 built from conf/model/tiny_t5.yaml, CPU, offline:
 the batch split into encoder input and decoder targets gives Hugging Face's own loss; greedy generation equals
 ``generate``; label scoring equals a full forward per label; perplexity equals HF's loss per item; a T5 saved
 with save_pretrained loads by path; what cannot work is refused in one line (exit 2); strategies learn and a
@@ -14,14 +14,14 @@ import pytest
 import torch
 from helpers import cl_run, make_config, run_quietly
 
-from cl_runner import evaluate
-from cl_runner.errors import ConfigError
-from cl_runner.evaluate import Scorer
-from cl_runner.lm import IGNORE_INDEX, causal_lm_loss, collate, target_count, target_mask
-from cl_runner.loop import split, weighted
-from cl_runner.models import load_model, load_tokenizer, train_tokenizer
-from cl_runner.schema import EvalConfig, ModelConfig
-from cl_runner.seq2seq import check_strategy, config_errors, config_is_encoder_decoder, model_batch, model_inputs
+from cl_runner.config.schema import EvalConfig, ModelConfig
+from cl_runner.core.errors import ConfigError
+from cl_runner.engine.loop import split, weighted
+from cl_runner.models.lm import IGNORE_INDEX, causal_lm_loss, collate, target_count, target_mask
+from cl_runner.models.load import load_model, load_tokenizer, train_tokenizer
+from cl_runner.models.seq2seq import check_strategy, config_errors, config_is_encoder_decoder, model_batch, model_inputs
+from cl_runner.scoring import evaluate
+from cl_runner.scoring.evaluate import Scorer
 from cl_runner.tasks.encode import EvalItem
 
 TEXTS = ["the capital of france is paris", "colour of the sky: blue", "question: what is red? answer: a rose",

@@ -9,7 +9,7 @@ import torch
 from helpers import make_config
 from tiny_lm import one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
-from cl_runner.errors import UserError
+from cl_runner.core.errors import UserError
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.si_mas import MAS, SI, MASConfig, SIConfig
 

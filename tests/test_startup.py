@@ -1,5 +1,5 @@
 """Start-up: `cl-run --help` and a bad input answer without importing torch (the second it takes is the bulk of
-their cost; scripts/bench_startup.py has the timings), and ``cl_runner.lazy.defer`` runs a deferred package's
+their cost; scripts/bench_startup.py has the timings), and ``cl_runner.core.lazy.defer`` runs a deferred package's
 code once, at its first use, also when a submodule is imported first."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from cl_runner.lazy import defer, is_loaded
+from cl_runner.core.lazy import defer, is_loaded
 
 # Runs cl-run's main() and says at exit whether torch's code ran: a real torch module has Tensor in its __dict__
 # (vars() reads the __dict__ itself, so asking does not load a deferred module).

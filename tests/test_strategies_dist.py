@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_lm import one_thread, task_examples, tiny_context, tiny_model, train  # noqa: E402,F401 (autouse fixture)
 
-from cl_runner import dist  # noqa: E402
-from cl_runner.errors import ConfigError  # noqa: E402
+from cl_runner.core import dist  # noqa: E402
+from cl_runner.core.errors import ConfigError  # noqa: E402
 from cl_runner.strategies.registry import build_strategy, distributed_errors, strategy_class  # noqa: E402
 
 STRATEGIES = ("naive", "joint", "replay", "ewc", "l2", "lwf", "ewc_replay", "adapters", "shared_lora", "progressive",
@@ -164,8 +164,8 @@ def _diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def _model(kind: str, model: torch.nn.Module | None = None) -> torch.nn.Module:
     model = tiny_model() if model is None else model
     if kind == "fsdp":
-        from cl_runner.parallel import shard
-        from cl_runner.schema import DistributedConfig
+        from cl_runner.config.schema import DistributedConfig
+        from cl_runner.engine.parallel import shard
 
         shard(model, DistributedConfig(kind="fsdp"))
     return model

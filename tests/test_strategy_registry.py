@@ -13,7 +13,7 @@ import pytest
 from helpers import REPO, cl_run, make_config, run_quietly
 from omegaconf import OmegaConf
 
-from cl_runner.errors import ConfigError
+from cl_runner.core.errors import ConfigError
 from cl_runner.strategies import Composite, Strategy, strategy_class
 from cl_runner.strategies.registry import builtin_strategies
 

@@ -10,9 +10,9 @@ import pytest
 from helpers import cl_run, make_config, run_quietly
 from test_resume import kill_and_resume, outcome, reference
 
-from cl_runner.errors import ConfigError
+from cl_runner.config.task_overrides import strategy_config
+from cl_runner.core.errors import ConfigError
 from cl_runner.strategies.adapters import Adapters, AdaptersConfig
-from cl_runner.task_overrides import strategy_config
 
 
 def test_the_task_beats_the_sequence_which_beats_strategy_options_and_other_strategies_are_untouched():

@@ -12,8 +12,9 @@ import pytest
 import torch
 from helpers import cl_run, make_config
 
-from cl_runner import cli, threads
-from cl_runner.run import build_parts, run_info
+from cl_runner import cli
+from cl_runner.engine import threads
+from cl_runner.engine.run import build_parts, run_info
 
 M = 1_000_000
 
@@ -115,7 +116,7 @@ def test_live_runs_counts_registered_processes(tmp_path, monkeypatch):
 
 
 def test_wait_policy_is_passive_unless_the_user_chose(monkeypatch):
-    monkeypatch.setattr("cl_runner.lazy.is_loaded", lambda name: False)  # as in cl-run, before torch loads
+    monkeypatch.setattr("cl_runner.core.lazy.is_loaded", lambda name: False)  # as in cl-run, before torch loads
     env: dict[str, str] = {}
     threads.set_wait_policy(env)
     assert env == {"OMP_WAIT_POLICY": "PASSIVE"}

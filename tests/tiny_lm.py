@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cl_runner.lm import IGNORE_INDEX, Encoded, collate
-from cl_runner.loop import TaskRun, train_task
-from cl_runner.schema import TrainConfig
+from cl_runner.config.schema import TrainConfig
+from cl_runner.engine.loop import TaskRun, train_task
+from cl_runner.models.lm import IGNORE_INDEX, Encoded, collate
 from cl_runner.strategies.base import Context, Strategy
 
 EOS, CUE = 0, [5, 6]  # every prompt ends with the cue; every answer ends with EOS

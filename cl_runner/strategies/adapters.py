@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from cl_runner.dist import world
-from cl_runner.options import check_fraction, check_positive
+from cl_runner.core.checks import check_fraction, check_positive
+from cl_runner.core.dist import world
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig, not_made_before_sharding
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.lora import (

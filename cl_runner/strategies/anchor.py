@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from cl_runner.dist import all_reduce_sum, world
-from cl_runner.errors import ConfigError
-from cl_runner.lazy import no_grad
+from cl_runner.core.dist import all_reduce_sum, world
+from cl_runner.core.errors import ConfigError
+from cl_runner.core.lazy import no_grad
 from cl_runner.strategies.base import Context, Strategy, trainable_parameters
 from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view
 

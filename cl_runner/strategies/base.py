@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 import torch
 from omegaconf import MISSING
 
-from cl_runner.errors import ConfigError
-from cl_runner.lm import Encoded
+from cl_runner.core.errors import ConfigError
+from cl_runner.models.lm import Encoded
 
 
 @dataclass

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from cl_runner.lazy import no_grad
-from cl_runner.lm import Encoded, target_mask, token_nll
-from cl_runner.options import check_choice, check_positive
+from cl_runner.core.checks import check_choice, check_positive
+from cl_runner.core.lazy import no_grad
+from cl_runner.models.lm import Encoded, target_mask, token_nll
 from cl_runner.strategies.base import Context, StrategyConfig
 from cl_runner.strategies.common import evaluating
 

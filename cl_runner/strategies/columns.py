@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from cl_runner.errors import ConfigError
+from cl_runner.core.errors import ConfigError
 
 
 def adapted_layers(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

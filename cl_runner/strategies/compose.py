@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from cl_runner.lm import Encoded
+from cl_runner.models.lm import Encoded
 from cl_runner.strategies.base import Context, Strategy
 
 

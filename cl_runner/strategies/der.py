@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cl_runner.lazy import no_grad
-from cl_runner.lm import Encoded, target_mask, token_nll
-from cl_runner.options import check_choice, check_positive
+from cl_runner.core.checks import check_choice, check_positive
+from cl_runner.core.lazy import no_grad
+from cl_runner.models.lm import Encoded, target_mask, token_nll
 from cl_runner.strategies.base import Context, trainable_parameters
 from cl_runner.strategies.buffer import BufferConfig
 from cl_runner.strategies.common import evaluating
@@ -40,7 +40,7 @@ from cl_runner.strategies.gem import BufferGradients, examples_gradient, step_gr
 DISTANCES = ("mse", "kl")
 LOGIT_DTYPES = ("float16", "bfloat16", "float32")
 ID = "der_id"  # the key a buffer example carries: which stored logits are its own
-if TYPE_CHECKING:  # an alias read at import would load torch (cl_runner/lazy.py)
+if TYPE_CHECKING:  # an alias read at import would load torch (cl_runner/core/lazy.py)
     Stored = tuple[torch.Tensor, torch.Tensor | None]  # (values (T, V or k), vocabulary indices (T, k) or None)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cl_runner.options import check_choice, check_fraction, check_positive
+from cl_runner.core.checks import check_choice, check_fraction, check_positive
 from cl_runner.strategies.anchor import DTYPES, AnchorPenalty
 from cl_runner.strategies.base import Context, StrategyConfig
 from cl_runner.strategies.fisher import MODES, fisher_diagonal

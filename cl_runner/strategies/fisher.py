@@ -28,10 +28,10 @@ from contextlib import contextmanager
 
 import torch
 
-from cl_runner.dist import all_reduce_sum, shard_bounds, world
-from cl_runner.lazy import no_grad
-from cl_runner.lm import IGNORE_INDEX, Encoded, causal_lm_loss
-from cl_runner.seq2seq import is_encoder_decoder, model_batch, model_inputs
+from cl_runner.core.dist import all_reduce_sum, shard_bounds, world
+from cl_runner.core.lazy import no_grad
+from cl_runner.models.lm import IGNORE_INDEX, Encoded, causal_lm_loss
+from cl_runner.models.seq2seq import is_encoder_decoder, model_batch, model_inputs
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.common import evaluating, local, selected_parameters
 

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cl_runner.dist import all_reduce_sum, world
-from cl_runner.errors import ConfigError
-from cl_runner.lazy import no_grad
-from cl_runner.lm import Encoded, target_count, token_nll
-from cl_runner.options import check_positive
+from cl_runner.core.checks import check_positive
+from cl_runner.core.dist import all_reduce_sum, world
+from cl_runner.core.errors import ConfigError
+from cl_runner.core.lazy import no_grad
+from cl_runner.models.lm import Encoded, target_count, token_nll
 from cl_runner.strategies.base import Context, Strategy, trainable_parameters
 from cl_runner.strategies.buffer import BufferConfig, ReplayBuffer, example_losses
 from cl_runner.strategies.common import local
@@ -107,7 +107,7 @@ def nll_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor], examples: list
     return token_nll(logits, batch["labels"]).sum()
 
 
-if TYPE_CHECKING:  # an alias read at import would load torch (cl_runner/lazy.py)
+if TYPE_CHECKING:  # an alias read at import would load torch (cl_runner/core/lazy.py)
     Term = Callable[[torch.Tensor, dict[str, torch.Tensor], list[Encoded]], torch.Tensor]
 
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from cl_runner.dist import world
-from cl_runner.errors import ConfigError
-from cl_runner.lazy import no_grad
-from cl_runner.options import check_choice, check_fraction, check_positive
-from cl_runner.seq2seq import check_strategy
+from cl_runner.core.checks import check_choice, check_fraction, check_positive
+from cl_runner.core.dist import world
+from cl_runner.core.errors import ConfigError
+from cl_runner.core.lazy import no_grad
+from cl_runner.models.seq2seq import check_strategy
 from cl_runner.strategies.adapters import SharedLoRAConfig
 from cl_runner.strategies.base import Context, not_made_before_sharding
 from cl_runner.strategies.common import local, tensor_bytes

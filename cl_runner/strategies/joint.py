@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cl_runner.lm import Encoded
+from cl_runner.models.lm import Encoded
 from cl_runner.strategies.base import Context, Strategy, no_options
 
 

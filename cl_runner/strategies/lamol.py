@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from cl_runner.errors import ConfigError
-from cl_runner.lm import Encoded, causal_lm_loss
-from cl_runner.options import check_positive
-from cl_runner.seq2seq import check_strategy
+from cl_runner.core.checks import check_positive
+from cl_runner.core.errors import ConfigError
+from cl_runner.models.lm import Encoded, causal_lm_loss
+from cl_runner.models.seq2seq import check_strategy
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.pseudo import answer_cue, generation_batch, parse_sample, prompt_of, sample_after
 from cl_runner.strategies.seeding import seeded_rng

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from cl_runner.errors import ConfigError
-from cl_runner.options import close_match
+from cl_runner.core.checks import close_match
+from cl_runner.core.errors import ConfigError
 from cl_runner.strategies.seeding import seeded_rng
 
 LORA_PARAM = re.compile(r"\.lora_(?:A|B)\.([^.]+)\.")  # ``...c_attn.lora_A.<adapter>.weight``

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from cl_runner.options import check_positive
-from cl_runner.seq2seq import model_inputs
+from cl_runner.core.checks import check_positive
+from cl_runner.models.seq2seq import model_inputs
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.distill import distillation_kl

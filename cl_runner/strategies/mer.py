@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from cl_runner.lazy import no_grad
-from cl_runner.options import check_positive
+from cl_runner.core.checks import check_positive
+from cl_runner.core.lazy import no_grad
 from cl_runner.strategies.base import Context, Strategy, trainable_parameters
 from cl_runner.strategies.common import local, shard_like, tensor_bytes
 from cl_runner.strategies.compose import Composite

@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
-from cl_runner.dist import all_reduce_sum, world
-from cl_runner.lazy import no_grad
-from cl_runner.options import check_choice, check_fraction, check_positive
+from cl_runner.core.checks import check_choice, check_fraction, check_positive
+from cl_runner.core.dist import all_reduce_sum, world
+from cl_runner.core.lazy import no_grad
 from cl_runner.strategies.adapters import Adapters, SharedLoRAConfig, adapter_name
 from cl_runner.strategies.anchor import DTYPES
 from cl_runner.strategies.base import Context, Strategy, trainable_parameters
 from cl_runner.strategies.common import local, shard_like, sharded_view
 from cl_runner.strategies.compose import Composite
 from cl_runner.strategies.lora import activate
-from cl_runner.strategies.merging import (
+from cl_runner.strategies.merge_methods import (
     COMBINE,
     LINEAR,
     METHODS,

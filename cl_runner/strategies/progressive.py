@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from cl_runner.dist import world
-from cl_runner.options import check_positive
-from cl_runner.seq2seq import check_strategy
+from cl_runner.core.checks import check_positive
+from cl_runner.core.dist import world
+from cl_runner.models.seq2seq import check_strategy
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig, not_made_before_sharding
 from cl_runner.strategies.columns import ColumnHooks, adapted_layers, lora_column
 from cl_runner.strategies.common import tensor_bytes

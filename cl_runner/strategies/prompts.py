@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from cl_runner.dist import world
-from cl_runner.errors import ConfigError
-from cl_runner.lm import IGNORE_INDEX
-from cl_runner.options import check_choice, check_positive
+from cl_runner.core.checks import check_choice, check_positive
+from cl_runner.core.dist import world
+from cl_runner.core.errors import ConfigError
+from cl_runner.models.lm import IGNORE_INDEX
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig, not_made_before_sharding
 from cl_runner.strategies.common import tensor_bytes
 

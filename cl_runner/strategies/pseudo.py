@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from cl_runner.dist import broadcast_object, world
-from cl_runner.lazy import no_grad
-from cl_runner.lm import IGNORE_INDEX, Encoded
+from cl_runner.core.dist import broadcast_object, world
+from cl_runner.core.lazy import no_grad
+from cl_runner.models.lm import IGNORE_INDEX, Encoded
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.common import evaluating
 
@@ -53,7 +53,9 @@ def sample_after(ctx: Context, gen_id: int, n: int, max_tokens: int, eos_id: int
     0's, broadcast, so the ranks feed the model the same inputs and stop together even where their logits differ
     in the last bits (GPU kernels): the same forward calls on every rank, as FSDP needs.
     """
-    from cl_runner.evaluate import cached_forward  # the transformers Cache API, as evaluation's generation uses it
+    from cl_runner.models.generation import (
+        cached_forward,  # the transformers Cache API, as evaluation's generation uses it
+    )
 
     rows: list[list[int]] = []
     with evaluating(ctx.model):

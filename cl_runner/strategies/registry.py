@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from cl_runner.errors import ConfigError
+from cl_runner.core.errors import ConfigError
 from cl_runner.strategies.base import Strategy
 
 ENTRY_POINT_GROUP = "cl_runner.strategies"
@@ -26,7 +26,7 @@ PACKAGE = "cl_runner.strategies"
 def is_strategy(obj: Any) -> bool:
     """A class that declares its own ``name`` and ``Config`` (parts such as MER's Reptile declare no Config).
     ``type(obj)``, not ``isinstance(obj, type)``: that reads ``obj.__class__``, which loads a deferred module
-    (``import torch`` in a strategy module is deferred: cl_runner/lazy.py)."""
+    (``import torch`` in a strategy module is deferred: cl_runner/core/lazy.py)."""
     return (issubclass(type(obj), type) and issubclass(obj, Strategy) and obj is not Strategy
             and "name" in obj.__dict__ and "Config" in obj.__dict__)
 
@@ -113,7 +113,7 @@ def distributed_errors(cfg: Any, kind: str) -> list[str]:
 def build_strategy(cfg: Any) -> Strategy:
     """Instantiate the strategy the config names, with its typed config; refused (``ConfigError``) when it cannot
     run under this process's ``distributed.kind`` (a safety net: the config check refuses it earlier)."""
-    from cl_runner.dist import world
+    from cl_runner.core.dist import world
 
     errors = distributed_errors(cfg, world().kind)
     if errors:

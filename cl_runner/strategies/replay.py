@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from cl_runner.lm import Encoded
-from cl_runner.options import check_fraction, check_positive
+from cl_runner.core.checks import check_fraction, check_positive
+from cl_runner.models.lm import Encoded
 from cl_runner.strategies.base import Context, Strategy
 from cl_runner.strategies.buffer import BufferConfig, ReplayBuffer, example_losses
 

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from cl_runner.dist import world
-from cl_runner.lazy import no_grad
-from cl_runner.lm import target_mask
-from cl_runner.options import check_fraction, check_positive
+from cl_runner.core.checks import check_fraction, check_positive
+from cl_runner.core.dist import world
+from cl_runner.core.lazy import no_grad
+from cl_runner.models.lm import target_mask
 from cl_runner.strategies.anchor import AnchorPenalty
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cl_runner.errors import DataError
-from cl_runner.lm import IGNORE_INDEX, Encoded
+from cl_runner.core.errors import DataError
+from cl_runner.models.lm import IGNORE_INDEX, Encoded
 from cl_runner.tasks.base import Example, Task
 
 HEAD_SHARE = 0.25  # share of a cut prompt's budget kept from its beginning

@@ -22,8 +22,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cl_runner.errors import ConfigError, DataError
-from cl_runner.schema import TaskConfig, TasksConfig
+from cl_runner.config.schema import TaskConfig, TasksConfig
+from cl_runner.core.errors import ConfigError, DataError
 from cl_runner.tasks.base import Example, Task
 from cl_runner.tasks.facts import RELATIONS, fact_rows
 from cl_runner.tasks.offline import ensure_offline_data

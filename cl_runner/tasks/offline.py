@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cl_runner.errors import DataError
+from cl_runner.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cl_runner.results import write_atomic
+from cl_runner.core.files import write_atomic
 from cl_runner.trackers.schema import CsvConfig, MlflowConfig, TensorBoardConfig, WandbConfig
 
 
@@ -37,7 +37,7 @@ class Matrix:
     task_names: list[str]
     stage_names: list[str]
     rows: list[list[float | None]]
-    png: Path | None  # the heatmap (cl_runner/plots.py), for trackers that take images
+    png: Path | None  # the heatmap (cl_runner/outputs/plots.py), for trackers that take images
 
 
 class Tracker:
@@ -147,7 +147,7 @@ class MlflowTracker(Tracker):
         """A new MLflow run with the config as parameters (dotted keys) and as config.json."""
         from mlflow.entities import Param
 
-        tags = {"cl_runner.run_dir": str(run.run_dir), **({"cl_runner.sweep": run.group} if run.group else {}),
+        tags = {"cl_runner.run_dir": str(run.run_dir), **({"cl_runner.outputs.sweep": run.group} if run.group else {}),
                 **cfg.tags}
         group = (run.group or "").strip("/")
         experiment = self._experiment(cfg.experiment or "/".join(filter(None, [run.experiment_name, group])))

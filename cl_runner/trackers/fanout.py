@@ -16,8 +16,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from cl_runner.logs import quiet_logger
-from cl_runner.results import write_atomic
+from cl_runner.core.files import write_atomic
+from cl_runner.core.logs import quiet_logger
 from cl_runner.trackers.backends import BACKENDS, Matrix, TrackedRun, Tracker
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class Trackers:
             self._call("matrix", Matrix(stage, self.task_names, list(self.stage_names), rows, png), step)
 
     def _heatmap(self, path: Path, rows: list[list[float | None]]) -> Path | None:
-        from cl_runner.plots import score_matrix
+        from cl_runner.outputs.plots import score_matrix
 
         nan = float("nan")
         try:

@@ -23,8 +23,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from cl_runner.report import METRICS, Job, build_report, print_report, read_job, write_report
-from cl_runner.results import write_atomic
+from cl_runner.outputs.report import METRICS, build_report, print_report, write_report
+from cl_runner.outputs.jobs import Job, read_job
+from cl_runner.core.files import write_atomic
 
 log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"

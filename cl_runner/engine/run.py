@@ -24,9 +24,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cl_runner import cost, dist
-from cl_runner import metrics as cl_metrics
-from cl_runner.checkpoint import (
+from cl_runner.config.schema import CheckpointConfig, Config, TrainConfig, as_dict
+from cl_runner.config.task_overrides import strategy_config
+from cl_runner.core import dist
+from cl_runner.core.errors import CheckpointMismatch, ConfigError
+from cl_runner.core.files import write_atomic
+from cl_runner.core.rng import rank_rng, rng_state, set_rng_state
+from cl_runner.engine.checkpoint import (
     Checkpoint,
     best_weights,
     checkpoint_bytes,
@@ -37,25 +41,13 @@ from cl_runner.checkpoint import (
     move_aside,
     newest_on_every_rank,
     next_number,
-    rank_rng,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
     weights_mismatch,
 )
-from cl_runner.errors import CheckpointMismatch, ConfigError
-from cl_runner.evaluate import Scorer
-from cl_runner.lm import collate
-from cl_runner.loop import Boundary, EpochRecord, LoopCallbacks, TaskRun, make_optimizer, read_extras, train_task
-from cl_runner.models import load_model, load_tokenizer, parameter_counts
-from cl_runner.monitors import Monitors, matrix_rows, print_monitors
-from cl_runner.monitors import summarize as summarize_monitors
-from cl_runner.parallel import shard
-from cl_runner.plots import plot_run
-from cl_runner.predictions import PredictionWriter
-from cl_runner.results import RunWriter, print_summary, write_atomic
-from cl_runner.run_state import RunState
-from cl_runner.runtime import (
+from cl_runner.engine.loop import Boundary, EpochRecord, LoopCallbacks, TaskRun, make_optimizer, read_extras, train_task
+from cl_runner.engine.parallel import shard
+from cl_runner.engine.run_state import RunState
+from cl_runner.engine.runtime import (
     RunInterrupted,
     StopRequest,
     autocast_factory,
@@ -65,14 +57,22 @@ from cl_runner.runtime import (
     seed_everything,
     stop_signals,
 )
-from cl_runner.schema import CheckpointConfig, Config, TrainConfig, as_dict
-from cl_runner.sequence_scoring import SequenceScorer
+from cl_runner.engine.threads import apply_threads
+from cl_runner.models.lm import collate
+from cl_runner.models.load import load_model, load_tokenizer, parameter_counts
+from cl_runner.outputs import cost
+from cl_runner.outputs.plots import plot_run
+from cl_runner.outputs.predictions import PredictionWriter
+from cl_runner.outputs.results import RunWriter, print_summary
+from cl_runner.scoring import cl_metrics
+from cl_runner.scoring.evaluate import Scorer
+from cl_runner.scoring.monitors import Monitors, matrix_rows, print_monitors
+from cl_runner.scoring.monitors import summarize as summarize_monitors
+from cl_runner.scoring.sequence import SequenceScorer
 from cl_runner.strategies import Context, Strategy, build_strategy
-from cl_runner.task_overrides import strategy_config
 from cl_runner.tasks import encode_task, load_sequence
 from cl_runner.tasks.base import Task
 from cl_runner.tasks.encode import EncodedTask
-from cl_runner.threads import apply_threads
 from cl_runner.trackers.fanout import Trackers, open_trackers
 
 log = logging.getLogger(__name__)
@@ -388,7 +388,7 @@ class SequenceRun:
                                          None if stage == "init" else parts.ctx.task_index)
         self.writer.add_row([r["score"] for r in results] + [m["score"] for m in monitored.values()])
         self.state.add_stage(stage, results)
-        if monitored:  # stages[i]["monitors"]: the monitors' columns (cl_runner/monitors.py)
+        if monitored:  # stages[i]["monitors"]: the monitors' columns (cl_runner/scoring/monitors.py)
             self.state.stages[-1]["monitors"] = monitored
         self.state.info.setdefault("eval_seconds_per_stage", {})[stage] = self.scoring.take_timing()
         self.state.info["cost"] = cost.run_cost(self.state.info, self.state.history,

@@ -3,8 +3,8 @@
 Hydra's own ``--help`` (and its config loader's ``get_group_options``) builds a fresh copy of its whole config
 repository (every stored schema) for each group it lists, about 110 deep copies here: 2-5 s. This lists the options
 from the files in the directories of the search path a run uses (conf/ and the user's config directories:
-cl_runner/preflight.py) and the installed plugin strategies, and composes the config once. ``cl-run --hydra-help``
-is still Hydra's.
+cl_runner/config/preflight.py) and the installed plugin strategies, and composes the config once.
+``cl-run --hydra-help`` is still Hydra's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def config_roots(overrides: list[str]) -> list:
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from cl_runner.preflight import CONF_DIR, SEARCHPATH
+    from cl_runner.config.preflight import CONF_DIR, SEARCHPATH
 
     entries = [e for o in overrides if o.split("=", 1)[0] == SEARCHPATH
                for e in OverridesParser.create().parse_override(o).value()]
@@ -48,8 +48,8 @@ def help_text(overrides: list[str]) -> str:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from cl_runner.preflight import CONF_DIR
-    from cl_runner.schema import register_configs
+    from cl_runner.config.preflight import CONF_DIR
+    from cl_runner.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

@@ -6,7 +6,7 @@ padded tokens (its longest example's length x its size; generation counts its to
 uses left padding with explicit position ids, so it works for any causal LM. The KV cache goes through
 ``cached_forward``: the transformers ``Cache`` API under the keyword the model's version takes, no deprecated form.
 
-Several processes (``cl_runner.dist``): the batches are planned over the whole split, exactly as one process plans
+Several processes (``cl_runner.core.dist``): the batches are planned over the whole split, exactly as one process plans
 them, and rank r scores batches r, r + N, r + 2N, ... (strided: every rank gets short and long ones). Each
 example's result (correct and blank, chosen label, NLL and target tokens) is computed in the same batch, with the
 same padding, as in one process, so it is the same number; the results are gathered in example order and the
@@ -17,8 +17,6 @@ the split's first batch and drops the result, and greedy generation steps until 
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import re
 from collections.abc import Callable
@@ -28,11 +26,12 @@ from typing import Any
 
 import torch
 
-from cl_runner import seq2seq
-from cl_runner.dist import all_gather_objects, all_reduce_max, world
-from cl_runner.lm import collate, token_nll
-from cl_runner.schema import EvalConfig
-from cl_runner.seq2seq import is_encoder_decoder, model_batch, model_inputs
+from cl_runner.config.schema import EvalConfig
+from cl_runner.core.dist import all_gather_objects, world
+from cl_runner.models import seq2seq
+from cl_runner.models.generation import cached_forward, greedy_loop, left_pad
+from cl_runner.models.lm import collate, token_nll
+from cl_runner.models.seq2seq import is_encoder_decoder, model_batch, model_inputs
 from cl_runner.tasks.encode import EncodedTask, EvalItem
 
 _TRAILING = re.compile(r"[\s.,;:!?]+$")
@@ -63,29 +62,6 @@ def normalize_answer(text: str, stop: str, lowercase: bool = True, strip_punctua
     if strip_punctuation:
         text = _TRAILING.sub("", text).strip("\"'`")
     return text.lower() if lowercase else text
-
-
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The keyword ``model``'s forward takes its KV cache under: ``cache`` (recent transformers 5) or
-    ``past_key_values`` (earlier); the first Hugging Face model inside ``model`` (peft, FSDP) decides."""
-    from transformers import PreTrainedModel
-
-    hf_model = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
-    return _forward_keyword(type(hf_model))
-
-
-@functools.cache
-def _forward_keyword(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def cached_forward(model: torch.nn.Module, cache: Any, **inputs: Any) -> tuple[Any, Any]:
-    """``model(**inputs)`` reading and extending a KV cache (a transformers ``Cache``, the ``DynamicCache`` the
-    model makes on the first call, when ``cache`` is None); returns (output, cache). The cache goes in and comes
-    out under the name the installed transformers uses, so no deprecation warning (LAMOL's sampling uses it too)."""
-    keyword = cache_keyword(model)
-    out = model(**inputs, **({keyword: cache} if cache is not None else {}), use_cache=True)
-    return out, getattr(out, keyword)
 
 
 def _batches(scorer: Scorer, lengths: list[int]) -> list[list[int]]:
@@ -137,43 +113,6 @@ def per_example(scorer: Scorer, lengths: list[int], score_batch: Callable[[list[
     return gather_results(all_gather_objects(results), len(lengths))
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, length - len(p) :] = torch.tensor(p)
-        mask[row, length - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _all_done(done: bool) -> bool:
-    """Whether every rank's generation is done; each rank's own flag except under FSDP (forwards are
-    collectives, so all ranks step until the last is done)."""
-    if not world().sharded:
-        return done
-    return all_reduce_max([0.0 if done else 1.0])[0] == 0.0
-
-
-def greedy_loop(scorer: Scorer, n: int, max_new_tokens: int, dummy: bool,
-                forward: Callable[[torch.Tensor | None, Any], tuple[torch.Tensor, Any]]) -> list[list[int]]:
-    """The greedy decoding loop of every model kind: ``forward(the last tokens (n, 1), or None at the first
-    step; cache)`` returns the next-token logits (n, V) and the cache. Stops when every row has ended with EOS
-    (under FSDP: every rank's rows); the rows come back without their EOS."""
-    finished = torch.full((n,), dummy, dtype=torch.bool, device=scorer.device)
-    generated, cache, token = [], None, None
-    for _ in range(max_new_tokens):
-        with scorer.autocast():
-            logits, cache = forward(None if token is None else token[:, None], cache)
-        token = torch.where(finished, torch.full_like(finished, scorer.eos_id, dtype=torch.long), logits.argmax(-1))
-        generated.append(token)
-        finished |= token == scorer.eos_id
-        if _all_done(bool(finished.all())):
-            break
-    tokens = torch.stack(generated, dim=1).tolist()
-    return [row[: row.index(scorer.eos_id)] if scorer.eos_id in row else row for row in tokens]
-
-
 @torch.no_grad()
 def greedy_generate(scorer: Scorer, prompts: list[list[int]], max_new_tokens: int,
                     dummy: bool = False) -> list[list[int]]:
@@ -181,7 +120,7 @@ def greedy_generate(scorer: Scorer, prompts: list[list[int]], max_new_tokens: in
     that only keeps this rank in step with the others (FSDP), done from the start."""
     if is_encoder_decoder(scorer.model):  # the encoder once, the decoder from its start token
         return seq2seq.greedy_generate(scorer, prompts, max_new_tokens, dummy)
-    ids, mask = _left_pad(prompts, scorer.pad_id, scorer.device)
+    ids, mask = left_pad(prompts, scorer.pad_id, scorer.device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
 
     def forward(step: torch.Tensor | None, cache: Any) -> tuple[torch.Tensor, Any]:
@@ -222,7 +161,7 @@ def label_logprobs(scorer: Scorer, prompts: list[list[int]], labels: list[list[i
     """(B, K) log-probability of each label continuation: the prompt runs once, labels reuse its KV cache."""
     if is_encoder_decoder(scorer.model):  # the encoder once per prompt, the labels on the decoder
         return seq2seq.label_logprobs(scorer, prompts, labels)
-    ids, mask = _left_pad(prompts, scorer.pad_id, scorer.device)
+    ids, mask = left_pad(prompts, scorer.pad_id, scorer.device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     batch, n_labels = len(prompts), len(labels)
     with scorer.autocast():

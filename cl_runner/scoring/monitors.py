@@ -27,12 +27,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cl_runner.checkpoint import rng_state, set_rng_state
-from cl_runner.errors import ConfigError, DataError
-from cl_runner.evaluate import Scorer, score_task
-from cl_runner.logs import quiet_logger
-from cl_runner.schema import Config, MonitorConfig
-from cl_runner.sequence_scoring import sample
+from cl_runner.config.schema import Config, MonitorConfig
+from cl_runner.core.errors import ConfigError, DataError
+from cl_runner.core.logs import quiet_logger
+from cl_runner.core.rng import rng_state, set_rng_state
+from cl_runner.scoring.evaluate import Scorer, score_task
+from cl_runner.scoring.sequence import sample
 from cl_runner.strategies.base import Context, Strategy
 from cl_runner.tasks import encode_task
 from cl_runner.tasks.base import Task
@@ -247,7 +247,7 @@ def print_monitors(console: Console, summary: dict[str, dict]) -> None:
     """The monitors' own table, below the run's summary."""
     if not summary:
         return
-    from cl_runner.results import print_whole
+    from cl_runner.core.console import print_whole
 
     table = Table(title="Monitors (never trained; not in ACC/BWT/FWT)", title_justify="left")
     for column in ("monitor", "init", "final", "drop (>0 worse)", "worst stage", "worst", "seconds"):

@@ -229,7 +229,7 @@ def set_wait_policy(environ: dict[str, str] = os.environ) -> None:
     """Make idle OpenMP threads sleep instead of spinning (unless the user chose); only effective before torch
     is imported, because libgomp reads OMP_WAIT_POLICY once, when it loads (so nothing is set once it has:
     the variable would then claim a policy the running threads do not follow)."""
-    from cl_runner.lazy import is_loaded
+    from cl_runner.core.lazy import is_loaded
 
     if not is_loaded("torch"):
         environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

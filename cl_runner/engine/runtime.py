@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cl_runner.errors import ConfigError, UserError
-from cl_runner.schema import DeviceConfig
+from cl_runner.config.schema import DeviceConfig
+from cl_runner.core.errors import ConfigError, UserError
 
 
 class RunInterrupted(BaseException):

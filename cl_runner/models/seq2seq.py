@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from cl_runner.errors import ConfigError
-from cl_runner.lazy import no_grad
-from cl_runner.lm import IGNORE_INDEX, Encoded, collate, target_count
+from cl_runner.core.errors import ConfigError
+from cl_runner.core.lazy import no_grad
+from cl_runner.models.lm import IGNORE_INDEX, Encoded, collate, target_count
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
 ENCODER_KEYS = ("input_ids", "attention_mask")
@@ -182,7 +182,7 @@ def _encode(scorer: Any, prompts: list[list[int]]) -> tuple[tuple[torch.Tensor],
 def greedy_generate(scorer: Any, prompts: list[list[int]], max_new_tokens: int,
                     dummy: bool = False) -> list[list[int]]:
     """Greedy decoding of each prompt: encoder once, decoder from the start token with its KV cache, until EOS."""
-    from cl_runner.evaluate import cached_forward, greedy_loop
+    from cl_runner.models.generation import cached_forward, greedy_loop
 
     encoded, mask = _encode(scorer, prompts)
     first = torch.full((len(prompts), 1), decoder_start(scorer.model), dtype=torch.long, device=scorer.device)

@@ -41,13 +41,13 @@ from typing import Any
 
 import torch
 
-from cl_runner.dist import all_reduce_sum, world
-from cl_runner.flops import flops_per_token, mfu, peak_flops
-from cl_runner.lm import Encoded, causal_lm_loss, pack, target_count, token_counts
-from cl_runner.models import trainable_count
-from cl_runner.parallel import gradient_sync, train_module
-from cl_runner.schema import DistributedConfig, TrainConfig
-from cl_runner.seq2seq import model_batch, model_inputs
+from cl_runner.config.schema import DistributedConfig, TrainConfig
+from cl_runner.core.dist import all_reduce_sum, world
+from cl_runner.engine.flops import flops_per_token, mfu, peak_flops
+from cl_runner.engine.parallel import gradient_sync, train_module
+from cl_runner.models.lm import Encoded, causal_lm_loss, pack, target_count, token_counts
+from cl_runner.models.load import trainable_count
+from cl_runner.models.seq2seq import model_batch, model_inputs
 from cl_runner.strategies.base import Context, MicroBatch, Strategy
 
 GROUP_WINDOW = 50  # train.group_by_length sorts by length within windows of this many step batches
@@ -206,7 +206,7 @@ def local_share(batch: list[Encoded], grad_accum: int, rank: int = 0,
     The shares of all ranks' micro-batches sum to one, so the step's gradient is the same at any process count.
     A rank whose slice is empty (a step batch smaller than the number of ranks) still runs one forward and
     backward, on the step's first example with weight 0: every rank must join the gradient reduction."""
-    from cl_runner.dist import shard_bounds
+    from cl_runner.core.dist import shard_bounds
 
     slices = [batch[slice(*shard_bounds(len(batch), r, size))] for r in range(size)]
     cuts = [split(part, grad_accum) for part in slices]

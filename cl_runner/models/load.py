@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from cl_runner.errors import ModelError
-from cl_runner.options import WEIGHT_DTYPES
-from cl_runner.schema import ModelConfig
+from cl_runner.config.schema import ModelConfig
+from cl_runner.core.checks import WEIGHT_DTYPES
+from cl_runner.core.errors import ModelError
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.errors import LiveError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cl_runner.evaluate import Scorer, score_task
+from cl_runner.scoring.evaluate import Scorer, score_task
 from cl_runner.strategies.base import Context, Strategy
 from cl_runner.tasks.base import Task
 from cl_runner.tasks.encode import EncodedTask, EvalItem

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import time
 import zlib
@@ -36,14 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from cl_runner import dist
-from cl_runner.results import disk_full_error, is_disk_full
-from cl_runner.run_state import SAVED
+from cl_runner.core import dist
+from cl_runner.core.files import disk_full_error, is_disk_full
+from cl_runner.engine.run_state import SAVED
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -52,26 +50,6 @@ STATE_KEYS = ("run", "task", "strategy", "extras", "rng")  # the parts of state.
 SHARDS = "shards"  # distributed checkpoints: the DCP files every rank writes its shards into
 BEST_SHARDS = "best"  # distributed checkpoints: the best weights' DCP files (hard-linked while they do not change)
 BEST_IS_MODEL = "model"  # state.pt "best": the best weights are the checkpoint's own weights (stored once)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _crc32(path: Path) -> int:
@@ -538,15 +516,6 @@ def best_weights(checkpoint: Checkpoint, model: torch.nn.Module,
 def copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of the model's weights, as the loop keeps its best weights (DTensors stay DTensors)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
-
-
-def rank_rng(saved: Any) -> dict[str, Any]:
-    """This rank's RNG state from a checkpoint: its own when the process count is the one that wrote it, else
-    rank 0's (a single-process checkpoint holds one state, a distributed one a list in rank order)."""
-    if isinstance(saved, dict):
-        return saved
-    world = dist.world()
-    return saved[world.rank] if len(saved) == world.size else saved[0]
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -11,8 +11,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from cl_runner.dist import World
-from cl_runner.schema import DistributedConfig
+from cl_runner.config.schema import DistributedConfig
+from cl_runner.core.dist import World
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

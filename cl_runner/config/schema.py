@@ -16,14 +16,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 from omegaconf.errors import ConfigKeyError
 
-from cl_runner.dist import launch_error
-from cl_runner.errors import ConfigError
-from cl_runner.options import SEED_MAX, WEIGHT_DTYPES, arch_errors
-from cl_runner.options import check_choice as _choice
-from cl_runner.options import check_fraction as _fraction
-from cl_runner.options import check_positive as _positive
-from cl_runner.task_overrides import override_errors, task_configs
-from cl_runner.threads import parse_setting as parse_threads
+from cl_runner.config.task_overrides import override_errors, task_configs
+from cl_runner.core.checks import SEED_MAX, WEIGHT_DTYPES, arch_errors
+from cl_runner.core.checks import check_choice as _choice
+from cl_runner.core.checks import check_fraction as _fraction
+from cl_runner.core.checks import check_positive as _positive
+from cl_runner.core.dist import launch_error
+from cl_runner.core.errors import ConfigError
+from cl_runner.engine.threads import parse_setting as parse_threads
 from cl_runner.trackers.schema import LoggerConfig
 
 METRICS = ("exact_match", "label_accuracy", "perplexity")
@@ -77,7 +77,7 @@ class DeviceConfig:
     precision: str = "auto"  # auto (bf16 on cuda when supported, else fp16; fp32 elsewhere) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model (CUDA)
     tf32: bool = True  # allow TF32 matmuls on Ampere+ GPUs
-    threads: str = "auto"  # CPU threads: auto (cl_runner/threads.py) | a positive integer
+    threads: str = "auto"  # CPU threads: auto (cl_runner/engine/threads.py) | a positive integer
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
@@ -151,7 +151,7 @@ class TaskConfig:
     max_eval_per_class: int | None = None  # the same for validation and test; applied before the max_*_examples caps
     epochs: int | None = None  # this task's epochs; null = train.epochs (train.max_steps still wins when set)
     # {strategy name: {option: value}} for this task only, e.g. {adapters: {orthogonal_lambda: 5}}; applied before
-    # the task trains when that strategy runs (cl_runner/task_overrides.py says which options may vary per task)
+    # the task trains when that strategy runs (cl_runner/config/task_overrides.py says which options may vary per task)
     strategy_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def errors(self, key: str) -> list[str]:
@@ -228,7 +228,7 @@ class TasksConfig:
     # validated, so the validated config (metrics.json) holds each task once, in `tasks`.
     catalogue: dict[str, TaskConfig] = field(default_factory=dict)
     # {strategy name: {option: value}} for the whole sequence, applied before the strategy is built when that
-    # strategy runs (a published method's settings; beats strategy.*): cl_runner/task_overrides.py
+    # strategy runs (a published method's settings; beats strategy.*): cl_runner/config/task_overrides.py
     strategy_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -372,8 +372,8 @@ class Config:
                         "sharded); use bf16")
         if not errs:  # last: its import costs seconds that a plain error need not wait for (the run pays it anyway)
             errs += self.model.arch_errors("model")
-        if not errs:  # what an encoder-decoder model cannot run with (cl_runner/seq2seq.py)
-            from cl_runner.seq2seq import config_errors
+        if not errs:  # what an encoder-decoder model cannot run with (cl_runner/models/seq2seq.py)
+            from cl_runner.models.seq2seq import config_errors
 
             errs += config_errors(self)
         return errs

@@ -23,7 +23,7 @@ import resource
 import sys
 from typing import Any
 
-from cl_runner import dist
+from cl_runner.core import dist
 
 # key -> (label in the tables, kind of number: count | bytes | seconds)
 COST_FIELDS: dict[str, tuple[str, str]] = {
@@ -106,7 +106,7 @@ def format_value(key: str, value: float | None) -> str:
         return "-"
     kind = COST_FIELDS[key][1]
     if kind == "bytes":
-        from cl_runner.results import human_bytes
+        from cl_runner.core.files import human_bytes
 
         return human_bytes(value)
     return f"{value:.1f}" if kind == "seconds" else compact(value)

@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def option_key(full_key: str) -> str:
@@ -89,8 +89,8 @@ def checked(cfg):
     """schema.validate, with OmegaConf's errors on the way (a missing name, a null) as one-line ConfigErrors."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from cl_runner.errors import ConfigError
-    from cl_runner.schema import validate
+    from cl_runner.config.schema import validate
+    from cl_runner.core.errors import ConfigError
 
     try:
         return validate(cfg)
@@ -294,7 +294,7 @@ def preflight(overrides: list[str], multirun: bool = True) -> list[str]:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from cl_runner.schema import register_configs
+    from cl_runner.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

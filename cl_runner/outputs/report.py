@@ -21,9 +21,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cl_runner import plots
-from cl_runner.cost import COST_FIELDS, format_value
-from cl_runner.results import print_whole, write_atomic
+from cl_runner.outputs import plots
+from cl_runner.outputs.cost import COST_FIELDS, format_value
+from cl_runner.core.console import print_whole
+from cl_runner.core.files import write_atomic
+from cl_runner.outputs.jobs import Job, find_run_dirs, override_key, override_value, read_jobs
 
 # metrics.json key -> (label, higher is better). The first five are the table's columns; all are sortable.
 METRICS: dict[str, tuple[str, bool]] = {
@@ -41,8 +43,7 @@ LONG_NAMES = {"average_accuracy": "average accuracy", "average_forgetting": "ave
 ALIASES = {"acc": "average_accuracy", "forgetting": "average_forgetting", "bwt": "backward_transfer",
            "fwt": "forward_transfer", "wall_time": "wall_time_s", "time": "wall_time_s",
            "lca": "average_learning_curve_area"}
-NO_METRICS = "no metrics.json (job died before its first evaluation)"
-# metrics.json's cost block (cl_runner/cost.py): every number sortable (lower is better) and in the CSVs; these
+# metrics.json's cost block (cl_runner/outputs/cost.py): every number sortable (lower is better) and in the CSVs; these
 # printed in the table when a run has them
 COST_COLUMNS = {"cost.trainable_parameters": "trainable", "cost.extra_parameters": "extra params",
                 "cost.peak_cpu_rss_bytes": "peak RSS", "cost.peak_cuda_allocated_bytes": "peak CUDA",
@@ -51,113 +52,6 @@ METRICS.update({f"cost.{key}": (COST_COLUMNS.get(f"cost.{key}", key), False) for
 LONG_NAMES.update({f"cost.{key}": label for key, (label, _) in COST_FIELDS.items()})
 
 
-# --------------------------------------------------------------------------------------------------- reading
-@dataclass
-class Job:
-    """One run directory: a single run, or one job of a sweep."""
-
-    path: Path
-    name: str  # the directory, relative to the PATH it was found under
-    status: str  # completed | failed | running | interrupted
-    error: str | None
-    strategy: str
-    seed: int | None
-    overrides: list[str]  # as typed for this job (Hydra's .hydra/overrides.yaml), seed included
-    metrics: dict[str, Any]  # contents of metrics.json ({} when there is none)
-
-    @property
-    def configuration(self) -> tuple[str, ...]:
-        return tuple(o for o in self.overrides if override_key(o) != "seed")
-
-    def value(self, metric: str) -> float | None:
-        """A number of metrics.json; a dotted name reads a nested one (``cost.train_seconds``)."""
-        value: Any = self.metrics
-        for key in metric.split("."):
-            value = value.get(key) if isinstance(value, dict) else None
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return float(value) if ok else None
-
-    def score_rows(self) -> list[list[float]] | None:
-        """The score matrix with its init row (stages x tasks), or None when the run has no stages."""
-        tasks, stages = self.metrics.get("tasks"), self.metrics.get("stages")
-        if not tasks or not stages:
-            return None
-        return [[stage["scores"][name]["score"] for name in tasks] for stage in stages]
-
-
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def override_value(override: str) -> str:
-    return override.split("=", 1)[1] if "=" in override else ""
-
-
-def _load_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / "metrics.json").is_file() or (path / ".hydra" / "overrides.yaml").is_file()
-
-
-def _natural(path: Path) -> tuple:
-    number = re.match(r"\d+", path.name)
-    return (int(number.group()) if number else math.inf, path.name)
-
-
-def find_run_dirs(path: Path) -> list[Path]:
-    """``path`` itself when it is a run, else every run below it (job number order; hidden folders skipped)."""
-    if is_run_dir(path):
-        return [path]
-    found: list[Path] = []
-    for child in sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural):
-        found.extend(find_run_dirs(child))
-    return found
-
-
-def read_job(run_dir: Path, root: Path | None = None) -> Job:
-    """What a run directory says about its job. A directory without metrics.json is a failed job."""
-    run_dir = Path(run_dir)
-    overrides = _load_yaml(run_dir / ".hydra" / "overrides.yaml")
-    overrides = overrides if isinstance(overrides, list) else []
-    config = _load_yaml(run_dir / ".hydra" / "config.yaml") or _load_yaml(run_dir / "config.yaml")
-    config = config if isinstance(config, dict) else {}
-    metrics: dict[str, Any] = {}
-    error = None
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        status = metrics.get("status") or "running"
-        error = metrics.get("error")
-    except FileNotFoundError:
-        status, error = "failed", NO_METRICS
-    except (OSError, ValueError) as exc:
-        status, error = "failed", f"metrics.json unreadable ({exc})"
-    settings = {override_key(o): override_value(o) for o in overrides}
-    strategy_config = config.get("strategy") if isinstance(config.get("strategy"), dict) else {}
-    strategy = metrics.get("strategy") or strategy_config.get("name") or settings.get("strategy") or "?"
-    seed = metrics.get("seed", config.get("seed"))
-    if seed is None and "seed" in settings:
-        seed = int(settings["seed"]) if settings["seed"].lstrip("-").isdigit() else None
-    name = run_dir.name if root is None or run_dir == root else run_dir.relative_to(root).as_posix()
-    return Job(run_dir, name, status, error, strategy, seed, [str(o) for o in overrides], metrics)
-
-
-def read_jobs(paths: list[Path]) -> list[Job]:
-    jobs = []
-    for root in paths:
-        for run_dir in find_run_dirs(root):
-            job = read_job(run_dir, root)
-            if len(paths) > 1:
-                job.name = f"{root.name}/{job.name}" if run_dir != root else root.name
-            jobs.append(job)
-    return jobs
-
-
-# ------------------------------------------------------------------------------------------ the table itself
 @dataclass
 class Configuration:
     """The jobs that ran one setting (same strategy and overrides), e.g. with different seeds."""
@@ -491,64 +385,3 @@ def write_report(report: Report, out_dir: Path, with_plots: bool = True) -> list
         write_atomic(out_dir / name, text)
     written = [out_dir / name for name in files]
     return written + (write_plots(report, out_dir) if with_plots else [])
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="cl-report",
-        description="One table from cl-run runs and sweeps: a row per configuration (overrides less seed), "
-                    "mean ± std over seeds, best first; written as report.csv, report.md, jobs.csv and PNG plots.")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a run, a sweep, or a folder of them")
-    parser.add_argument("--sort", default="average_accuracy", metavar="METRIC",
-                        help=f"rank by this metric, best first: {', '.join(METRICS)} (or {', '.join(ALIASES)}); "
-                             "default average_accuracy")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write the files (default: the PATH when one is given, else ./report)")
-    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
-    parser.add_argument("--flips", metavar="A:B", default=None,
-                        help="one run: the examples that went from right to wrong (and wrong to right) between "
-                             "stages A and B (init, after_TASK or TASK); needs the run's predictions on disk "
-                             "(eval.save_predictions=every); prints them, writes nothing")
-    parser.add_argument("--task", default=None, help="with --flips: this task only (default: every task)")
-    parser.add_argument("--limit", type=int, default=10, help="with --flips: examples shown per direction")
-    parser.add_argument("--paper", action="store_true",
-                        help="the runs beside the numbers their papers report (the experiment files' paper: "
-                             "blocks, docs/benchmarks.md), with the rows not run yet; writes reproduction.md")
-    args = parser.parse_args(argv)
-    try:
-        if args.flips is not None:
-            return flips_main(args.paths, args.flips, args.task, args.limit)
-        if args.paper:
-            return paper_report(args.paths, args.out)
-        report = build_report(args.paths, args.sort)
-    except ValueError as exc:
-        print(f"cl-report: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    out_dir = args.out or (args.paths[0] if len(args.paths) == 1 else Path("report"))
-    console = Console()
-    print_report(report, console)
-    written = write_report(report, out_dir, with_plots=not args.no_plots)
-    console.print(f"written to [bold]{escape(str(out_dir))}[/bold]: {', '.join(p.name for p in written)}")
-
-
-def paper_report(paths: list[Path], out: Path | None) -> None:
-    """``--paper``: cl_runner/reproduction.py's table, printed and written (to --out, else the one PATH)."""
-    from cl_runner.reproduction import paper_main
-
-    missing = [str(p) for p in paths if not p.is_dir()]
-    if missing:
-        raise ValueError(f"--paper: expected run or sweep folders, got {', '.join(missing)}")
-    print(paper_main(paths, out or (paths[0] if len(paths) == 1 else Path("report"))), end="")
-
-
-def flips_main(paths: list[Path], spec: str, task: str | None, limit: int) -> None:
-    """``--flips``: the flipped examples of one run (cl_runner/predictions.py); ValueError: a one-line error."""
-    from cl_runner.predictions import print_flips
-
-    if len(paths) != 1 or not (paths[0] / "metrics.json").is_file():
-        raise ValueError(f"--flips: expected one run directory (holding metrics.json), got {' '.join(map(str, paths))}")
-    print_flips(paths[0], spec, task, limit, Console())
-
-
-if __name__ == "__main__":
-    main()

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from cl_runner.report import Job, read_jobs
+from cl_runner.outputs.jobs import Job, read_jobs
 
-CONF_EXPERIMENTS = Path(__file__).resolve().parent.parent / "conf" / "experiment"
+CONF_EXPERIMENTS = Path(__file__).resolve().parents[2] / "conf" / "experiment"
 NOT_RUN = "not run yet (needs a GPU)"
 
 

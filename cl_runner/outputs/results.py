@@ -19,63 +19,14 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from cl_runner.cost import cost_rows
-from cl_runner.errors import DiskFullError
+from cl_runner.outputs.cost import cost_rows
+from cl_runner.core.console import print_whole
+from cl_runner.core.errors import DiskFullError
+from cl_runner.core.files import disk_full_error, human_bytes, is_disk_full, write_atomic
 
 log = logging.getLogger(__name__)
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 RESULT_FILES = ("accuracy_matrix.csv", "metrics.json", "history.jsonl", "score_matrix.png", "learning_curves.png",
                 "predictions")  # predictions/: a folder (eval.save_predictions)
-
-
-def is_disk_full(exc: BaseException | None) -> bool:
-    """ENOSPC or EDQUOT, also when wrapped: torch.save raises a RuntimeError whose context is the OSError, and
-    safetensors a SafetensorError whose text ends in "(os error 28)"."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            return True
-        if any(f"(os error {code})" in str(exc) for code in DISK_FULL):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def disk_full_error(path: Path, needed: int) -> DiskFullError:
-    """The one line for a write that ran out of space: the path, the bytes it needed and the bytes left there."""
-    free = shutil.disk_usage(next(p for p in [Path(path), *Path(path).parents] if p.exists())).free
-    return DiskFullError(f"{path}: no space left on device (writing {human_bytes(needed)}; {human_bytes(free)} "
-                         f"free there); free some space, then continue with: cl-run resume={run_dir_of(path)}")
-
-
-def run_dir_of(path: Path) -> Path:
-    """The run directory a written file belongs to (checkpoint files live two or three levels down)."""
-    path = Path(path).absolute()
-    return next((p for p in path.parents if (p / "config.yaml").exists()), path.parent)
-
-
-def human_bytes(n: float) -> str:
-    units = ["B", "kB", "MB", "GB", "TB"]
-    while n >= 1000 and len(units) > 1:
-        n, units = n / 1000, units[1:]
-    return f"{n:.1f} {units[0]}" if units[0] != "B" else f"{n:.0f} B"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` whole (temporary name, fsync, rename); out of space: the temporary file is removed and
-    a ``DiskFullError`` names the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(exc):
-            raise disk_full_error(path, len(text.encode())) from exc
-        raise
 
 
 def stage_names(task_names: list[str]) -> list[str]:
@@ -153,20 +104,6 @@ class RunWriter:
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
-
-
-def print_whole(console: Console, table: Table) -> None:
-    """Print ``table`` with no cell cut. To a file or pipe, or where even folded cells do not fit, at its natural
-    width (a terminal may wrap the lines, but every name and number is whole); else at the console's width, long
-    names folded onto more lines (columns made with ``overflow="fold"``)."""
-    natural = Measurement.get(console, console.options.update_width(10_000), table)
-    width = console.width
-    if not console.is_terminal or width < natural.minimum:
-        console.width = max(width, natural.maximum)
-    try:
-        console.print(table)
-    finally:
-        console.width = width
 
 
 def print_summary(console: Console, task_names: list[str], rows: list[list[float]], metrics: dict[str, Any],
