@@ -1,5 +1,5 @@
-"""Files for the round-two data and model cases of the bad-input catalogue (tests/test_bad_inputs.py) and for
-tests/test_input_checks.py: each is a small good file with one defect."""
+"""Files for the round-two data and model cases of the bad-input catalogue (tests/cli/test_bad_inputs.py) and for
+tests/config/test_input_checks.py: each is a small good file with one defect."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ it does not have yet (``torch.zeros``, ``torch.nn``). Modules keep the usual ``i
 cheap to import as long as they read no torch attribute at import time: annotations are free (every module has
 ``from __future__ import annotations``), ``@no_grad`` from here replaces ``@torch.no_grad()``, and a module the
 strategy registry imports has no ``import torch.x`` / ``from torch.x import y`` / ``class M(nn.Module)`` at its
-top (tests/test_startup.py fails when a bad-input error imports torch).
+top (tests/cli/test_startup.py fails when a bad-input error imports torch).
 
 Like the standard library's ``importlib.util.LazyLoader``, but the stand-in answers ``__spec__`` without loading
 (every ``import torch`` statement reads it, which makes LazyLoader load at the second import), and

@@ -9,7 +9,7 @@ worst stage); ACC, forgetting, BWT and FWT stay over the sequence's own tasks.
 What keeps a monitor out of training: its examples are never in ``Context.train_sets`` (the only data the loop,
 replay buffers and strategies read), the tokenizer of a built model is trained on the sequence's text only, and
 every monitor pass restores the Python, NumPy and torch RNG states it found, so a run with monitors trains
-exactly as the same run without them (tests/test_monitors.py compares the weights).
+exactly as the same run without them (tests/scoring/test_monitors.py compares the weights).
 """
 
 from __future__ import annotations

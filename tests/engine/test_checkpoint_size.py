@@ -111,6 +111,6 @@ def test_sizes_are_those_the_docs_give(tmp_path):
     assert state == pytest.approx(8 * params, rel=0.02)  # moments of every (trainable) parameter, little else
     task_end = [p for p in ckpt.list_checkpoints(tmp_path) if p not in mid]
     assert all(ckpt.checkpoint_bytes(p) == pytest.approx(4 * params, rel=0.05) for p in task_end)
-    doc = (ckpt.Path(__file__).resolve().parent.parent / "docs" / "checkpoints.md").read_text()
+    doc = (ckpt.Path(__file__).resolve().parents[2] / "docs" / "checkpoints.md").read_text()
     assert f"{params / 1e6:.2f}M" in doc  # the tiny default's row
     json.dumps(metrics["checkpoints"])

@@ -90,7 +90,7 @@ def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path):
     assert outcome(tmp_path / "killed") == expected
 
 
-STRATEGIES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "strategy").glob("*.yaml"))
+STRATEGIES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "strategy").glob("*.yaml"))
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def olora_prompt(task: str) -> str:
 @pytest.fixture(scope="module")
 def catalogue():
     """The 15 task definitions, as composed (order 4 holds all 15; every sequence uses the same entries, which
-    tests/test_task_configs.py checks)."""
+    tests/config/test_task_configs.py checks)."""
     tasks = {task.name: task for task in make_config("tasks=long15_order4", small=False).tasks.tasks}
     assert set(tasks) == set(CASES)
     return tasks

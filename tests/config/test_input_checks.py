@@ -1,7 +1,7 @@
 """Bad inputs found where they are first read, each named by key, file and line: data files (before ``datasets``
 sees them), model directories (before transformers loads them), numbers and ``model.arch`` (at validation), and
 strategy options that name parameters or modules (the ``check`` hook, before any evaluation). The CLI side of
-every case (exit 2, one line) is in tests/test_bad_inputs.py."""
+every case (exit 2, one line) is in tests/cli/test_bad_inputs.py."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiny_lm when run as a script (torchrun)
 
 from tiny_lm import one_thread, task_examples, tiny_context, tiny_model, train  # noqa: E402,F401 (autouse fixture)
 

@@ -176,7 +176,7 @@ def test_hub_configs_load_from_local_files_with_prompt_and_label_words(hub_tasks
             assert example.prompt.startswith(instruction) and example.prompt.endswith("\nAnswer:"), name
             assert f"{hub_task.input_column} of {name}" in example.prompt, name
             assert "{" not in example.prompt, name  # every placeholder filled from a column
-        if name == "copa":  # exact prompts: tests/test_benchmark_fidelity.py
+        if name == "copa":  # exact prompts: tests/tasks/test_benchmark_fidelity.py
             assert task.test[0].prompt.startswith("Task:COPA\nDataset:COPA\nWhich sentence is the question of ")
         else:
             assert "\nOption: " in task.test[0].prompt

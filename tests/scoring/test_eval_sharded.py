@@ -216,7 +216,7 @@ def worker(kind: str, out: Path) -> None:
 def test_two_processes_score_exactly_as_one(tmp_path, kind):
     model = _model()
     single = _score_all(_scorer(model), _tasks(model))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            __file__, "--kind", kind, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=env)

@@ -18,7 +18,7 @@ from test_bad_inputs import snapshot
 from cl_runner import cli
 from cl_runner.config.preflight import CONF_DIR, ENV_VAR, preflight, search_path_args
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "own_configs.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "own_configs.md"
 MINE = "name: mine\ntasks:\n  - {name: color, source: facts, relation: color, num_subjects: 8, metric: exact_match}\n"
 MY_REPLAY = "defaults:\n  - replay\n  - _self_\nbuffer_size: 7\n"
 
