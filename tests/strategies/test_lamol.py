@@ -69,8 +69,15 @@ def test_a_trained_generator_writes_well_formed_pseudo_examples_reproducibly():
         assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:] and n_prompt < len(example["labels"]) - 1
     assert strategy.train_dataset(ctx, ctx.train_sets[1]) == ctx.train_sets[1] + pseudo
     lines = [json.loads(line) for line in ctx.artifacts["lamol_pseudo_t0.jsonl"].splitlines()]
-    assert len(lines) == 8 and sum(line["outcome"] == "kept" for line in lines) == len(pseudo)
-    assert all(re.fullmatch(r"7 \d+ 5 6", line["prompt"]) for line in lines if line["outcome"] == "kept")
+    kept = [line for line in lines if line["outcome"] == "kept"]
+    assert len(lines) == 8 and len(kept) == len(pseudo) >= 6
+    # the file shows each kept example as it is trained on: its prompt, and its answer without the EOS
+    def shown(example: dict) -> tuple[str, str]:
+        ids, n_prompt = example["input_ids"], example["labels"].count(IGNORE_INDEX)
+        return " ".join(map(str, ids[:n_prompt])), " ".join(map(str, ids[n_prompt:-1]))
+
+    assert [(line["prompt"], line["answer"]) for line in kept] == [shown(e) for e in pseudo]
+    assert all(re.fullmatch(r"7 \d+ 5 6", line["prompt"]) for line in kept)  # task 0's relation, a subject, the cue
     again = LAMOL(strategy.cfg)
     again.first_gen_id = strategy.first_gen_id
     assert again._generate(ctx, 0, 8) == pseudo  # the same seed, task and model: the same samples
