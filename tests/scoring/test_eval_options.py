@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import make_config, run_quietly
 from rich.console import Console
-from test_loop import context, examples, tiny_model
+from tiny_loop import context, examples, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cl_runner.config.schema import EvalConfig

@@ -108,7 +108,7 @@ def final_run(tmp_path, name: str, *overrides: str) -> tuple[list, dict]:
 
 @pytest.mark.slow
 def test_a_run_killed_after_generating_resumes_with_the_same_pseudo_examples(tmp_path, monkeypatch):
-    from test_resume import kill_and_resume, outcome, reference
+    from resume_runs import kill_and_resume, outcome, reference
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny model: one thread is faster
     args = ("strategy=lamol", "strategy.gen_ratio=0.25", "train.epochs=10", "checkpoint.every_n_steps=7")
