@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from helpers import make_config, run_quietly
+from resume_runs import kill_and_resume, outcome, reference
 from safetensors.torch import load_file
 from tiny_lm import CUE, EOS, VOCAB, one_thread, task_examples, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
@@ -108,8 +109,6 @@ def final_run(tmp_path, name: str, *overrides: str) -> tuple[list, dict]:
 
 @pytest.mark.slow
 def test_a_run_killed_after_generating_resumes_with_the_same_pseudo_examples(tmp_path, monkeypatch):
-    from resume_runs import kill_and_resume, outcome, reference
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny model: one thread is faster
     args = ("strategy=lamol", "strategy.gen_ratio=0.25", "train.epochs=10", "checkpoint.every_n_steps=7")
     expected = reference(tmp_path, *args)  # 10 epochs: the LM writes well-formed examples by the second task
