@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import cl_run, hydra_config
-from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
