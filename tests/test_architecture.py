@@ -1,7 +1,8 @@
 """The package's shape holds: no import cycle (imports inside functions count); each subpackage imports only the
 layers its docstring's "May import:" line names (the table below, which the docstrings must state); no module over
 450 lines; only the entry points at the top level, every folder a package and in git; docs/development.md's map
-names every module; and no test module imports another (shared pieces live in tests/'s helper modules)."""
+names every module; and no test module imports another (shared pieces live in the helper modules of tests/ itself).
+"""
 
 from __future__ import annotations
 
@@ -203,6 +204,13 @@ def test_the_map_reader_follows_the_indentation():
             "  d.py\ntests/      t\n```\n")
     assert map_paths(text) == ["cl_runner/__init__.py", "cl_runner/a.py", "cl_runner/sub/__init__.py",
                                "cl_runner/sub/b.py", "cl_runner/d.py"]
+
+
+def test_the_helper_modules_live_in_tests_itself():
+    """tests/conftest.py puts only tests/ on sys.path: a helper module in a subfolder is importable from nowhere."""
+    tests = REPO / "tests"
+    misplaced = [p.relative_to(tests).as_posix() for p in tests.glob("*/**/*.py") if not p.name.startswith("test_")]
+    assert not misplaced, f"move these helper modules into tests/: {misplaced}"
 
 
 def test_no_test_module_imports_another():

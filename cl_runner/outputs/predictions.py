@@ -33,9 +33,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cl_runner.outputs.results import stage_names
 from cl_runner.core.console import print_whole
 from cl_runner.core.files import write_atomic
-from cl_runner.outputs.results import stage_names
 
 SAVE_CHOICES = ("final", "every", "none")
 FOLDER = "predictions"
