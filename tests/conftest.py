@@ -1,15 +1,13 @@
-"""Shared pytest set-up: the helpers in this folder (helpers.py, tiny_lm.py, bad_files.py) importable from every
-test folder; GPU tests skip cleanly without CUDA. The folders mirror the package (tests/engine/ tests
-cl_runner/engine/, ...); tests/e2e/ holds the whole-run tests."""
+"""Shared pytest set-up: the helper modules in this folder (helpers.py, tiny_lm.py, tiny_loop.py, resume_runs.py,
+strategy_runs.py, olora_cases.py, bad_files.py) importable from every test folder; GPU tests skip cleanly without
+CUDA. The folders mirror the package (tests/engine/ tests cl_runner/engine/, ...); tests/e2e/ holds the whole-run
+tests. A test module imports helpers, never another test module (tests/test_architecture.py checks it)."""
 
 import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# the shared helpers, and every test folder: a few tests reuse another module's fixtures and data (test_loop's
-# tiny model, test_resume's kill-and-resume); basenames are unique across the folders
-sys.path[:0] = [str(HERE), *(str(d) for d in sorted(HERE.iterdir()) if d.is_dir() and d.name != "__pycache__")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules, by their plain names
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads cost more than they give (and subprocesses
 import pytest  # noqa: E402  inherit it), which keeps the suite fast on a loaded 2-core machine

@@ -2,5 +2,5 @@
 group, each with its own range checks), the Hydra search path and the composition that the CLI runs once
 (preflight), per-task strategy overrides (task_overrides) and ``cl-run --help`` (help).
 
-May import: core, trackers.schema, and strategies.registry (to type and check the chosen strategy's options).
-``config.schema`` itself is imported by every layer above core (models, tasks, scoring, engine)."""
+May import: core, trackers.schema and strategies.registry (to type and check the chosen strategy's options).
+``config.schema`` itself is imported by the layers above core (models, tasks, scoring, outputs, engine)."""

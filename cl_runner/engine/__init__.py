@@ -2,4 +2,4 @@
 disk (checkpoint) and the run's resumable state (run_state), device, precision, seeding, lock and signals
 (runtime), CPU threads (threads), DDP/FSDP wrapping (parallel) and the FLOPs accounting (flops).
 
-May import every layer below it: core, config, models, tasks, strategies, scoring, outputs, trackers."""
+May import: core, config, models, tasks, strategies, scoring, outputs and trackers (every layer below it)."""

@@ -5,24 +5,21 @@ as it exists."""
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.measure import Measurement
 from rich.table import Table
 
-from cl_runner.outputs.cost import cost_rows
 from cl_runner.core.console import print_whole
 from cl_runner.core.errors import DiskFullError
-from cl_runner.core.files import disk_full_error, human_bytes, is_disk_full, write_atomic
+from cl_runner.core.files import disk_full_error, is_disk_full, write_atomic
+from cl_runner.outputs.cost import cost_rows
 
 log = logging.getLogger(__name__)
 RESULT_FILES = ("accuracy_matrix.csv", "metrics.json", "history.jsonl", "score_matrix.png", "learning_curves.png",

@@ -1,4 +1,6 @@
-"""Task sequences: load each task's rows (bundled generator or ``datasets``), format prompts, encode tokens."""
+"""Task sequences: load each task's rows (bundled generator or ``datasets``), format prompts, encode tokens.
+
+May import: core, config.schema and models (the token layout of ``models.lm``)."""
 
 from cl_runner.tasks.base import Example, Task
 from cl_runner.tasks.encode import EncodedTask, encode_task

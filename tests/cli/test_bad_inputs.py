@@ -4,14 +4,13 @@ names the key, file or line, prints no traceback, and changes nothing already wr
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 from contextlib import contextmanager
 
 import pytest
 import torch
 from bad_files import write_data_files, write_model_dirs
-from helpers import write_jsonl
+from helpers import snapshot, write_jsonl
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig
@@ -243,12 +242,6 @@ def held_lock(path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def snapshot(root):
-    """Every path under ``root``: directories as such, files by a hash of their bytes."""
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
 
 
 MAY_PRINT_MORE = set()  # cases allowed up to 3 lines on stderr (a warning before the error); all others print one

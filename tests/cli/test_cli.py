@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import cl_run, write_jsonl
+from helpers import cl_run, main_exit, write_jsonl
 
 from cl_runner import cli
 from cl_runner.engine import run as run_module
@@ -110,15 +110,6 @@ def locked_by_another_process(run_dir: Path):
     finally:
         holder.kill()
         holder.wait()
-
-
-def main_exit(argv: list[str], capsys) -> tuple[int, list[str]]:
-    """cli.main in this process: (exit status, stderr lines)."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return exit_info.value.code, [line for line in err.splitlines() if line.strip()]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_bad_inputs import snapshot
+from helpers import snapshot
 
 from cl_runner import cli
 from cl_runner.config.preflight import CONF_DIR, ENV_VAR, preflight, search_path_args

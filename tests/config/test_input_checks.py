@@ -23,8 +23,10 @@ from cl_runner.core.errors import ConfigError, DataError, ModelError
 from cl_runner.engine.run import build_parts
 from cl_runner.models.load import _quiet_load, load_model, load_tokenizer
 from cl_runner.strategies.adapters import Adapters, AdaptersConfig
+from cl_runner.strategies.common import selected_parameters
 from cl_runner.strategies.ewc import EWC, EWCConfig
 from cl_runner.strategies.ewc_replay import EWCReplay, EWCReplayConfig
+from cl_runner.strategies.lora import add_lora
 from cl_runner.tasks.load import _load_error, load_task
 
 KEY = "tasks.tasks.0"
@@ -179,9 +181,19 @@ def test_ewc_params_matching_nothing_fails_the_check(strategy):
         strategy.check(tiny_context())
 
 
-def test_ewc_params_matching_something_passes_the_check():
-    EWC(EWCConfig(ewc_params=r"\.mlp\.")).check(tiny_context())
-    EWC(EWCConfig()).check(tiny_context())
+def test_ewc_params_matching_a_trainable_parameter_pass_the_check_and_are_the_parameters_penalised():
+    """What passes the check is what ``after_task`` penalises (``selected_parameters``): a match anywhere in the
+    name (``re.search``), and trainable parameters only, so a pattern that only matches frozen ones is refused."""
+    ctx = tiny_context()
+    names = [n for n, _ in ctx.model.named_parameters()]
+    mlp = [n for n in names if ".mlp." in n]
+    for pattern, penalised in ((r"\.mlp\.", mlp), ("c_fc", mlp[:2]), (None, names)):
+        EWC(EWCConfig(ewc_params=pattern)).check(ctx)
+        assert [n for n, _ in selected_parameters(ctx.model, pattern)] == penalised and penalised, pattern
+    ctx.model.transformer.wte.weight.requires_grad_(False)
+    EWC(EWCConfig(ewc_params="wpe")).check(ctx)
+    with pytest.raises(ConfigError, match=r"^strategy.ewc_params: 'wte' matches no trainable parameter name"):
+        EWC(EWCConfig(ewc_params="wte")).check(ctx)
 
 
 @pytest.mark.parametrize(("targets", "message"), [
@@ -197,9 +209,20 @@ def test_target_modules_are_checked_before_any_adapter_is_added(targets, message
     assert [n for n, _ in ctx.model.named_parameters()] == names  # the check only looks
 
 
-def test_target_modules_naming_layers_pass_the_check():
-    Adapters(AdaptersConfig(target_modules=["c_attn", "transformer.h.0.mlp.c_fc"])).check(tiny_context())
-    Adapters(AdaptersConfig()).check(tiny_context())  # null: every linear layer
+@pytest.mark.parametrize(("targets", "adapted"), [
+    (["c_attn", "transformer.h.0.mlp.c_fc"], ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"]),
+    (None, ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+            "transformer.h.0.mlp.c_proj"]),  # null: every linear layer but the output layer
+])
+def test_target_modules_naming_layers_pass_the_check_and_are_the_layers_adapted(targets, adapted):
+    """A name passes the check when peft adapts it: the full name or its last components."""
+    from peft.tuners.lora import LoraLayer
+
+    ctx = tiny_context()
+    strategy = Adapters(AdaptersConfig(target_modules=targets))
+    strategy.check(ctx)
+    add_lora(ctx.model, "t0", strategy.cfg, seed=0, device=torch.device("cpu"))
+    assert sorted(n for n, m in ctx.model.named_modules() if isinstance(m, LoraLayer)) == adapted
 
 
 @pytest.mark.parametrize("overrides", [("strategy=ewc", "strategy.ewc_params=nomatch"),

@@ -8,7 +8,7 @@ import random
 
 import pytest
 from helpers import cl_run, make_config, run_quietly
-from test_resume import kill_and_resume, outcome, reference
+from resume_runs import kill_and_resume, outcome, reference
 
 from cl_runner.config.task_overrides import strategy_config
 from cl_runner.core.errors import ConfigError

@@ -7,78 +7,21 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import cl_run, make_config, run_quietly
+from resume_runs import FAST, kill_and_resume, outcome, reference, start, wait_for
 from rich.console import Console
+from strategy_runs import STRATEGIES
 
 from cl_runner.engine import checkpoint as checkpoint_module
 from cl_runner.engine.run import run
-
-# small but with several checkpoints per task: 64 facts / batch 8 = 8 steps per epoch
-FAST = ["device=cpu", "train.epochs=4", "checkpoint.every_n_steps=5", "checkpoint.keep_last=2"]
-
-
-def start(run_dir: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cl_runner", f"hydra.run.dir={run_dir}", *FAST, *args],
-                            cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env)
-
-
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise TimeoutError("the run did not get there in time")
-        time.sleep(0.02)
-
-
-def outcome(run_dir: Path) -> tuple[str, dict]:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    keys = ("average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
-            "average_learning_curve_area", "per_task", "status")
-    return (run_dir / "accuracy_matrix.csv").read_text(), {k: metrics[k] for k in keys}
-
-
-def reference(tmp_path: Path, *args: str) -> tuple[str, dict]:
-    """The uninterrupted run, in this process (the same run() the CLI calls; a subprocess would only add its
-    start-up time to every test)."""
-    run_dir = tmp_path / "reference"
-    run_quietly(make_config(*FAST, *args, small=False), run_dir)
-    return outcome(run_dir)
-
-
-def history_lines(run_dir: Path) -> int:
-    try:
-        return len((run_dir / "history.jsonl").read_text().splitlines())
-    except OSError:
-        return 0
-
-
-def kill_and_resume(run_dir: Path, moments: list[tuple[int, float]], *args: str) -> int:
-    """Start the run; at each moment (after its k-th finished epoch, plus a jitter in seconds) SIGKILL it and
-    resume it; returns how many kills hit a running process."""
-    proc, kills = start(run_dir, *args), 0
-    for epochs_done, jitter in moments:
-        wait_for(lambda k=epochs_done, p=proc: history_lines(run_dir) >= k or p.poll() is not None)
-        time.sleep(jitter)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-        proc = subprocess.Popen([sys.executable, "-m", "cl_runner", f"resume={run_dir}"], cwd=run_dir.parent,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    return kills
 
 
 @pytest.mark.slow
@@ -88,9 +31,6 @@ def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path):
     moments = sorted((rng.randint(1, 11), rng.uniform(0.0, 0.3)) for _ in range(3))
     assert kill_and_resume(tmp_path / "killed", moments) >= 2
     assert outcome(tmp_path / "killed") == expected
-
-
-STRATEGIES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "strategy").glob("*.yaml"))
 
 
 @pytest.mark.slow

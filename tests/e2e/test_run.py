@@ -5,7 +5,7 @@ import csv
 import json
 
 import pytest
-from helpers import make_config, run_quietly, write_jsonl
+from helpers import LOCAL_SEQUENCE, make_config, run_quietly, write_jsonl, write_local_sequence
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from cl_runner.core.errors import DataError, ModelError
@@ -43,34 +43,9 @@ def test_same_seed_gives_the_same_matrix(tmp_path):
     assert (tmp_path / "a" / "accuracy_matrix.csv").read_text() == (tmp_path / "b" / "accuracy_matrix.csv").read_text()
 
 
-def _sentiment_files(root):
-    rows = [{"text": f"the film was {w}", "label": int(w in ("great", "lovely", "fine"))}
-            for w in ("great", "awful", "lovely", "dull", "fine", "bad", "great", "awful")]
-    write_jsonl(root / "sent_train.jsonl", rows)
-    write_jsonl(root / "sent_test.jsonl", rows[:4])
-    write_jsonl(root / "qa_train.jsonl", [{"question": f"capital of land {i}?", "answer": f"city{i % 3}"}
-                                          for i in range(12)])
-    write_jsonl(root / "qa_test.jsonl", [{"question": f"capital of land {i}?", "answer": f"city{i % 3}"}
-                                         for i in range(4)])
-    (root / "wiki_train.jsonl").write_text("".join(json.dumps({"text": "a plain sentence of text " * 3}) + "\n"
-                                                   for _ in range(6)))
-    (root / "wiki_test.jsonl").write_text(json.dumps({"text": "a plain sentence of text"}) + "\n")
-
-
-LOCAL_SEQUENCE = [
-    {"name": "sentiment", "path": "json", "data_files": {"train": "sent_train.jsonl", "test": "sent_test.jsonl"},
-     "input_column": "text", "target_column": "label", "verbalizer": {"0": "negative", "1": "positive"},
-     "metric": "label_accuracy", "template": "Review: {input}\nSentiment:"},
-    {"name": "qa", "path": "json", "data_files": {"train": "qa_train.jsonl", "test": "qa_test.jsonl"},
-     "input_column": "question", "target_column": "answer", "metric": "exact_match"},
-    {"name": "wiki", "path": "json", "data_files": {"train": "wiki_train.jsonl", "test": "wiki_test.jsonl"},
-     "input_column": None, "template": "", "target_column": "text", "metric": "perplexity"},
-]
-
-
 @pytest.mark.slow
 def test_local_jsonl_sequence_loads_through_datasets(tmp_path):
-    _sentiment_files(tmp_path)
+    write_local_sequence(tmp_path)
     cfg = make_config("tasks.name=local", "train.epochs=10", tasks=LOCAL_SEQUENCE)
     result = run_quietly(cfg, tmp_path / "run", base_dir=tmp_path)  # relative paths: from the launch dir
     assert result["tasks"] == ["sentiment", "qa", "wiki"]
@@ -127,7 +102,7 @@ class LoggingStrategy(Strategy):
 def logged_run(tmp_path_factory):
     """The local sequence (perplexity included: scores with many digits) trained by ``LoggingStrategy``."""
     root = tmp_path_factory.mktemp("logged")
-    _sentiment_files(root)
+    write_local_sequence(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_module, "build_strategy", LoggingStrategy)
         result = run_quietly(make_config("tasks.name=local", tasks=LOCAL_SEQUENCE), root / "run", base_dir=root)

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cl_run
+from helpers import REPO, cl_run, hydra_config
 
 DRIVER = REPO / "tests" / "dist_driver.py"
 DOCS = REPO / "docs" / "distributed.md"
@@ -162,9 +162,7 @@ def test_the_docs_table_names_every_strategy():
 
 def test_slurm_multi_gpu_launcher_config_composes_one_process_per_gpu():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from test_report import _hydra_config
-
-    launcher = _hydra_config("hydra/launcher=slurm_ddp", "hydra.launcher.partition=gpu", "distributed=fsdp",
+    launcher = hydra_config("hydra/launcher=slurm_ddp", "hydra.launcher.partition=gpu", "distributed=fsdp",
                              "hydra.launcher.nodes=2").hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.nodes) == ("gpu", 2)

@@ -13,8 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import REPO, make_config, run_quietly
+from helpers import make_config, run_quietly
 from rich.console import Console
+from strategy_runs import STRATEGIES, TASKS, small_run
 
 from cl_runner.engine.checkpoint import list_checkpoints
 from cl_runner.engine.loop import split, weighted
@@ -22,20 +23,9 @@ from cl_runner.engine.run import run
 from cl_runner.strategies.base import MicroBatch
 from cl_runner.strategies.lamol import generation_share
 
-STRATEGIES = sorted(p.stem for p in (REPO / "conf" / "strategy").glob("*.yaml"))
-NO_DROPOUT = [f"+model.arch.{name}=0.0" for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")]
-TASKS = [{"name": n, "source": "facts", "relation": n, "num_subjects": 12, "metric": "exact_match"}
-         for n in ("color", "city", "food")]
-# batch 8 of 12 examples: each epoch ends with a shorter step batch (4 examples), which 4 micro-batches cut to 1s
-SMALL = ["train.epochs=3", "train.batch_size=8", "train.keep_best=false", "checkpoint.enabled=false",
-         "strategy.buffer_size=8"]
-OPTIONS = {"mer": ["strategy.inner_steps=2", "strategy.beta=0.5"], "lamol": ["strategy.gen_batch_size=16"]}
-
 
 def outcome(tmp_path: Path, strategy: str, accum: int) -> tuple[list, list[float]]:
-    options = [o for o in SMALL if not o.startswith("strategy.") or strategy in ("replay", "mer", "ewc_replay")]
-    cfg = make_config(f"strategy={strategy}", *options, *OPTIONS.get(strategy, []), f"train.grad_accum={accum}",
-                      *NO_DROPOUT, tasks=TASKS)
+    cfg = small_run(strategy, f"train.grad_accum={accum}")
     run_dir = tmp_path / f"{strategy}-{accum}"
     result = run_quietly(cfg, run_dir)
     rows = [[stage["scores"][n]["score"] for n in result["tasks"]] for stage in result["stages"]]

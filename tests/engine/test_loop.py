@@ -3,41 +3,17 @@ accumulation equals one large batch, best epoch restored, logged values reach th
 
 import copy
 from contextlib import nullcontext
-from functools import partial
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny_loop import context, examples, tiny_model
 
 from cl_runner.config.schema import EvalConfig, TrainConfig
 from cl_runner.engine.loop import LoopCallbacks, TaskRun, train_task
-from cl_runner.models.lm import collate
 from cl_runner.scoring.evaluate import Scorer
 from cl_runner.scoring.sequence import SequenceScorer
-from cl_runner.strategies.base import Context, Strategy
+from cl_runner.strategies.base import Strategy
 from cl_runner.tasks.base import Task
 from cl_runner.tasks.encode import EncodedTask, EvalItem
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=40, n_positions=32,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: exact comparisons
-    return GPT2LMHeadModel(config)
-
-
-def examples(n=16):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        prompt = torch.randint(3, 40, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-        target = torch.randint(3, 40, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist() + [1]
-        out.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target, "task_id": 0})
-    return out
-
-
-def context(model, data):
-    return Context(model=model, device=torch.device("cpu"), autocast=nullcontext,
-                   collate=partial(collate, pad_id=0), task_names=["a"], train_sets=[data])
 
 
 def validation(model, strategy, data):

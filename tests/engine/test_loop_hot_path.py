@@ -9,7 +9,7 @@ import traceback
 
 import pytest
 import torch
-from test_loop import context, examples, tiny_model
+from tiny_loop import context, examples, tiny_model
 
 from cl_runner.config.schema import TrainConfig
 from cl_runner.engine import loop as loop_module

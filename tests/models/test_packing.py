@@ -9,10 +9,9 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import make_config, run_quietly, write_jsonl
-from test_cli import main_exit
-from test_grad_accum import NO_DROPOUT, OPTIONS, SMALL, STRATEGIES, TASKS
-from test_loop import context, examples, tiny_model
+from helpers import main_exit, make_config, run_quietly, write_jsonl
+from strategy_runs import NO_DROPOUT, OPTIONS, SMALL, STRATEGIES, TASKS
+from tiny_loop import context, examples, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cl_runner.config.schema import PACK_REFUSED, TrainConfig

@@ -218,7 +218,7 @@ def test_strategies_train_a_t5_and_its_loss_falls(tmp_path, strategy):
 
 @pytest.mark.slow
 def test_t5_sigkill_then_resume_is_identical(tmp_path):
-    from test_resume import kill_and_resume, outcome, reference
+    from resume_runs import kill_and_resume, outcome, reference
 
     args = ("model=tiny_t5", "strategy=lwf", "train.epochs=3", *[f"tasks.tasks.{i}.num_subjects=16" for i in range(3)])
     expected = reference(tmp_path, *args)

@@ -13,9 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import make_config, run_quietly, write_jsonl
+from helpers import LOCAL_SEQUENCE, make_config, run_quietly, write_jsonl, write_local_sequence
 from rich.console import Console
-from test_run import LOCAL_SEQUENCE, _sentiment_files
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cl_runner import report_cli
@@ -171,7 +170,7 @@ def tree(run_dir: Path) -> dict[str, str]:
 def local_run(tmp_path_factory):
     """The three metric kinds (label accuracy, exact match, perplexity), every stage's predictions kept."""
     root = tmp_path_factory.mktemp("predictions")
-    _sentiment_files(root)
+    write_local_sequence(root)
     cfg = make_config("tasks.name=local", "train.epochs=3", "eval.save_predictions=every",
                       "checkpoint.every_n_steps=1", tasks=LOCAL_SEQUENCE)
     return root, cfg, run_quietly(cfg, root / "run", base_dir=root)

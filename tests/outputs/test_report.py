@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import cl_run
-from hydra import compose, initialize_config_dir
+from helpers import cl_run, hydra_config
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
@@ -234,11 +233,6 @@ def test_bad_paths_exit_2_with_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ Slurm and Optuna configs
-def _hydra_config(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=True)
-
-
 @pytest.mark.slow
 def test_default_config_composes_without_the_optional_plugins(tmp_path):
     """With no Hydra plugin installed (an empty ``hydra_plugins`` namespace) the default config, its sweep layout
@@ -272,7 +266,7 @@ with initialize_config_dir({str(CONF_DIR)!r}, version_base="1.3"):
 
 def test_slurm_launcher_config_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = _hydra_config("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "strategy=ewc")
+    cfg = hydra_config("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "strategy=ewc")
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
@@ -282,7 +276,7 @@ def test_slurm_launcher_config_composes():
 def test_optuna_sweeper_configs_compose():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     for name, searched in [("optuna_ewc", "strategy.ewc_lambda"), ("optuna_replay", "strategy.buffer_size")]:
-        sweeper = _hydra_config(f"hydra/sweeper={name}").hydra.sweeper
+        sweeper = hydra_config(f"hydra/sweeper={name}").hydra.sweeper
         assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
         assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and searched in sweeper.params
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO, make_config, run_quietly
-from test_benchmark_fidelity import _cl_benchmark
+from olora_cases import cl_benchmark
 
 from cl_runner.outputs.reproduction import NOT_RUN, experiment_rows, markdown, reproduction
 from cl_runner.report_cli import main as report_main
@@ -91,7 +91,7 @@ def test_the_docs_page_shows_the_table_with_the_rows_not_run():
 
 @pytest.mark.slow
 def test_the_olora_smoke_experiment_runs_end_to_end_and_reports_beside_the_paper(tmp_path, monkeypatch):
-    root = _cl_benchmark(tmp_path / "CL_Benchmark", {"train": 16, "dev": 2, "test": 8})
+    root = cl_benchmark(tmp_path / "CL_Benchmark", {"train": 16, "dev": 2, "test": 8})
     monkeypatch.setenv("CL_BENCHMARK_DIR", str(root))  # O-LoRA's released layout, offline
     cfg = make_config("experiment=olora_smoke", small=False)
     assert cfg.model.arch["model_type"] == "t5" and cfg.strategy.name == "adapters"

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 from helpers import make_config, run_quietly
-from test_loop import context, examples, tiny_model
+from tiny_loop import context, examples, tiny_model
 
 from cl_runner.config.schema import EvalConfig, TrainConfig
 from cl_runner.engine.loop import LoopCallbacks, TaskRun, train_task

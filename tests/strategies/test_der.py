@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_loop import context, examples, tiny_model
+from tiny_loop import context, examples, tiny_model
 
 from cl_runner.models.lm import collate
 from cl_runner.strategies.der import DER, ID, DERConfig, logit_distance

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from test_loop import context, examples, tiny_model
+from tiny_loop import context, examples, tiny_model
 
 from cl_runner.core.errors import ConfigError
 from cl_runner.models.lm import causal_lm_loss, collate

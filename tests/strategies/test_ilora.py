@@ -98,9 +98,15 @@ def test_two_tasks_train_fast_only_slow_trails_it_and_evaluation_uses_slow():
     strategy = ILoRA(ILoRAConfig(rank=2, buffer_size=4))
     for task in range(2):
         train(ctx, strategy, task, epochs=1)
-    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    adapters = {n for n, _ in lora_parameters(model)}
+    # peft renames an adapted layer's own weight to ``<layer>.base_layer.weight``: map it back, so that every
+    # base parameter is compared, the adapted layers' ones included
+    frozen = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if n not in adapters}
+    assert frozen.keys() == base.keys()
+    assert [n for n, p in frozen.items() if not torch.equal(p, base[n])] == []  # the base never trains
     fast = {n: p for n, p in lora_parameters(model, "fast") if "lora_B" in n}
     slow = {n.replace(".slow.", ".fast."): p for n, p in lora_parameters(model, "slow") if "lora_B" in n}
+    assert slow.keys() == fast.keys() and len(fast) == 2 * 4  # 2 blocks x 4 adapted layers
     assert all(p.abs().sum() > 0 for p in slow.values())
     assert any(not torch.equal(p, slow[n]) for n, p in fast.items())
     assert "ilora_consistency" in ctx.extras and len(strategy.buffer) == 4

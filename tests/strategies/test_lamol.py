@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from helpers import make_config, run_quietly
+from resume_runs import kill_and_resume, outcome, reference
 from safetensors.torch import load_file
 from tiny_lm import CUE, EOS, VOCAB, one_thread, task_examples, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
 
@@ -69,8 +70,15 @@ def test_a_trained_generator_writes_well_formed_pseudo_examples_reproducibly():
         assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:] and n_prompt < len(example["labels"]) - 1
     assert strategy.train_dataset(ctx, ctx.train_sets[1]) == ctx.train_sets[1] + pseudo
     lines = [json.loads(line) for line in ctx.artifacts["lamol_pseudo_t0.jsonl"].splitlines()]
-    assert len(lines) == 8 and sum(line["outcome"] == "kept" for line in lines) == len(pseudo)
-    assert all(re.fullmatch(r"7 \d+ 5 6", line["prompt"]) for line in lines if line["outcome"] == "kept")
+    kept = [line for line in lines if line["outcome"] == "kept"]
+    assert len(lines) == 8 and len(kept) == len(pseudo) >= 6
+    # the file shows each kept example as it is trained on: its prompt, and its answer without the EOS
+    def shown(example: dict) -> tuple[str, str]:
+        ids, n_prompt = example["input_ids"], example["labels"].count(IGNORE_INDEX)
+        return " ".join(map(str, ids[:n_prompt])), " ".join(map(str, ids[n_prompt:-1]))
+
+    assert [(line["prompt"], line["answer"]) for line in kept] == [shown(e) for e in pseudo]
+    assert all(re.fullmatch(r"7 \d+ 5 6", line["prompt"]) for line in kept)  # task 0's relation, a subject, the cue
     again = LAMOL(strategy.cfg)
     again.first_gen_id = strategy.first_gen_id
     assert again._generate(ctx, 0, 8) == pseudo  # the same seed, task and model: the same samples
@@ -101,8 +109,6 @@ def final_run(tmp_path, name: str, *overrides: str) -> tuple[list, dict]:
 
 @pytest.mark.slow
 def test_a_run_killed_after_generating_resumes_with_the_same_pseudo_examples(tmp_path, monkeypatch):
-    from test_resume import kill_and_resume, outcome, reference
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny model: one thread is faster
     args = ("strategy=lamol", "strategy.gen_ratio=0.25", "train.epochs=10", "checkpoint.every_n_steps=7")
     expected = reference(tmp_path, *args)  # 10 epochs: the LM writes well-formed examples by the second task

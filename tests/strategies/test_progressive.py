@@ -45,7 +45,8 @@ def test_later_columns_leave_earlier_tasks_bit_identical(backbone_first_task):
         train(ctx, strategy, task)
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
-        assert all(k.startswith(f"{ATTRIBUTE}.{task}.") for k in set(after) - set(before))
+        added = set(after) - set(before)
+        assert added and all(k.startswith(f"{ATTRIBUTE}.{task}.") for k in added)  # the new column, only it
         for old in range(task):
             strategy.before_eval(ctx, old)
             assert torch.equal(logits(model), before_outputs[old])
@@ -100,7 +101,9 @@ def test_resume_recreates_the_columns():
     for task in range(2):
         resumed.before_eval(ctx2, task)
         assert torch.equal(logits(fresh), outputs[task])
-    assert all(n.startswith(f"{ATTRIBUTE}.1.") for n, p in fresh.named_parameters() if p.requires_grad)
+    trainable = [(n, p) for n, p in fresh.named_parameters() if p.requires_grad]
+    assert {n for n, _ in trainable} == {n for n, _ in fresh.named_parameters() if n.startswith(f"{ATTRIBUTE}.1.")}
+    assert sum(p.numel() for _, p in trainable) == strategy.trainable["t1"] > 0  # what the newest task trained
 
 
 @pytest.mark.slow
