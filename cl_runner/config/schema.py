@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 from omegaconf.errors import ConfigKeyError
 
+from cl_runner.config.task_formats import chat_errors, format_errors
 from cl_runner.config.task_overrides import override_errors, task_configs
 from cl_runner.core.checks import SEED_MAX, WEIGHT_DTYPES, arch_errors
 from cl_runner.core.checks import check_choice as _choice
@@ -153,9 +154,14 @@ class TaskConfig:
     # {strategy name: {option: value}} for this task only, e.g. {adapters: {orthogonal_lambda: 5}}; applied before
     # the task trains when that strategy runs (cl_runner/config/task_overrides.py says which options may vary per task)
     strategy_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # --- instruction data and chat models (docs/tasks.md, "Chat models and instruction data")
+    format: str = "columns"  # columns (template + columns) | messages (chat `messages` rows) | alpaca (instruction,
+    #                          input, output rows): how a row becomes a prompt and a target (cl_runner/tasks/formats.py)
+    chat_template: bool | None = None  # format examples with the tokenizer's chat template; null = tasks.chat_template
+    system_prompt: str | None = None  # chat_template: a system turn first; null = tasks.system_prompt
 
     def errors(self, key: str) -> list[str]:
-        errs: list[str] = []
+        errs: list[str] = format_errors(self, key)
         _choice(errs, f"{key}.source", self.source, TASK_SOURCES)
         _choice(errs, f"{key}.metric", self.metric, METRICS)
         if self.source == "datasets" and not self.path:
@@ -230,6 +236,8 @@ class TasksConfig:
     # {strategy name: {option: value}} for the whole sequence, applied before the strategy is built when that
     # strategy runs (a published method's settings; beats strategy.*): cl_runner/config/task_overrides.py
     strategy_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    chat_template: bool = False  # the default of every task's chat_template (a monitor sets its own)
+    system_prompt: str | None = None  # the default of every task's system_prompt (with chat_template)
 
     def __post_init__(self) -> None:
         self.catalogue = {}
@@ -249,7 +257,7 @@ class TasksConfig:
                 errs.append(f"{key}.monitor.{name}: {name!r} is a task of the sequence (trained); name the monitor "
                             "otherwise")
         errs += override_errors(self.strategy_overrides, f"{key}.strategy_overrides", per_task=False)
-        return errs
+        return errs + chat_errors(self, key)
 
 
 # ----------------------------------------------------------------------------------------------- train / eval

@@ -58,8 +58,10 @@ def _all_done(done: bool) -> bool:
 def greedy_loop(scorer: Any, n: int, max_new_tokens: int, dummy: bool,
                 forward: Callable[[torch.Tensor | None, Any], tuple[torch.Tensor, Any]]) -> list[list[int]]:
     """The greedy decoding loop of every model kind: ``forward(the last tokens (n, 1), or None at the first
-    step; cache)`` returns the next-token logits (n, V) and the cache. Stops when every row has ended with EOS
-    (under FSDP: every rank's rows); the rows come back without their EOS."""
+    step; cache)`` returns the next-token logits (n, V) and the cache. Stops when every row has ended with EOS or
+    one of ``scorer.stop_ids`` (a chat template's end-of-turn; under FSDP: every rank's rows); the rows come back
+    without that last token."""
+    ends = torch.tensor([scorer.eos_id, *scorer.stop_ids], device=scorer.device)
     finished = torch.full((n,), dummy, dtype=torch.bool, device=scorer.device)
     generated, cache, token = [], None, None
     for _ in range(max_new_tokens):
@@ -67,8 +69,9 @@ def greedy_loop(scorer: Any, n: int, max_new_tokens: int, dummy: bool,
             logits, cache = forward(None if token is None else token[:, None], cache)
         token = torch.where(finished, torch.full_like(finished, scorer.eos_id, dtype=torch.long), logits.argmax(-1))
         generated.append(token)
-        finished |= token == scorer.eos_id
+        finished |= torch.isin(token, ends)
         if _all_done(bool(finished.all())):
             break
     tokens = torch.stack(generated, dim=1).tolist()
-    return [row[: row.index(scorer.eos_id)] if scorer.eos_id in row else row for row in tokens]
+    stops = set(ends.tolist())
+    return [row[: next((i for i, t in enumerate(row) if t in stops), len(row))] for row in tokens]

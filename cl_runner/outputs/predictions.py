@@ -92,7 +92,7 @@ class PredictionWriter:
     def records(self, j: int, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if j not in self._texts:
             plain = self.tasks[j].metric == "perplexity"  # the target is the scored window, not the whole text
-            self._texts[j] = [(cut(self.decode(it.prompt_ids)),
+            self._texts[j] = [(cut(it.prompt_text if it.prompt_text is not None else self.decode(it.prompt_ids)),
                                cut(self.decode(it.target_ids)) if plain else it.target) for it in self.items(j)]
         return [{"index": i, "prompt": prompt, "target": target, **record}
                 for i, ((prompt, target), record) in enumerate(zip(self._texts[j], examples, strict=True))]

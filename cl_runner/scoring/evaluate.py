@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -52,6 +52,7 @@ class Scorer:
     batch_tokens: int | None = None  # padded tokens per batch (None: batch_size examples per batch)
     on_examples: Callable[[int], None] | None = None  # progress: examples scored by all ranks (rank 0's estimate)
     examples: bool = False  # also return each example's record under "examples", in example order (predictions.py)
+    stop_ids: tuple[int, ...] = ()  # token ids besides EOS that end a generation (a chat template's end-of-turn)
 
 
 def normalize_answer(text: str, stop: str, lowercase: bool = True, strip_punctuation: bool = True) -> str:
@@ -232,6 +233,7 @@ def score_task(scorer: Scorer, task: EncodedTask, metric: str, stop: str, label_
     """Score ``split`` of one task with its metric; returns {"score": float, "n": int, ...}. Generation budget:
     the task's ``max_new_tokens``, else ``eval.max_new_tokens``, else its longest target + 2."""
     items = task.test if split == "test" else task.validation
+    scorer = replace(scorer, stop_ids=tuple(task.stop_ids))  # chat templates: generation stops at the end-of-turn
     was_training = scorer.model.training
     scorer.model.eval()
     try:

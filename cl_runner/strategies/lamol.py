@@ -15,7 +15,15 @@ from cl_runner.core.errors import ConfigError
 from cl_runner.models.lm import Encoded, causal_lm_loss
 from cl_runner.models.seq2seq import check_strategy
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
-from cl_runner.strategies.pseudo import answer_cue, generation_batch, parse_sample, prompt_of, sample_after
+from cl_runner.strategies.pseudo import (
+    after_cue,
+    answer_cue,
+    end_token,
+    generation_batch,
+    parse_sample,
+    prompt_of,
+    sample_after,
+)
 from cl_runner.strategies.seeding import seeded_rng
 
 GEN_SALT = 51  # ctx.generator salt (+ the earlier task's index): top-k sampling of that task's pseudo-examples
@@ -62,8 +70,9 @@ class LAMOL(Strategy):
 
     Before task t, for every earlier task s, ``round(gen_ratio * |D_t|)`` sequences are sampled after
     ``GEN_s`` (top-k, ``temperature``, a generator seeded from the run seed, t and s), parsed at task s's answer
-    cue into (prompt, answer) and encoded like real examples of task s; malformed ones (no EOS, no cue, empty
-    prompt or answer, a generation token inside) are dropped and counted. Kept ones join task t's training
+    cue into (prompt, answer) and encoded like real examples of task s (a chat-templated task's end with its
+    end-of-turn token, and its cue is the template's generation prompt: ``pseudo.py``); malformed ones (no EOS,
+    no cue, empty prompt or answer, a generation token inside) are dropped and counted. Kept ones join task t's training
     set. Each task's latest samples, kept or not, are written to ``lamol_pseudo_<task>.jsonl`` in the run
     directory. ``gen_ratio = 0`` turns LAMOL off: no tokens, no generation loss, no sampling: naive exactly.
     """
@@ -127,14 +136,15 @@ class LAMOL(Strategy):
             raise ConfigError(f"strategy=lamol: the prompts of task {name!r} share no ending (answer cue) to split "
                               "generated examples at; give it a template ending in a fixed cue such as '\\nAnswer:'")
         shortest = min(len(prompt_of(e)) for e in real)
+        end = end_token(real, ctx.eos_id)  # EOS, or the end-of-turn token of a chat-templated task
         rows = sample_after(ctx, self.first_gen_id + task, count, max(len(e["input_ids"]) for e in real),
-                            ctx.eos_id, shortest, self.cfg.top_k, self.cfg.temperature,
-                            ctx.generator(GEN_SALT + task), self.cfg.gen_batch_size)
+                            end, shortest, self.cfg.top_k, self.cfg.temperature,
+                            ctx.generator(GEN_SALT + task), self.cfg.gen_batch_size, after_cue(real, end, cue))
         decode = ctx.decode or (lambda ids: " ".join(map(str, ids)))
         kept, outcomes, lines = [], Counter(), []
         for row in rows:
             example, outcome = (None, "gen_token") if max(row) >= self.first_gen_id else parse_sample(
-                row, cue, ctx.eos_id, min(len(cue) + 1, shortest), task)
+                row, cue, end, min(len(cue) + 1, shortest), task)
             outcomes[outcome] += 1
             line = {"task": name, "generated_before": ctx.task_name, "outcome": outcome}
             if example is None:

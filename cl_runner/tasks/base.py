@@ -9,6 +9,17 @@ from dataclasses import dataclass, field
 class Example:
     prompt: str  # everything the model is given ("" for plain-text language modelling)
     target: str  # the text it must produce; the loss is computed on these tokens only
+    # under a chat template: the conversation before the answer as (role, content) turns; None = one user turn
+    # holding ``prompt`` (cl_runner/tasks/formats.py fills it for chat `messages` and Alpaca rows)
+    messages: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass(frozen=True)
+class Chat:
+    """Format the task's examples with the tokenizer's chat template (cl_runner/tasks/chat.py)."""
+
+    key: str  # the option that turned it on, named in errors (tasks.chat_template or tasks.tasks.<i>.chat_template)
+    system_prompt: str | None = None  # a system turn before the conversation (unless it has its own)
 
 
 @dataclass
@@ -23,6 +34,7 @@ class Task:
     max_new_tokens: int | None = None  # exact_match: generation budget (null: eval.max_new_tokens, else target + 2)
     eval_batch_size: int | None = None  # examples per evaluation batch (null: train.eval_batch_size)
     info: dict = field(default_factory=dict)  # provenance: source, sizes, path
+    chat: Chat | None = None  # set: examples are encoded with the tokenizer's chat template
 
     @property
     def higher_is_better(self) -> bool:

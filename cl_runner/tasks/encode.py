@@ -4,6 +4,10 @@ Length rule: the target is never cut. When prompt + target exceed ``max_length``
 from its middle, keeping its head (the instruction) and its tail (the text nearest the answer cue); such
 examples are counted in ``EncodedTask.cut``. Plain-text tasks (empty prompt, perplexity) are split into
 windows of ``max_length`` tokens instead. A target that alone does not fit is an error.
+
+A chat-templated task (``Task.chat``) is encoded as its tokenizer's chat template renders it (cl_runner/tasks/chat.py):
+the prompt ends with the generation prompt, the target is the assistant's turn through its end-of-turn token (which
+also ends generation: ``EncodedTask.stop_ids``), and the labels are whole assistant answers.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 from cl_runner.core.errors import DataError
 from cl_runner.models.lm import IGNORE_INDEX, Encoded
 from cl_runner.tasks.base import Example, Task
+from cl_runner.tasks.chat import ChatFormat
 
 HEAD_SHARE = 0.25  # share of a cut prompt's budget kept from its beginning
 
@@ -22,6 +27,7 @@ class EvalItem:
     prompt_ids: list[int]
     target_ids: list[int]  # target tokens + EOS (scored by perplexity)
     target: str  # reference text for exact match
+    prompt_text: str | None = None  # chat templates: the prompt with its special tokens (predictions files)
 
 
 @dataclass
@@ -32,6 +38,7 @@ class EncodedTask:
     test: list[EvalItem]
     label_ids: list[list[int]] | None  # token ids of each candidate label (label_accuracy)
     cut: dict[str, int] = field(default_factory=dict)  # examples whose prompt was shortened, per split
+    stop_ids: list[int] = field(default_factory=list)  # token ids besides EOS that end a generation (end-of-turn)
 
 
 def _cut_prompt(prompt: list[int], budget: int) -> list[int]:
@@ -54,8 +61,11 @@ def _start_ids(tokenizer) -> list[int]:
 def encode_task(task: Task, task_id: int, tokenizer, max_length: int) -> EncodedTask:
     eos = tokenizer.eos_token_id
     cut = {"train": 0, "validation": 0, "test": 0}
+    chat = ChatFormat(tokenizer, task.chat, task.name) if task.chat is not None else None
 
-    def pair(example: Example, split: str) -> list[tuple[list[int], list[int]]]:
+    def pair(example: Example, split: str, index: int) -> list[tuple[list[int], list[int]]]:
+        if chat is not None:
+            return [fit(*chat.encode(example, f"{split} example {index}"), split)]
         prompt = _ids(tokenizer, example.prompt) or _start_ids(tokenizer)
         target = _ids(tokenizer, example.target) + [eos]
         if not example.prompt:  # plain text: windows of max_length tokens, each conditioned on the previous
@@ -68,6 +78,9 @@ def encode_task(task: Task, task_id: int, tokenizer, max_length: int) -> Encoded
             if len(windows) > 1:
                 cut[split] += 1
             return windows
+        return [fit(prompt, target, split)]
+
+    def fit(prompt: list[int], target: list[int], split: str) -> tuple[list[int], list[int]]:
         budget = max_length - len(target)
         if budget < 1:
             raise DataError(
@@ -77,23 +90,26 @@ def encode_task(task: Task, task_id: int, tokenizer, max_length: int) -> Encoded
         if len(prompt) > budget:
             cut[split] += 1
             prompt = _cut_prompt(prompt, budget)
-        return [(prompt, target)]
+        return prompt, target
 
     train: list[Encoded] = []
-    for example in task.train:
-        for prompt, target in pair(example, "train"):
+    for index, example in enumerate(task.train):
+        for prompt, target in pair(example, "train", index):
             train.append(
                 {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target, "task_id": task_id}
             )
 
     def items(examples: list[Example], split: str) -> list[EvalItem]:
         out = []
-        for example in examples:
-            for prompt, target in pair(example, split):
-                out.append(EvalItem(prompt_ids=prompt, target_ids=target, target=example.target))
+        for index, example in enumerate(examples):
+            for prompt, target in pair(example, split, index):
+                out.append(EvalItem(prompt_ids=prompt, target_ids=target, target=example.target,
+                                    prompt_text=chat.readable(prompt) if chat is not None else None))
         return out
 
-    label_ids = [_ids(tokenizer, label) for label in task.labels] if task.labels else None
+    label_ids = None
+    if task.labels:
+        label_ids = [chat.label_ids(label) if chat is not None else _ids(tokenizer, label) for label in task.labels]
     if label_ids is not None and any(not ids for ids in label_ids):
         raise DataError(f"tasks: task {task.name!r} has an empty label in its label set")
     return EncodedTask(
@@ -103,4 +119,5 @@ def encode_task(task: Task, task_id: int, tokenizer, max_length: int) -> Encoded
         test=items(task.test, "test"),
         label_ids=label_ids,
         cut=cut,
+        stop_ids=chat.stop_ids if chat is not None else [],
     )

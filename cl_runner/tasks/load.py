@@ -26,6 +26,7 @@ from cl_runner.config.schema import TaskConfig, TasksConfig
 from cl_runner.core.errors import ConfigError, DataError
 from cl_runner.tasks.base import Example, Task
 from cl_runner.tasks.facts import RELATIONS, fact_rows
+from cl_runner.tasks.formats import chat_of, check_files, format_examples, needed_columns, with_sequence_defaults
 from cl_runner.tasks.offline import ensure_offline_data
 
 Rows = list[dict[str, Any]]
@@ -38,7 +39,8 @@ MAX_LINE_BYTES = 10 << 20
 def load_sequence(cfg: TasksConfig, seed: int, base_dir: Path | None = None) -> list[Task]:
     """Every task of the sequence, in order. Relative data paths resolve against ``base_dir`` (the launch dir)."""
     base = Path(base_dir or Path.cwd())
-    return [load_task(task_cfg, seed, base, f"tasks.tasks.{i}") for i, task_cfg in enumerate(cfg.tasks)]
+    return [load_task(with_sequence_defaults(task_cfg, cfg), seed, base, f"tasks.tasks.{i}")
+            for i, task_cfg in enumerate(cfg.tasks)]
 
 
 def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
@@ -62,6 +64,7 @@ def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
         max_new_tokens=cfg.max_new_tokens,
         eval_batch_size=cfg.eval_batch_size,
         info=info | {"sizes": {"train": len(train), "validation": len(validation), "test": len(test)}},
+        chat=chat_of(cfg, key),
     )
     if task.metric == "label_accuracy" and not task.labels:
         raise ConfigError(f"{key}.labels: label_accuracy needs a label set (labels or verbalizer)")
@@ -243,6 +246,7 @@ def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dic
     ensure_offline_data(_plain(cfg.data_files), base_dir, f"{key}.data_files")  # bundled offline texts: build once
     data_files = _resolve_files(_plain(cfg.data_files), base_dir, f"{key}.data_files")
     _check_files(data_files, cfg.path, f"{key}.data_files")
+    check_files(cfg, _local_files(data_files), f"{key}.data_files")  # messages / alpaca rows
     data_dir = cfg.data_dir
     if data_dir and not Path(data_dir).is_absolute():
         data_dir = str(base_dir / data_dir)
@@ -278,7 +282,7 @@ def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dic
     needed = [("target_column", cfg.target_column)]
     if cfg.input_column is not None:
         needed.append(("input_column", cfg.input_column))
-    for col_key, column in needed:
+    for col_key, column in needed if cfg.format == "columns" else needed_columns(cfg):
         if column not in columns:
             files = _plain(cfg.data_files)
             source = files.get(cfg.train_split, files) if isinstance(files, dict) else files or cfg.path
@@ -377,6 +381,8 @@ def _apply_target_template(cfg: TaskConfig, target: str) -> str:
 
 
 def _format(cfg: TaskConfig, rows: Rows, key: str, split: str) -> list[Example]:
+    if cfg.format != "columns":  # chat messages or Alpaca rows (formats.py)
+        return format_examples(cfg, rows, key, split)
     fields = {name for _, name, _, _ in string.Formatter().parse(cfg.template) if name}
     examples: list[Example] = []
     for index, row in enumerate(rows):
