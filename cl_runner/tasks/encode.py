@@ -21,7 +21,8 @@ HEAD_SHARE = 0.25  # share of a cut prompt's budget kept from its beginning
 class EvalItem:
     prompt_ids: list[int]
     target_ids: list[int]  # target tokens + EOS (scored by perplexity)
-    target: str  # reference text for exact match
+    target: str  # reference text for the generation metrics
+    source: str = ""  # the example's prompt text as formatted, uncut (SARI's source)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def encode_task(task: Task, task_id: int, tokenizer, max_length: int) -> Encoded
         out = []
         for example in examples:
             for prompt, target in pair(example, split):
-                out.append(EvalItem(prompt_ids=prompt, target_ids=target, target=example.target))
+                out.append(EvalItem(prompt_ids=prompt, target_ids=target, target=example.target, source=example.prompt))
         return out
 
     label_ids = [_ids(tokenizer, label) for label in task.labels] if task.labels else None
