@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from cl_runner.outputs.report import ALIASES, METRICS, build_report, print_report, write_report
+from cl_runner.outputs.report import ALIASES, RUN_METRICS, build_report, print_report, write_report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
                     "mean ± std over seeds, best first; written as report.csv, report.md, jobs.csv and PNG plots.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a run, a sweep, or a folder of them")
     parser.add_argument("--sort", default="average_accuracy", metavar="METRIC",
-                        help=f"rank by this metric, best first: {', '.join(METRICS)} (or {', '.join(ALIASES)}); "
+                        help=f"rank by this metric, best first: {', '.join(RUN_METRICS)} (or {', '.join(ALIASES)}); "
                              "default average_accuracy")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the files (default: the PATH when one is given, else ./report)")

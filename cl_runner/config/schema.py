@@ -25,9 +25,10 @@ from cl_runner.core.checks import check_positive as _positive
 from cl_runner.core.dist import launch_error
 from cl_runner.core.errors import ConfigError
 from cl_runner.engine.threads import parse_setting as parse_threads
+from cl_runner.scoring.answers import answer_errors
+from cl_runner.scoring.metrics import LABELS, metric_names, needs
 from cl_runner.trackers.schema import LoggerConfig
 
-METRICS = ("exact_match", "label_accuracy", "perplexity")
 TASK_SOURCES = ("facts", "datasets")
 
 
@@ -123,7 +124,7 @@ class DistributedConfig:
 class TaskConfig:
     name: str = MISSING
     source: str = "datasets"  # facts (bundled, generated from the seed) | datasets (datasets.load_dataset)
-    metric: str = "exact_match"  # exact_match | label_accuracy | perplexity
+    metric: str = "exact_match"  # a registered task metric, e.g. label_accuracy, rouge_l (docs/metrics.md)
     # --- source: facts
     relation: str | None = None  # which fictional relation (see cl_runner/tasks/facts.py)
     num_subjects: int = 64
@@ -144,7 +145,9 @@ class TaskConfig:
     template: str = "{input}\nAnswer:"  # prompt; {input} and any column name, e.g. {question}
     target_template: str = " {target}"
     stop: str = "\n"  # generation stops at EOS or this string
-    max_new_tokens: int | None = None  # exact_match: this task's generation budget; null = eval.max_new_tokens
+    max_new_tokens: int | None = None  # generation metrics: this task's budget; null = eval.max_new_tokens
+    normalizer: str | None = None  # exact_match: default | olora | squad | exact; null = eval.normalizer
+    answer_pattern: str | None = None  # generation metrics: answer extraction regex or name; null = eval's
     eval_batch_size: int | None = None  # examples per evaluation batch for this task; null = train.eval_batch_size
     max_train_examples: int | None = None  # subsample (seeded) when set
     max_eval_examples: int | None = None
@@ -163,7 +166,8 @@ class TaskConfig:
     def errors(self, key: str) -> list[str]:
         errs: list[str] = format_errors(self, key)
         _choice(errs, f"{key}.source", self.source, TASK_SOURCES)
-        _choice(errs, f"{key}.metric", self.metric, METRICS)
+        _choice(errs, f"{key}.metric", self.metric, metric_names())
+        errs += answer_errors(key, self.normalizer, self.answer_pattern)
         if self.source == "datasets" and not self.path:
             errs.append(f"{key}.path: required for source=datasets (a hub id, or json/csv/parquet + data_files)")
         if self.source == "facts" and not self.relation:
@@ -178,8 +182,8 @@ class TaskConfig:
         _positive(errs, f"{key}.max_eval_per_class", self.max_eval_per_class)
         _positive(errs, f"{key}.epochs", self.epochs)
         errs += override_errors(self.strategy_overrides, f"{key}.strategy_overrides", per_task=True)
-        if self.metric == "label_accuracy" and self.source == "datasets" and not (self.verbalizer or self.labels):
-            errs.append(f"{key}.labels: label_accuracy needs a label set (labels or verbalizer)")
+        if self.source == "datasets" and needs(self.metric) == LABELS and not (self.verbalizer or self.labels):
+            errs.append(f"{key}.labels: {self.metric} needs a label set (labels or verbalizer)")
         return errs
 
 
@@ -306,6 +310,8 @@ class EvalConfig:
     length_normalize: bool = False  # label scoring: mean log-prob per token instead of the sum
     lowercase: bool = True  # exact match: compare case-insensitively
     strip_punctuation: bool = True  # exact match: drop trailing . , ; : ! ? and surrounding quotes
+    normalizer: str = "default"  # exact match: default (the two above) | olora | squad | exact; a task's wins
+    answer_pattern: str | None = None  # generation metrics: regex (or name) whose first group is the answer
     max_new_tokens: int | None = None  # generation budget; null = longest target of the task + 2
     full_every: int = 1  # score every task after every N-th task (and the last); other stages: what metrics need
     max_examples: int | None = None  # per task and split: a seeded sample of this many (a task's max_eval_examples
@@ -315,6 +321,7 @@ class EvalConfig:
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         _choice(errs, f"{key}.save_predictions", self.save_predictions, ("final", "every", "none"))
+        errs += answer_errors(key, self.normalizer, self.answer_pattern)
         _positive(errs, f"{key}.max_new_tokens", self.max_new_tokens)
         _positive(errs, f"{key}.full_every", self.full_every)
         _positive(errs, f"{key}.max_examples", self.max_examples)

@@ -13,13 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cl_runner.scoring.metrics import find
+
 if TYPE_CHECKING:
+    import numpy as np
     from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
 DPI = 150
-LOWER_IS_BETTER = {"perplexity"}
 # A point of a sweep series: (swept value as typed, mean, std or None, number of runs)
 Point = tuple[str, float, "float | None", int]
 
@@ -51,24 +53,57 @@ def stage_label(stage: int, task_names: Sequence[str]) -> str:
     return "init" if stage == 0 else f"after {task_names[stage - 1]}"
 
 
+# How a task metric is drawn comes from its registered object (cl_runner/scoring/metrics.py): its label, its
+# direction, and whether it is bounded (0..1) or a positive number drawn on a log scale (perplexity). A name that
+# is not registered (an older run's) is drawn as a 0..1 score, higher is better.
+def _higher(metric: str) -> bool:
+    spec = find(metric)
+    return spec is None or spec.higher_is_better
+
+
+def _bounded(metric: str) -> bool:
+    spec = find(metric)
+    return spec is None or spec.bounded
+
+
 def _metric_label(metric: str) -> str:
-    return metric.replace("_", " ")
+    spec = find(metric)
+    return spec.label if spec is not None else metric.replace("_", " ")
+
+
+def axis_label(metric: str) -> str:
+    """A learning-curve panel's y label: the metric's label, and its direction when lower is better."""
+    return _metric_label(metric) + ("" if _higher(metric) else " (lower is better)")
+
+
+def cell_colours(values: np.ndarray, metric_names: Sequence[str]) -> np.ndarray:
+    """The heatmap's colour of each cell in 0..1, brighter (higher) = better: a bounded metric's score itself
+    (1 - score when lower is better), an unbounded one's log score, scaled over its column."""
+    import numpy as np
+
+    colour = np.clip(values, 0.0, 1.0)
+    for j, metric in enumerate(metric_names):
+        if _bounded(metric):
+            if not _higher(metric):
+                colour[:, j] = 1.0 - colour[:, j]
+            continue
+        logs = np.log(np.maximum(values[:, j], 1e-12))
+        span = float(logs.max() - logs.min()) or 1.0
+        colour[:, j] = ((logs - logs.min()) if _higher(metric) else (logs.max() - logs)) / span
+    return colour
 
 
 def score_matrix(path: Path, task_names: Sequence[str], rows: Sequence[Sequence[float]],
                  metric_names: Sequence[str], title: str = "") -> Path:
-    """Annotated heatmap of R[stage][task] (stage 0 = init); the task just trained is outlined. Accuracy-type
-    scores are coloured on a fixed 0..1 scale; a perplexity column on its own log scale, brighter = lower."""
+    """Annotated heatmap of R[stage][task] (stage 0 = init); the task just trained is outlined. Scores in 0..1
+    are coloured on that fixed scale; an unbounded metric's column (perplexity) on its own log scale; brighter is
+    better."""
     import numpy as np
 
     values = np.array(rows, dtype=float)
     n_stages, n_tasks = values.shape
-    colour = np.clip(values, 0.0, 1.0)
-    for j, metric in enumerate(metric_names):
-        if metric in LOWER_IS_BETTER:
-            logs = np.log(np.maximum(values[:, j], 1e-12))
-            span = float(logs.max() - logs.min()) or 1.0
-            colour[:, j] = (logs.max() - logs) / span
+    colour = cell_colours(values, metric_names)
+    unbounded = [m for m in dict.fromkeys(metric_names) if not _bounded(m)]
     fig = _figure(max(4.8, 1.9 + 1.15 * n_tasks), max(3.2, 1.4 + 0.5 * n_stages))
     ax = fig.add_subplot()
     image = ax.imshow(colour, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
@@ -76,7 +111,7 @@ def score_matrix(path: Path, task_names: Sequence[str], rows: Sequence[Sequence[
         for j in range(n_tasks):
             text_colour = "black" if colour[i, j] > 0.6 else "white"
             weight = "bold" if i - 1 == j else "normal"
-            ax.text(j, i, f"{values[i, j]:.3g}" if metric_names[j] in LOWER_IS_BETTER else f"{values[i, j]:.2f}",
+            ax.text(j, i, f"{values[i, j]:.2f}" if _bounded(metric_names[j]) else f"{values[i, j]:.3g}",
                     ha="center", va="center", color=text_colour, fontsize=9, fontweight=weight)
     for j in range(min(n_tasks, n_stages - 1)):  # outline the cell of the task trained at that stage
         ax.add_patch(_rectangle((j - 0.5, j + 0.5)))
@@ -86,8 +121,10 @@ def score_matrix(path: Path, task_names: Sequence[str], rows: Sequence[Sequence[
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("stage of the sequence")
     ax.tick_params(length=0)
-    if any(m in LOWER_IS_BETTER for m in metric_names):
-        note = "colour: accuracy 0..1; perplexity per column, brighter = lower"
+    if unbounded:
+        note = f"colour: scores 0..1; {', '.join(map(_metric_label, unbounded))} per column; brighter = better"
+    elif not all(map(_higher, metric_names)):  # a colour bar of raw scores would read backwards there
+        note = "colour: scores 0..1, brighter = better"
     else:
         note = None
         fig.colorbar(image, ax=ax, label="score", fraction=0.05, pad=0.02)
@@ -122,8 +159,8 @@ def learning_curves(path: Path, task_names: Sequence[str], rows: Sequence[Sequen
                         markeredgecolor="black", markeredgewidth=0.6, linestyle="none")
         ax.set_xticks(range(n_stages), [stage_label(i, task_names) for i in range(n_stages)])
         ax.set_xlabel("stage of the sequence")
-        ax.set_ylabel(_metric_label(metric) + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
-        if metric in LOWER_IS_BETTER:
+        ax.set_ylabel(axis_label(metric))
+        if not _bounded(metric):
             ax.set_yscale("log")
             plain = FuncFormatter(lambda value, _: f"{value:g}")
             ax.yaxis.set_major_formatter(plain)

@@ -8,13 +8,16 @@ Files: ``predictions/<stage>/<task>.jsonl`` in the run directory (``final``: the
 - ``index``: the example's position among the scored examples; ``prompt``: its prompt as the model saw it,
   decoded, at most ``PROMPT_CHARS`` characters (longer ones keep their first ``HEAD_CHARS`` and their end, joined
   by `` … ``); ``target``: the reference (perplexity: the scored text, cut the same way);
-- exact_match: ``generated`` (the decoded continuation), ``prediction`` (it normalised as compared: cut at the
-  stop string, trimmed, ...) and ``correct``;
+- generation metrics (exact_match, rouge_l, bleu_1, ...): ``generated`` (the decoded continuation), ``prediction``
+  (the answer as scored: cut at the stop string, extracted by ``answer_pattern``, trimmed; for exact_match also
+  normalised) and the metric's own field: ``correct`` (exact_match) or the example's score under the metric's
+  name (``rouge_l``, ``bleu_4``, ``sari``, ...);
 - label_accuracy: ``prediction`` (the chosen label), ``label_scores`` (label -> log-probability, or its mean
   per token with ``eval.length_normalize``) and ``correct``;
 - perplexity: ``nll`` (summed over the target tokens) and ``tokens``; no ``correct``.
 
-The task's score is a function of the file (``score``), equal to the matrix cell. The records come from the
+The task's score is a function of the file (``score``: the metric's aggregate, cl_runner/scoring/metrics.py), equal
+to the matrix cell. The records come from the
 scoring itself (gathered from every rank in example order); only rank 0 writes, each file replaced whole, so a
 stage scored again after a resume rewrites the same files.
 """
@@ -22,7 +25,6 @@ stage scored again after a resume rewrites the same files.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,15 +35,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cl_runner.outputs.results import stage_names
 from cl_runner.core.console import print_whole
 from cl_runner.core.files import write_atomic
+from cl_runner.outputs.results import stage_names
+from cl_runner.scoring.metrics import PERPLEXITY, find, metric_named
 
 SAVE_CHOICES = ("final", "every", "none")
 FOLDER = "predictions"
 PROMPT_CHARS = 300  # longest prompt (and perplexity target) kept in a record, in characters
 HEAD_CHARS = 100  # of which the beginning (the instruction); the rest is the end (nearest the answer)
-GRADED = ("exact_match", "label_accuracy")  # metrics with a right or wrong answer per example
 
 
 def cut(text: str, most: int = PROMPT_CHARS, head: int = HEAD_CHARS) -> str:
@@ -59,11 +61,14 @@ def stage_file(run_dir: Path, stage: str, task: str) -> Path:
 
 
 def score(records: list[dict[str, Any]], metric: str) -> float:
-    """The task's score from its records, computed as evaluate.py computes it."""
-    if metric == "perplexity":
-        tokens = sum(r["tokens"] for r in records)
-        return math.exp(min(math.fsum(r["nll"] for r in records) / max(tokens, 1), 50.0))
-    return sum(r["correct"] for r in records) / max(len(records), 1)
+    """The task's score from its records: the metric's aggregate, as scoring computes it."""
+    return metric_named(metric).aggregate(records)
+
+
+def graded(metric: str) -> bool:
+    """Whether ``metric`` has a right or wrong answer per example (records with ``correct``)."""
+    found = find(metric)
+    return found is not None and found.graded
 
 
 class PredictionWriter:
@@ -91,7 +96,8 @@ class PredictionWriter:
 
     def records(self, j: int, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if j not in self._texts:
-            plain = self.tasks[j].metric == "perplexity"  # the target is the scored window, not the whole text
+            # perplexity: the target is the scored window, not the whole text
+            plain = metric_named(self.tasks[j].metric).needs == PERPLEXITY
             self._texts[j] = [(cut(it.prompt_text if it.prompt_text is not None else self.decode(it.prompt_ids)),
                                cut(self.decode(it.target_ids)) if plain else it.target) for it in self.items(j)]
         return [{"index": i, "prompt": prompt, "target": target, **record}
@@ -162,11 +168,12 @@ def load_flips(run_dir: Path, spec: str, task: str | None) -> list[StagePair]:
     kinds = dict(zip(metrics["tasks"], metrics["metric_per_task"], strict=True))
     if task is not None and task not in kinds:
         raise ValueError(f"--task: {task!r} is not a task of this run; expected one of {', '.join(kinds)}")
-    if task is not None and kinds[task] not in GRADED:
+    if task is not None and not graded(kinds[task]):
         raise ValueError(f"--task: {task} is scored by {kinds[task]}, which has no right or wrong per example")
-    names = [task] if task is not None else [t for t, kind in kinds.items() if kind in GRADED]
+    names = [task] if task is not None else [t for t, kind in kinds.items() if graded(kind)]
     if not names:
-        raise ValueError("--flips: no task of this run has a right or wrong answer per example (all perplexity)")
+        raise ValueError("--flips: no task of this run has a right or wrong answer per example (exact_match or "
+                         "label_accuracy)")
     return [StagePair(name, kinds[name], (first, second), _stage_records(run_dir, first, name, metrics),
                       _stage_records(run_dir, second, name, metrics)) for name in names]
 

@@ -4,31 +4,29 @@ and PNG plots. A job that did not complete is listed with its status and error, 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
 import math
 import re
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cl_runner.outputs import plots
-from cl_runner.outputs.cost import COST_FIELDS, format_value
 from cl_runner.core.console import print_whole
 from cl_runner.core.files import write_atomic
+from cl_runner.outputs import plots
+from cl_runner.outputs.cost import COST_FIELDS, format_value
 from cl_runner.outputs.jobs import Job, find_run_dirs, override_key, override_value, read_jobs
+from cl_runner.scoring import metrics as task_metrics
 
+# A run's summary metrics (not the task metrics of cl_runner/scoring/metrics.py, which fill the score matrix):
 # metrics.json key -> (label, higher is better). The first five are the table's columns; all are sortable.
-METRICS: dict[str, tuple[str, bool]] = {
+RUN_METRICS: dict[str, tuple[str, bool]] = {
     "average_accuracy": ("ACC", True),
     "average_forgetting": ("forgetting", False),
     "backward_transfer": ("BWT", True),
@@ -36,7 +34,7 @@ METRICS: dict[str, tuple[str, bool]] = {
     "wall_time_s": ("time (s)", False),
     "average_learning_curve_area": ("LCA", True),
 }
-SHOWN = list(METRICS)[:5]
+SHOWN = list(RUN_METRICS)[:5]
 LONG_NAMES = {"average_accuracy": "average accuracy", "average_forgetting": "average forgetting",
               "backward_transfer": "backward transfer", "forward_transfer": "forward transfer",
               "wall_time_s": "wall time (s)", "average_learning_curve_area": "learning-curve area"}
@@ -48,7 +46,7 @@ ALIASES = {"acc": "average_accuracy", "forgetting": "average_forgetting", "bwt":
 COST_COLUMNS = {"cost.trainable_parameters": "trainable", "cost.extra_parameters": "extra params",
                 "cost.peak_cpu_rss_bytes": "peak RSS", "cost.peak_cuda_allocated_bytes": "peak CUDA",
                 "cost.train_seconds": "train (s)", "cost.eval_seconds": "eval (s)", "cost.tokens_seen": "tokens"}
-METRICS.update({f"cost.{key}": (COST_COLUMNS.get(f"cost.{key}", key), False) for key in COST_FIELDS})
+RUN_METRICS.update({f"cost.{key}": (COST_COLUMNS.get(f"cost.{key}", key), False) for key in COST_FIELDS})
 LONG_NAMES.update({f"cost.{key}": label for key, (label, _) in COST_FIELDS.items()})
 
 
@@ -107,8 +105,8 @@ def swept_keys(configs: list[Configuration]) -> list[str]:
 
 def resolve_metric(name: str) -> str:
     metric = ALIASES.get(name.lower(), name)
-    if metric not in METRICS:
-        raise ValueError(f"--sort: unknown metric {name!r}; expected one of {', '.join([*METRICS, *ALIASES])}")
+    if metric not in RUN_METRICS:
+        raise ValueError(f"--sort: unknown metric {name!r}; expected one of {', '.join([*RUN_METRICS, *ALIASES])}")
     return metric
 
 
@@ -116,9 +114,9 @@ def higher_is_better(metric: str, jobs: list[Job]) -> bool:
     """The metric's direction; the average score reads lower-is-better when every task is scored by perplexity."""
     if metric in ("average_accuracy", "average_learning_curve_area"):
         kinds = {m for j in jobs for m in j.metrics.get("metric_per_task") or []}
-        if kinds and kinds <= plots.LOWER_IS_BETTER:
+        if kinds and not any(map(task_metrics.higher_is_better, kinds)):
             return False
-    return METRICS[metric][1]
+    return RUN_METRICS[metric][1]
 
 
 def rank(configs: list[Configuration], metric: str, higher: bool) -> list[Configuration]:
@@ -140,7 +138,7 @@ def summary_rows(configs: list[Configuration], keys: list[str], metric: str) -> 
         row.update({k: config.settings.get(k, "") for k in keys})
         row.update({"seeds": config.seeds(), "runs": len(config.jobs), "completed": len(config.completed),
                     "status": config.status()})
-        for name in METRICS:
+        for name in RUN_METRICS:
             mean, std, _ = config.stat(name)
             row[f"{name}_mean"], row[f"{name}_std"] = mean, std
         mean = config.stat(metric)[0]
@@ -154,7 +152,7 @@ def summary_rows(configs: list[Configuration], keys: list[str], metric: str) -> 
 def job_rows(jobs: list[Job]) -> list[dict[str, Any]]:
     """One CSV-ready dict per job (jobs.csv): the raw material of the summary."""
     return [{"job": j.name, "status": j.status, "error": j.error or "", "strategy": j.strategy, "seed": j.seed,
-             "overrides": " ".join(j.configuration), **{name: j.value(name) for name in METRICS}} for j in jobs]
+             "overrides": " ".join(j.configuration), **{name: j.value(name) for name in RUN_METRICS}} for j in jobs]
 
 
 def mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:
@@ -186,11 +184,11 @@ def formatted(rows: list[dict[str, Any]], keys: list[str], metric: str) -> tuple
     headers = ["#", "strategy", *keys, "seeds", "runs"]
     shown = [*SHOWN, *(name for name in COST_COLUMNS if any(row[f"{name}_mean"] is not None for row in rows))]
     for name in shown:
-        headers.append(METRICS[name][0])
+        headers.append(RUN_METRICS[name][0])
         if name == metric:
             headers.append("Δ best")
     if metric not in shown:
-        headers += [METRICS[metric][0], "Δ best"]
+        headers += [RUN_METRICS[metric][0], "Δ best"]
     headers.append("status")
     cells = []
     for row in rows:
@@ -224,7 +222,7 @@ class Report:
         return [j for j in self.jobs if j.status != "completed"]
 
     def direction(self) -> str:
-        return f"{METRICS[self.metric][0]}, {'higher' if self.higher else 'lower'} is better"
+        return f"{RUN_METRICS[self.metric][0]}, {'higher' if self.higher else 'lower'} is better"
 
 
 def build_report(paths: list[Path], metric: str = "average_accuracy") -> Report:
@@ -326,7 +324,7 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
     """For a sweep: the metric against each swept value (or per strategy when only the strategy varies). For
     the best configuration: its score matrix and learning curves, averaged over its seeds."""
     written: list[Path] = []
-    long, short = LONG_NAMES[report.metric], METRICS[report.metric][0]
+    long, short = LONG_NAMES[report.metric], RUN_METRICS[report.metric][0]
     label = (long if short in long else f"{long} ({short})") + ("" if report.higher else ", lower is better")
     if len(report.configs) > 1:
         for parameter in report.keys:
@@ -352,7 +350,7 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
                      for i in range(len(matrices[0]))]
         setting = " ".join([best.strategy, *(f"{k}={compact(best.settings[k])}" for k in report.keys
                                              if k in best.settings)])
-        title = f"best by {METRICS[report.metric][0]}: {setting} ({_runs(len(runs))})"
+        title = f"best by {RUN_METRICS[report.metric][0]}: {setting} ({_runs(len(runs))})"
         written.append(plots.score_matrix(out_dir / "best_score_matrix.png", tasks, mean_rows, kinds, title))
         written.append(plots.learning_curves(out_dir / "best_learning_curves.png", tasks, mean_rows, kinds, title))
     return written

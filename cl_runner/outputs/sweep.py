@@ -23,9 +23,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from cl_runner.outputs.report import METRICS, build_report, print_report, write_report
-from cl_runner.outputs.jobs import Job, read_job
 from cl_runner.core.files import write_atomic
+from cl_runner.outputs.jobs import Job, read_job
+from cl_runner.outputs.report import RUN_METRICS, build_report, print_report, write_report
 
 log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
@@ -38,7 +38,7 @@ def _now() -> str:
 
 def job_entry(job: Job, num: int, overrides: list[str]) -> dict[str, Any]:
     return {"num": num, "dir": job.name, "overrides": overrides, "status": job.status, "error": job.error,
-            "strategy": job.strategy, "seed": job.seed, **{name: job.value(name) for name in METRICS}}
+            "strategy": job.strategy, "seed": job.seed, **{name: job.value(name) for name in RUN_METRICS}}
 
 
 @contextmanager
@@ -84,8 +84,8 @@ class SweepRecorder(Callback):
     """
 
     def __init__(self, objective: str = "average_accuracy", report: bool = True) -> None:
-        if objective not in METRICS:
-            raise ValueError(f"hydra.callbacks.sweep_record.objective: expected one of {', '.join(METRICS)}, "
+        if objective not in RUN_METRICS:
+            raise ValueError(f"hydra.callbacks.sweep_record.objective: expected one of {', '.join(RUN_METRICS)}, "
                              f"got {objective!r}")
         self.objective, self.report = objective, report
 

@@ -1,4 +1,5 @@
-"""Score one task: exact match (batched greedy generation), label accuracy (cached-prefix scoring), perplexity.
+"""Score one task: batched greedy generation scored by a generation metric (exact match, ROUGE-L, ...: the registry
+of cl_runner/scoring/metrics.py), label accuracy (cached-prefix scoring), perplexity.
 
 All scoring runs under ``torch.no_grad`` and the caller's autocast, in batches sorted by length so padding
 stays small; a batch holds at most ``batch_size`` examples and, when ``batch_tokens`` is set, at most that many
@@ -18,7 +19,6 @@ the split's first batch and drops the result, and greedy generation steps until 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -32,9 +32,9 @@ from cl_runner.models import seq2seq
 from cl_runner.models.generation import cached_forward, greedy_loop, left_pad
 from cl_runner.models.lm import collate, token_nll
 from cl_runner.models.seq2seq import is_encoder_decoder, model_batch, model_inputs
+from cl_runner.scoring.answers import Reading
+from cl_runner.scoring.metrics import LABELS, PERPLEXITY, Metric, metric_named
 from cl_runner.tasks.encode import EncodedTask, EvalItem
-
-_TRAILING = re.compile(r"[\s.,;:!?]+$")
 
 
 @dataclass
@@ -53,16 +53,6 @@ class Scorer:
     on_examples: Callable[[int], None] | None = None  # progress: examples scored by all ranks (rank 0's estimate)
     examples: bool = False  # also return each example's record under "examples", in example order (predictions.py)
     stop_ids: tuple[int, ...] = ()  # token ids besides EOS that end a generation (a chat template's end-of-turn)
-
-
-def normalize_answer(text: str, stop: str, lowercase: bool = True, strip_punctuation: bool = True) -> str:
-    """The exact-match rule: cut at the stop string, trim whitespace, optionally case and trailing punctuation."""
-    if stop and stop in text:
-        text = text[: text.index(stop)]
-    text = " ".join(text.split())
-    if strip_punctuation:
-        text = _TRAILING.sub("", text).strip("\"'`")
-    return text.lower() if lowercase else text
 
 
 def _batches(scorer: Scorer, lengths: list[int]) -> list[list[int]]:
@@ -136,20 +126,18 @@ def greedy_generate(scorer: Scorer, prompts: list[list[int]], max_new_tokens: in
     return greedy_loop(scorer, len(prompts), max_new_tokens, dummy, forward)
 
 
-def exact_match(scorer: Scorer, items: list[EvalItem], stop: str, max_new_tokens: int) -> dict:
-    rule = {"stop": stop, "lowercase": scorer.cfg.lowercase, "strip_punctuation": scorer.cfg.strip_punctuation}
-
+def score_generations(scorer: Scorer, items: list[EvalItem], metric: Metric, reading: Reading,
+                      max_new_tokens: int) -> dict:
+    """Greedy generation, then ``metric`` scores each text against its reference (read by ``reading``); each
+    record is ``generated`` and the metric's fields. ``blank``: the examples whose answer is empty."""
     def score_batch(batch: list[int], dummy: bool) -> list[dict]:
         outputs = greedy_generate(scorer, [items[i].prompt_ids for i in batch], max_new_tokens, dummy)
-        generated = [scorer.decode(tokens) for tokens in outputs]
-        predictions = [normalize_answer(text, **rule) for text in generated]
-        references = [normalize_answer(items[i].target, **rule) for i in batch]
-        return [{"generated": text, "prediction": p, "correct": p == ref}
-                for text, p, ref in zip(generated, predictions, references, strict=True)]
+        return [{"generated": text, **metric.score_example(reading, text, items[i].target, items[i].source)}
+                for i, text in zip(batch, (scorer.decode(tokens) for tokens in outputs), strict=True)]
 
     results = per_example(scorer, [len(it.prompt_ids) + max_new_tokens for it in items], score_batch)
-    correct, blank = sum(r["correct"] for r in results), sum(not r["prediction"] for r in results)
-    return _with_examples(scorer, {"score": correct / max(len(items), 1), "n": len(items), "blank": blank}, results)
+    blank = sum(not r["prediction"] for r in results)
+    return _with_examples(scorer, {"score": metric.aggregate(results), "n": len(items), "blank": blank}, results)
 
 
 def _with_examples(scorer: Scorer, result: dict, records: list[dict]) -> dict:
@@ -229,20 +217,31 @@ def perplexity(scorer: Scorer, items: list[EvalItem]) -> dict:
 
 
 def score_task(scorer: Scorer, task: EncodedTask, metric: str, stop: str, label_texts: list[str] | None,
-               split: str = "test", max_new_tokens: int | None = None) -> dict:
-    """Score ``split`` of one task with its metric; returns {"score": float, "n": int, ...}. Generation budget:
-    the task's ``max_new_tokens``, else ``eval.max_new_tokens``, else its longest target + 2."""
+               split: str = "test", max_new_tokens: int | None = None, normalizer: str | None = None,
+               answer_pattern: str | None = None) -> dict:
+    """Score ``split`` of one task with its metric (a name in cl_runner/scoring/metrics.py's registry); returns
+    {"score": float, "n": int, ...}, the score being the metric's aggregate of the per-example records. Generation
+    budget: the task's ``max_new_tokens``, else ``eval.max_new_tokens``, else its longest target + 2. How answers
+    are read (generation metrics): ``stop``, ``normalizer`` and ``answer_pattern`` (None: ``eval``'s)."""
+    spec = metric_named(metric)
     items = task.test if split == "test" else task.validation
-    scorer = replace(scorer, stop_ids=tuple(task.stop_ids))  # chat templates: generation stops at the end-of-turn
+    # chat templates: generation stops at the end-of-turn; the metric's score is computed from the records
+    kept = replace(scorer, stop_ids=tuple(task.stop_ids), examples=True)
     was_training = scorer.model.training
     scorer.model.eval()
     try:
-        if metric == "perplexity":
-            return perplexity(scorer, items)
-        if metric == "label_accuracy":
-            return label_accuracy(scorer, items, task.label_ids, label_texts)
-        budget = (max_new_tokens or scorer.cfg.max_new_tokens
-                  or max(len(it.target_ids) for it in items) + 2)  # all ranks: the same
-        return exact_match(scorer, items, stop, budget)
+        if spec.needs == PERPLEXITY:
+            result = perplexity(kept, items)
+        elif spec.needs == LABELS:
+            result = label_accuracy(kept, items, task.label_ids, label_texts)
+        else:
+            reading = Reading(stop, answer_pattern if answer_pattern is not None else scorer.cfg.answer_pattern,
+                              normalizer or scorer.cfg.normalizer, scorer.cfg.lowercase, scorer.cfg.strip_punctuation)
+            budget = (max_new_tokens or scorer.cfg.max_new_tokens
+                      or max(len(it.target_ids) for it in items) + 2)  # all ranks: the same
+            result = score_generations(kept, items, spec, reading, budget)
     finally:
         scorer.model.train(was_training)
+    records = result.pop("examples")
+    result["score"] = spec.aggregate(records)
+    return _with_examples(scorer, result, records)

@@ -113,7 +113,7 @@ class Monitors:
                 return self.harness.score(m, scorer, tokenizer, self.cfg.train.max_length)
         scorer = replace(scorer, batch_size=m.task.eval_batch_size or scorer.batch_size, on_examples=None)
         result = score_task(scorer, m.encoded, m.task.metric, m.task.stop, m.task.labels, "test",
-                            m.task.max_new_tokens)
+                            m.task.max_new_tokens, m.task.normalizer, m.task.answer_pattern)
         return {**result, "higher_is_better": m.task.higher_is_better}
 
 

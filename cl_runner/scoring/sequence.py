@@ -128,7 +128,7 @@ class SequenceScorer:
                 scorer = replace(self.scorer, batch_size=task.eval_batch_size or self.scorer.batch_size,
                                  examples=examples)
                 results.append(score_task(scorer, encoded, task.metric, task.stop, task.labels, split,
-                                          task.max_new_tokens))
+                                          task.max_new_tokens, task.normalizer, task.answer_pattern))
                 if examples:
                     self.last_examples[j] = results[-1].pop("examples", None)
             self.strategy.after_eval(self.ctx)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cl_runner.scoring import metrics
+
 
 @dataclass(frozen=True)
 class Example:
@@ -25,20 +27,22 @@ class Chat:
 @dataclass
 class Task:
     name: str
-    metric: str  # exact_match | label_accuracy | perplexity
+    metric: str  # a registered task metric (cl_runner/scoring/metrics.py)
     train: list[Example]
     validation: list[Example]
     test: list[Example]
     labels: list[str] | None = None  # candidate targets for label_accuracy
     stop: str = "\n"  # generation stops at EOS or this string
-    max_new_tokens: int | None = None  # exact_match: generation budget (null: eval.max_new_tokens, else target + 2)
+    max_new_tokens: int | None = None  # generation budget (null: eval.max_new_tokens, else target + 2)
+    normalizer: str | None = None  # exact_match's normaliser (null: eval.normalizer; cl_runner/scoring/answers.py)
+    answer_pattern: str | None = None  # answer extraction before a generation metric (null: eval.answer_pattern)
     eval_batch_size: int | None = None  # examples per evaluation batch (null: train.eval_batch_size)
     info: dict = field(default_factory=dict)  # provenance: source, sizes, path
     chat: Chat | None = None  # set: examples are encoded with the tokenizer's chat template
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric != "perplexity"
+        return metrics.higher_is_better(self.metric)
 
     def texts(self) -> list[str]:
         """All text of the task (for training a tokenizer on it)."""

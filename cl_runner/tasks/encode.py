@@ -26,8 +26,9 @@ HEAD_SHARE = 0.25  # share of a cut prompt's budget kept from its beginning
 class EvalItem:
     prompt_ids: list[int]
     target_ids: list[int]  # target tokens + EOS (scored by perplexity)
-    target: str  # reference text for exact match
+    target: str  # reference text for the generation metrics
     prompt_text: str | None = None  # chat templates: the prompt with its special tokens (predictions files)
+    source: str = ""  # the example's prompt text as formatted, uncut (SARI's source)
 
 
 @dataclass
@@ -104,7 +105,8 @@ def encode_task(task: Task, task_id: int, tokenizer, max_length: int) -> Encoded
         for index, example in enumerate(examples):
             for prompt, target in pair(example, split, index):
                 out.append(EvalItem(prompt_ids=prompt, target_ids=target, target=example.target,
-                                    prompt_text=chat.readable(prompt) if chat is not None else None))
+                                    prompt_text=chat.readable(prompt) if chat is not None else None,
+                                    source=example.prompt))
         return out
 
     label_ids = None

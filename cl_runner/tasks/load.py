@@ -62,6 +62,8 @@ def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
         labels=[_apply_target_template(cfg, label) for label in labels] if labels else None,
         stop=cfg.stop,
         max_new_tokens=cfg.max_new_tokens,
+        normalizer=cfg.normalizer,
+        answer_pattern=cfg.answer_pattern,
         eval_batch_size=cfg.eval_batch_size,
         info=info | {"sizes": {"train": len(train), "validation": len(validation), "test": len(test)}},
         chat=chat_of(cfg, key),

@@ -21,7 +21,8 @@ from cl_runner import report_cli
 from cl_runner.config.schema import EvalConfig
 from cl_runner.engine.run import SequenceRun
 from cl_runner.outputs import predictions, report
-from cl_runner.scoring.evaluate import Scorer, normalize_answer, score_task
+from cl_runner.scoring.answers import normalize_answer
+from cl_runner.scoring.evaluate import Scorer, score_task
 from cl_runner.tasks.encode import EncodedTask, EvalItem
 
 LABELS = ["[20]", "[21, 22]", "[23]"]

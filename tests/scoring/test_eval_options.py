@@ -135,8 +135,10 @@ def test_a_tasks_own_generation_budget_wins_over_eval_max_new_tokens(monkeypatch
     from cl_runner.config.schema import EvalConfig
 
     seen = []
-    monkeypatch.setattr(ev, "exact_match", lambda scorer, items, stop, budget: seen.append(budget) or {"score": 0.0})
-    scorer = SimpleNamespace(model=torch.nn.Linear(1, 1), cfg=EvalConfig(max_new_tokens=7))
+    monkeypatch.setattr(ev, "score_generations", lambda scorer, items, metric, reading, budget:
+                        seen.append(budget) or {"score": 0.0, "examples": []})
+    scorer = ev.Scorer(model=torch.nn.Linear(1, 1), pad_id=0, eos_id=1, device=torch.device("cpu"), autocast=None,
+                       batch_size=1, cfg=EvalConfig(max_new_tokens=7), decode=str)
     task = SimpleNamespace(test=[SimpleNamespace(target_ids=[1, 2, 3])], validation=[])
     ev.score_task(scorer, task, "exact_match", "\n", None, "test", 3)  # the task's own budget
     ev.score_task(scorer, task, "exact_match", "\n", None, "test", None)  # eval.max_new_tokens
@@ -158,7 +160,7 @@ def test_a_tasks_own_eval_batch_size_and_budget_reach_its_scoring(monkeypatch):
     from cl_runner.tasks.encode import EncodedTask
 
     seen = []
-    monkeypatch.setattr(ss, "score_task", lambda scorer, encoded, metric, stop, labels, split, budget:
+    monkeypatch.setattr(ss, "score_task", lambda scorer, encoded, metric, stop, labels, split, budget, *reading:
                         seen.append((encoded.name, scorer.batch_size, budget)) or {"score": 0.0, "n": 0})
     scorer = Scorer(model=torch.nn.Linear(1, 1), pad_id=0, eos_id=1, device=torch.device("cpu"), autocast=None,
                     batch_size=64, cfg=EvalConfig(), decode=str)

@@ -9,7 +9,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from cl_runner.config.schema import EvalConfig
 from cl_runner.models.load import train_tokenizer
-from cl_runner.scoring.evaluate import Scorer, _batches, greedy_generate, label_logprobs, normalize_answer, score_task
+from cl_runner.scoring.answers import normalize_answer
+from cl_runner.scoring.evaluate import Scorer, _batches, greedy_generate, label_logprobs, score_task
 from cl_runner.tasks.base import Example, Task
 from cl_runner.tasks.encode import EncodedTask, EvalItem, encode_task
 

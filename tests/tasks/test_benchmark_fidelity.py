@@ -13,6 +13,7 @@ from helpers import REPO, make_config, write_jsonl
 from olora_cases import CASES, cl_benchmark, olora_prompt
 
 from cl_runner.core.errors import DataError
+from cl_runner.scoring.answers import Reading
 from cl_runner.tasks.load import load_task
 
 # amazon's hub copy has no review titles, so its hub prompt lacks the Title line (conf/tasks/catalogue/amazon.yaml).
@@ -115,3 +116,21 @@ def test_the_long_benchmark_files_say_what_olora_ran():
     for order in (4, 5):
         text = (experiment / f"olora_long15_order{order}.yaml").read_text()
         assert "no script" in text and "O-LoRA #20" in text, order
+
+
+OLORA_EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("olora_*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", OLORA_EXPERIMENTS)
+def test_the_olora_experiments_score_answers_with_olora_normaliser(experiment):
+    assert {task.normalizer for task in make_config(f"experiment={experiment}", small=False).tasks.tasks} == {"olora"}
+
+
+def test_olora_exact_match_ignores_every_punctuation_mark_as_olora_does():
+    # src/compute_metrics.py: exact_match_score compares normalize_answer(prediction) and normalize_answer(gold):
+    # lower-cased, string.punctuation removed, whitespace collapsed
+    olora, ours = Reading(normalizer="olora"), Reading()
+    assert olora.normalized(" Science  Mathematics") == olora.normalized(" Science & Mathematics") \
+        == "science mathematics"
+    assert ours.normalized(" Science  Mathematics") != ours.normalized(" Science & Mathematics")
+    assert olora.normalized(" Very-Positive") == "verypositive" != olora.normalized(" very positive")
