@@ -45,9 +45,8 @@ from cl_runner.config.schema import DistributedConfig, TrainConfig
 from cl_runner.core.dist import all_reduce_sum, world
 from cl_runner.engine.flops import flops_per_token, mfu, peak_flops
 from cl_runner.engine.parallel import gradient_sync, train_module
-from cl_runner.models.lm import Encoded, causal_lm_loss, pack, target_count, token_counts
+from cl_runner.models.lm import Encoded, causal_lm_loss, target_count, token_counts
 from cl_runner.models.load import trainable_count
-from cl_runner.models.seq2seq import model_batch, model_inputs
 from cl_runner.strategies.base import Context, MicroBatch, Strategy
 
 GROUP_WINDOW = 50  # train.group_by_length sorts by length within windows of this many step batches
@@ -318,13 +317,8 @@ class _TaskTrainer:
         the weighted micro-batch gradients is the step's gradient, as in one process."""
         ctx, scaler = self.ctx, self.job.scaler
         ctx.micro = MicroBatch(examples, step, weight)
-        if self.cfg.pack:  # examples kept apart by position_ids, not by a padding mask (lm.pack)
-            batch = pack(examples, self.cfg.max_length, ctx.collate)
-            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None,
-                      "use_cache": False}
-        else:  # an encoder-decoder reads the prompt with its encoder, the target with its decoder (seq2seq.py)
-            batch = model_batch(ctx.model, ctx.collate(examples), examples)
-            inputs = model_inputs(batch)
+        # the batch as the model's kind reads it: packed rows (lm.pack), or an encoder-decoder's two sides
+        batch, inputs = ctx.kind.training_batch(examples, ctx.collate, self.cfg.max_length if self.cfg.pack else None)
         with ctx.autocast():
             outputs = self.module(**inputs)
             loss = causal_lm_loss(outputs.logits, batch["labels"], self.cfg.loss_chunk_tokens)

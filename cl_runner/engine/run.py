@@ -58,6 +58,7 @@ from cl_runner.engine.runtime import (
     stop_signals,
 )
 from cl_runner.engine.threads import apply_threads
+from cl_runner.models.kinds import kind_of
 from cl_runner.models.lm import collate
 from cl_runner.models.load import load_model, load_tokenizer, parameter_counts
 from cl_runner.outputs import cost
@@ -139,6 +140,7 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
         collate=partial(collate, pad_id=tokenizer.pad_token_id, device=device),
         task_names=[t.name for t in tasks], train_sets=[e.train for e in encoded], batch_size=cfg.train.batch_size,
         seed=cfg.seed, eos_id=tokenizer.eos_token_id, decode=partial(tokenizer.decode, skip_special_tokens=True),
+        kind=kind_of(model),  # chosen once, on the model as loaded (models/kinds.py)
     )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     strategy = build_strategy(strategy_config(cfg.strategy, cfg.tasks.strategy_overrides))
@@ -182,7 +184,7 @@ def sequence_scorer(parts: RunParts) -> SequenceScorer:
     scorer = Scorer(model=parts.model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                     device=parts.device, autocast=parts.ctx.autocast, batch_size=parts.cfg.train.eval_batch_size,
                     cfg=parts.cfg.eval, decode=partial(tokenizer.decode, skip_special_tokens=True),
-                    batch_tokens=parts.cfg.train.eval_batch_tokens)
+                    batch_tokens=parts.cfg.train.eval_batch_tokens, kind=parts.ctx.kind)
     caps = [None if t.max_eval_examples is not None else parts.cfg.eval.max_examples  # the task's own cap wins
             for t in parts.cfg.tasks.tasks]
     return SequenceScorer(scorer, parts.tasks, parts.encoded, parts.strategy, parts.ctx, parts.cfg.eval.full_every,

@@ -1,4 +1,5 @@
-"""Load any Hugging Face causal LM and its tokenizer (hub id or local directory), or build one from a config.
+"""Load any Hugging Face causal LM or encoder-decoder and its tokenizer (hub id or local directory), or build one
+from a config.
 
 Built models get a byte-level BPE tokenizer trained on the tasks' own text, so the default run needs no
 download. Loading never executes repository code unless ``model.trust_remote_code`` is true.
@@ -17,6 +18,7 @@ import torch
 from cl_runner.config.schema import ModelConfig
 from cl_runner.core.checks import WEIGHT_DTYPES
 from cl_runner.core.errors import ModelError
+from cl_runner.models.kinds import kind_class
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
@@ -153,11 +155,11 @@ def load_tokenizer(cfg: ModelConfig, texts: list[str]):
 
 
 def auto_class(config):
-    """``AutoModelForSeq2SeqLM`` for an encoder-decoder config (T5, BART: ``config.is_encoder_decoder``), else
-    ``AutoModelForCausalLM``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    """The transformers Auto class of the model kind ``config`` describes (``kinds.kind_class``):
+    ``AutoModelForSeq2SeqLM`` for an encoder-decoder (T5, BART), else ``AutoModelForCausalLM``."""
+    import transformers
 
-    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return getattr(transformers, kind_class(config).auto_class)
 
 
 def load_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
@@ -185,8 +187,7 @@ def _build(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
         )
     except (ValueError, TypeError) as exc:
         raise ModelError(f"model.arch: cannot build a {model_type!r} config: {_first_line(exc)}") from None
-    if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
-        config.decoder_start_token_id = tokenizer.pad_token_id  # as T5's own checkpoints have it
+    kind_class(config).complete_config(config, tokenizer)  # an encoder-decoder's decoder start token
     torch.manual_seed(seed)
     try:
         return auto_class(config).from_config(config, dtype=DTYPES[cfg.dtype])

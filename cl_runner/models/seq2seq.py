@@ -2,23 +2,24 @@
 
 Examples stay in the causal layout everywhere (``lm.Encoded``: prompt + target, ``-100`` on the prompt), so
 tasks, replay buffers, checkpoints and the loop's target-token weighting are shared. Right before the model is
-called, ``model_batch`` turns a collated causal batch into the encoder-decoder one: the prompt (and EOS, as the
-models' own tokenizers end an input) is the encoder input; the decoder reads ``[start] + target`` and its labels
-are ``[-100] + target``. That decoder side *is* the causal convention of ``lm`` (position t predicts token
-t + 1, position 0 is never a target), so ``causal_lm_loss``, ``token_nll``, ``target_mask`` and every strategy
-that reads ``outputs.logits`` with ``batch["labels"]`` (LwF's distillation) work unchanged, and an example has
-as many target tokens as in the causal layout (``lm.target_count``).
+called, the model kind (``kinds.EncoderDecoder.model_batch``) turns a collated causal batch into the
+encoder-decoder one (``encoder_decoder_batch``): the prompt (and EOS, as the models' own tokenizers end an input)
+is the encoder input; the decoder reads ``[start] + target`` and its labels are ``[-100] + target``. That decoder
+side *is* the causal convention of ``lm`` (position t predicts token t + 1, position 0 is never a target), so
+``causal_lm_loss``, ``token_nll``, ``target_mask`` and every strategy that reads ``outputs.logits`` with
+``batch["labels"]`` (LwF's distillation, DER's stored logits, the buffer's losses) work unchanged, and an example
+has as many target tokens as in the causal layout (``lm.target_count``).
 
-Evaluation: greedy generation runs the encoder once and the decoder from the start token with its KV cache,
-stopping at EOS; label scoring runs the encoder once per prompt and scores every label on the decoder with the
-encoder's output repeated (``encoder_outputs``); perplexity is the decoder's NLL of the targets.
+Evaluation (``kinds.EncoderDecoder``): greedy generation runs the encoder once and the decoder from the start
+token with its KV cache, stopping at EOS; label scoring runs the encoder once per prompt and scores every label on
+the decoder with the encoder's output repeated (``encoder_outputs``); perplexity is the decoder's NLL of the
+targets.
 
 What is refused (``config_errors``, one line before anything loads): ``train.pack`` (rows of concatenated
 examples would need block-diagonal cross-attention), strategies ``lamol`` (it generates whole examples as one
-sequence), ``progressive`` (its columns adapt one stack of blocks), those that run the model on causal batches
-themselves or hook the shared input embeddings (``REFUSED_STRATEGIES``), ``fisher: sampled`` (it samples labels in
-the causal layout), replay buffer sampling by loss (``importance``/``hardest``: ``strategies/buffer.py`` calls
-the model without decoder inputs) and ``distributed=fsdp`` (not yet checked with the driver).
+sequence), ``progressive`` (its columns adapt one stack of blocks), those that hook the shared input embeddings
+(``REFUSED_STRATEGIES``), ``fisher: sampled`` (it samples labels in the causal layout) and ``distributed=fsdp``
+(not yet checked with the driver).
 """
 
 from __future__ import annotations
@@ -30,21 +31,17 @@ from typing import Any
 import torch
 
 from cl_runner.core.errors import ConfigError
-from cl_runner.core.lazy import no_grad
-from cl_runner.models.lm import IGNORE_INDEX, Encoded, collate, target_count
+from cl_runner.models.lm import IGNORE_INDEX
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")  # forward's inputs
 ENCODER_KEYS = ("input_ids", "attention_mask")
-TRIMMED = (*MODEL_INPUTS, "labels")
 REFUSED_STRATEGIES = {
     "lamol": "it generates whole examples (prompt and answer) as one sequence, which a decoder does not read",
     "progressive": "its columns adapt one stack of transformer blocks (a decoder-only model's); an encoder-decoder "
                    "has two",
-    **dict.fromkeys(("der", "agem", "gem", "ilora"), "it runs the model on causal-layout batches (no decoder inputs)"),
     **dict.fromkeys(("prompt_tuning", "progressive_prompts"),
                     "its soft prompts hook the input embeddings, which T5's encoder and decoder share"),
 }
-REFUSED_SAMPLINGS = ("importance", "hardest")
 
 
 def is_encoder_decoder(model: torch.nn.Module) -> bool:
@@ -60,29 +57,6 @@ def decoder_start(model: torch.nn.Module) -> int:
     if start is None:
         raise ConfigError("model.name_or_path: the encoder-decoder's config sets no decoder_start_token_id")
     return start
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keyword arguments of the model's forward that ``batch`` holds (labels and task ids are not passed)."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
-
-
-def model_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                examples: list[Encoded] | None = None) -> dict[str, torch.Tensor]:
-    """``batch`` (causal layout, right-padded) as ``model`` reads it: unchanged for a causal LM, the encoder and
-    decoder tensors for an encoder-decoder (module docstring). With the batch's ``examples`` the lengths are
-    counted on the host (no device sync: the training loop's case); without, read from the batch (one sync)."""
-    if not is_encoder_decoder(model):
-        return batch
-    config = model.config
-    out = encoder_decoder_batch(batch, decoder_start(model), config.pad_token_id, config.eos_token_id)
-    if examples is not None:
-        prompts = [len(e["input_ids"]) - target_count(e) for e in examples]
-        enc, dec = max(prompts) + 1, max(target_count(e) for e in examples) + 1
-    else:
-        lengths = torch.stack([out["attention_mask"].sum(1).max(), out["decoder_attention_mask"].sum(1).max()])
-        enc, dec = lengths.tolist()
-    return {k: v[:, : enc if k in ENCODER_KEYS else dec] if k in TRIMMED else v for k, v in out.items()}
 
 
 def encoder_decoder_batch(batch: dict[str, torch.Tensor], start_id: int, pad_id: int,
@@ -120,9 +94,6 @@ def config_errors(cfg: Any) -> list[str]:
     if getattr(cfg.strategy, "fisher", None) == "sampled":
         errs.append("strategy.fisher: sampled is not supported with an encoder-decoder model (it samples labels "
                     "in the causal layout); use empirical")
-    if getattr(cfg.strategy, "sampling", None) in REFUSED_SAMPLINGS:
-        errs.append(f"strategy.sampling: {cfg.strategy.sampling} is not supported with an encoder-decoder model "
-                    "(buffer losses are computed with a causal forward); use reservoir or random")
     if cfg.distributed.kind == "fsdp":
         errs.append("distributed.kind: fsdp is not supported with an encoder-decoder model yet (its T5Block "
                     "wrapping is unchecked); use ddp or none")
@@ -160,59 +131,3 @@ def config_is_encoder_decoder(model_cfg: Any) -> bool:
         return bool(config.is_encoder_decoder)
     except Exception:  # an unreadable config is the loader's error to report
         return False
-
-
-def _encoder_input(scorer: Any, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts + EOS, right-padded, on the scorer's device: (ids, mask)."""
-    rows = [{"input_ids": p + [scorer.eos_id], "labels": [IGNORE_INDEX] * (len(p) + 1), "task_id": 0}
-            for p in prompts]
-    batch = collate(rows, scorer.pad_id, scorer.device)
-    return batch["input_ids"], batch["attention_mask"]
-
-
-def _encode(scorer: Any, prompts: list[list[int]]) -> tuple[tuple[torch.Tensor], torch.Tensor]:
-    """The encoder run once on ``prompts``: ((last hidden state,), mask), as ``encoder_outputs`` takes them."""
-    ids, mask = _encoder_input(scorer, prompts)
-    with scorer.autocast():
-        hidden = scorer.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    return (hidden,), mask
-
-
-@no_grad
-def greedy_generate(scorer: Any, prompts: list[list[int]], max_new_tokens: int,
-                    dummy: bool = False) -> list[list[int]]:
-    """Greedy decoding of each prompt: encoder once, decoder from the start token with its KV cache, until EOS."""
-    from cl_runner.models.generation import cached_forward, greedy_loop
-
-    encoded, mask = _encode(scorer, prompts)
-    first = torch.full((len(prompts), 1), decoder_start(scorer.model), dtype=torch.long, device=scorer.device)
-
-    def forward(step: torch.Tensor | None, cache: Any) -> tuple[torch.Tensor, Any]:
-        out, cache = cached_forward(scorer.model, cache, encoder_outputs=encoded, attention_mask=mask,
-                                    decoder_input_ids=first if step is None else step)
-        return out.logits[:, -1], cache
-
-    return greedy_loop(scorer, len(prompts), max_new_tokens, dummy, forward)
-
-
-@no_grad
-def label_logprobs(scorer: Any, prompts: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
-    """(B, K) log-probability of each label as the decoder's output: the encoder runs once per prompt and its
-    output is repeated for the K labels, which the decoder reads in one batch of B x K rows."""
-    (hidden,), mask = _encode(scorer, prompts)
-    batch, n_labels = len(prompts), len(labels)
-    start = decoder_start(scorer.model)
-    rows = [{"input_ids": [start, *label], "labels": [IGNORE_INDEX, *label], "task_id": 0} for label in labels]
-    decoder = collate(rows, scorer.pad_id, scorer.device)  # (K, 1 + longest): decoder input and its targets
-    dec_ids, dec_labels = decoder["input_ids"][:, :-1], decoder["labels"][:, 1:]
-    with scorer.autocast():
-        out = scorer.model(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),),
-                           attention_mask=mask.repeat_interleave(n_labels, 0),
-                           decoder_input_ids=dec_ids.repeat(batch, 1), use_cache=False)
-    logp = torch.log_softmax(out.logits.float(), dim=-1)
-    targets = dec_labels.repeat(batch, 1)
-    scores = (logp.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1) * (targets != IGNORE_INDEX)).sum(-1)
-    scores = scores.view(batch, n_labels)
-    if scorer.cfg.length_normalize:
-        scores = scores / (dec_labels != IGNORE_INDEX).sum(-1).to(scores.dtype)
-    return scores

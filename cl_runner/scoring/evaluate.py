@@ -3,9 +3,9 @@ of cl_runner/scoring/metrics.py), label accuracy (cached-prefix scoring), perple
 
 All scoring runs under ``torch.no_grad`` and the caller's autocast, in batches sorted by length so padding
 stays small; a batch holds at most ``batch_size`` examples and, when ``batch_tokens`` is set, at most that many
-padded tokens (its longest example's length x its size; generation counts its token budget too). Generation
-uses left padding with explicit position ids, so it works for any causal LM. The KV cache goes through
-``cached_forward``: the transformers ``Cache`` API under the keyword the model's version takes, no deprecated form.
+padded tokens (its longest example's length x its size; generation counts its token budget too). Generation and
+label scoring are the model kind's (``Scorer.kind``, models/kinds.py: a causal LM left-pads with explicit position
+ids, an encoder-decoder runs its encoder once per prompt), over the KV cache of ``generation.cached_forward``.
 
 Several processes (``cl_runner.core.dist``): the batches are planned over the whole split, exactly as one process plans
 them, and rank r scores batches r, r + N, r + 2N, ... (strided: every rank gets short and long ones). Each
@@ -28,10 +28,8 @@ import torch
 
 from cl_runner.config.schema import EvalConfig
 from cl_runner.core.dist import all_gather_objects, world
-from cl_runner.models import seq2seq
-from cl_runner.models.generation import cached_forward, greedy_loop, left_pad
+from cl_runner.models.kinds import CAUSAL_LM, ModelKind
 from cl_runner.models.lm import collate, token_nll
-from cl_runner.models.seq2seq import is_encoder_decoder, model_batch, model_inputs
 from cl_runner.scoring.answers import Reading
 from cl_runner.scoring.metrics import LABELS, PERPLEXITY, Metric, metric_named
 from cl_runner.tasks.encode import EncodedTask, EvalItem
@@ -53,6 +51,7 @@ class Scorer:
     on_examples: Callable[[int], None] | None = None  # progress: examples scored by all ranks (rank 0's estimate)
     examples: bool = False  # also return each example's record under "examples", in example order (predictions.py)
     stop_ids: tuple[int, ...] = ()  # token ids besides EOS that end a generation (a chat template's end-of-turn)
+    kind: ModelKind = CAUSAL_LM  # the model's kind (models/kinds.py): its generation, label scoring, batch layout
 
 
 def _batches(scorer: Scorer, lengths: list[int]) -> list[list[int]]:
@@ -104,26 +103,11 @@ def per_example(scorer: Scorer, lengths: list[int], score_batch: Callable[[list[
     return gather_results(all_gather_objects(results), len(lengths))
 
 
-@torch.no_grad()
 def greedy_generate(scorer: Scorer, prompts: list[list[int]], max_new_tokens: int,
                     dummy: bool = False) -> list[list[int]]:
-    """Greedy continuation of each prompt (left-padded batch, KV cache), stopping at EOS. ``dummy``: a batch
-    that only keeps this rank in step with the others (FSDP), done from the start."""
-    if is_encoder_decoder(scorer.model):  # the encoder once, the decoder from its start token
-        return seq2seq.greedy_generate(scorer, prompts, max_new_tokens, dummy)
-    ids, mask = left_pad(prompts, scorer.pad_id, scorer.device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-
-    def forward(step: torch.Tensor | None, cache: Any) -> tuple[torch.Tensor, Any]:
-        nonlocal mask, positions
-        if step is not None:  # one new token per row: its position follows the row's last one
-            positions = positions[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out, cache = cached_forward(scorer.model, cache, input_ids=ids if step is None else step,
-                                    attention_mask=mask, position_ids=positions)
-        return out.logits[:, -1], cache
-
-    return greedy_loop(scorer, len(prompts), max_new_tokens, dummy, forward)
+    """Greedy continuation of each prompt (batched, KV cache), stopping at EOS, as the model's kind does it
+    (``ModelKind.greedy_generate``). ``dummy``: a batch that only keeps this rank in step with the others (FSDP)."""
+    return scorer.kind.greedy_generate(scorer, prompts, max_new_tokens, dummy)
 
 
 def score_generations(scorer: Scorer, items: list[EvalItem], metric: Metric, reading: Reading,
@@ -145,40 +129,10 @@ def _with_examples(scorer: Scorer, result: dict, records: list[dict]) -> dict:
     return {**result, "examples": records} if scorer.examples else result
 
 
-@torch.no_grad()
 def label_logprobs(scorer: Scorer, prompts: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
-    """(B, K) log-probability of each label continuation: the prompt runs once, labels reuse its KV cache."""
-    if is_encoder_decoder(scorer.model):  # the encoder once per prompt, the labels on the decoder
-        return seq2seq.label_logprobs(scorer, prompts, labels)
-    ids, mask = left_pad(prompts, scorer.pad_id, scorer.device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    batch, n_labels = len(prompts), len(labels)
-    with scorer.autocast():
-        out, cache = cached_forward(scorer.model, None, input_ids=ids, attention_mask=mask, position_ids=positions)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): each label's first token
-    longest = max(len(label) for label in labels)
-    label_ids = torch.full((n_labels, longest), scorer.pad_id, dtype=torch.long, device=scorer.device)
-    label_mask = torch.zeros((n_labels, longest), dtype=torch.long, device=scorer.device)
-    for k, label in enumerate(labels):
-        label_ids[k, : len(label)] = torch.tensor(label)
-        label_mask[k, : len(label)] = 1
-    scores = first[:, label_ids[:, 0]]  # (B, K)
-    if longest > 1:
-        cache.batch_repeat_interleave(n_labels)
-        cont_ids = label_ids[:, :-1].repeat(batch, 1)  # tokens fed; each predicts the next label token
-        cont_mask = torch.cat([mask.repeat_interleave(n_labels, 0), label_mask[:, :-1].repeat(batch, 1)], dim=1)
-        start = positions[:, -1:].repeat_interleave(n_labels, 0) + 1
-        cont_pos = start + torch.arange(longest - 1, device=scorer.device)
-        with scorer.autocast():
-            cont, _ = cached_forward(scorer.model, cache, input_ids=cont_ids, attention_mask=cont_mask,
-                                     position_ids=cont_pos)
-        logp = torch.log_softmax(cont.logits.float(), dim=-1)
-        nxt = label_ids[:, 1:].repeat(batch, 1)
-        gathered = logp.gather(-1, nxt[..., None]).squeeze(-1) * label_mask[:, 1:].repeat(batch, 1)
-        scores = scores + gathered.sum(-1).view(batch, n_labels)
-    if scorer.cfg.length_normalize:
-        scores = scores / label_mask.sum(-1).to(scores.dtype)
-    return scores
+    """(B, K) log-probability of each label after each prompt, as the model's kind scores it (causal: the prompt
+    runs once and every label reuses its KV cache; ``ModelKind.label_logprobs``)."""
+    return scorer.kind.label_logprobs(scorer, prompts, labels)
 
 
 def label_accuracy(scorer: Scorer, items: list[EvalItem], labels: list[list[int]], label_texts: list[str]) -> dict:
@@ -203,9 +157,9 @@ def perplexity(scorer: Scorer, items: list[EvalItem]) -> dict:
     ]
 
     def score_batch(batch: list[int], dummy: bool) -> list[dict]:
-        tensors = model_batch(scorer.model, collate([encoded[i] for i in batch], scorer.pad_id, scorer.device))
+        tensors = scorer.kind.model_batch(collate([encoded[i] for i in batch], scorer.pad_id, scorer.device))
         with scorer.autocast():
-            logits = scorer.model(**model_inputs(tensors)).logits
+            logits = scorer.model(**scorer.kind.model_inputs(tensors)).logits
         nll = token_nll(logits, tensors["labels"]).sum(-1).tolist()
         tokens = (tensors["labels"][:, 1:] != -100).sum(-1).tolist()
         return [{"nll": value, "tokens": count} for value, count in zip(nll, tokens, strict=True)]

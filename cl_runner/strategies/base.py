@@ -35,6 +35,7 @@ import torch
 from omegaconf import MISSING
 
 from cl_runner.core.errors import ConfigError
+from cl_runner.models.kinds import CAUSAL_LM, ModelKind
 from cl_runner.models.lm import Encoded
 
 
@@ -68,6 +69,7 @@ class Context:
     eos_id: int | None = None  # the tokenizer's EOS id (ends every target); None when unknown
     decode: Callable[[list[int]], str] | None = None  # token ids -> text, for artifacts users read
     micro: MicroBatch | None = None  # set by the loop around each micro-batch's forward pass and ``loss``
+    kind: ModelKind = CAUSAL_LM  # the model's kind, chosen when it is built: batch layout, forward inputs (kinds.py)
 
     @property
     def task_name(self) -> str:

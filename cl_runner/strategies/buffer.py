@@ -64,9 +64,10 @@ def example_losses(ctx: Context, examples: Sequence[Encoded], batch_size: int = 
     with evaluating(ctx.model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            batch = ctx.collate([examples[i] for i in rows])
+            part = [examples[i] for i in rows]
+            batch = ctx.kind.model_batch(ctx.collate(part), part)  # as the model's kind reads it
             with ctx.autocast():
-                out = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                out = ctx.model(**ctx.kind.model_inputs(batch))
             targets = target_mask(batch["labels"]).sum(1).clamp_min(1)
             losses[rows] = (token_nll(out.logits, batch["labels"]).sum(1) / targets).float().cpu()
     return losses

@@ -1,4 +1,4 @@
-"""Dark Experience Replay (Buzzega et al. 2020): DER and DER++ for causal LMs.
+"""Dark Experience Replay (Buzzega et al. 2020): DER and DER++ for language models of any kind.
 
 The buffer (``buffer.py``, filled in ``after_task``) keeps token ids and, for each kept example, the model's
 logits on its target positions at insertion (the model at the end of the example's task, best weights restored).
@@ -90,9 +90,9 @@ def stored_logits(ctx: Context, examples: list[Encoded], top_k: int | None, dtyp
     with evaluating(ctx.model):
         for start in range(0, len(examples), batch_size):
             part = examples[start : start + batch_size]
-            batch = ctx.collate(part)
+            batch = ctx.kind.model_batch(ctx.collate(part), part)  # as the model's kind reads it
             with ctx.autocast():
-                logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = ctx.model(**ctx.kind.model_inputs(batch)).logits
             mask = target_mask(batch["labels"])
             for row, example in enumerate(part):
                 z = logits[row, :-1][mask[row]].float()

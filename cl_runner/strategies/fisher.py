@@ -31,7 +31,6 @@ import torch
 from cl_runner.core.dist import all_reduce_sum, shard_bounds, world
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import IGNORE_INDEX, Encoded, causal_lm_loss
-from cl_runner.models.seq2seq import is_encoder_decoder, model_batch, model_inputs
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.common import evaluating, local, selected_parameters
 
@@ -97,9 +96,9 @@ def square(g: torch.Tensor) -> torch.Tensor:
 
 
 def _one_loss(ctx: Context, example: Encoded, objective: Objective = causal_lm_loss) -> torch.Tensor:
-    batch = model_batch(ctx.model, ctx.collate([example]), [example])  # encoder-decoder: seq2seq.py
+    batch = ctx.kind.model_batch(ctx.collate([example]), [example])  # as the model's kind reads it
     with ctx.autocast():
-        out = ctx.model(**model_inputs(batch))
+        out = ctx.model(**ctx.kind.model_inputs(batch))
     return objective(out.logits, batch["labels"])
 
 
@@ -174,7 +173,7 @@ def _batched_sums(ctx: Context, labelled: list[Encoded], named: list, batch_size
                   objective: Objective = causal_lm_loss, transform: Transform = square) -> dict[str, torch.Tensor]:
     """``sum_n transform(g_n)`` over ``labelled`` with ``vmap`` (``fisher_diagonal``); the loop when vmap fails."""
     model = ctx.model
-    if is_encoder_decoder(model):  # its encoder needs the padding mask, which vmap cannot take (docstring above)
+    if ctx.kind.padding_needs_mask:  # an encoder does, and vmap cannot take the mask (docstring above)
         return _loop_sums(ctx, labelled, named, objective, transform)
     chosen = {n for n, _ in named}
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}

@@ -123,10 +123,11 @@ def examples_gradient(ctx: Context, examples: Sequence[Encoded], chunk: int,
     total, w = max(sum(target_count(e) for e in examples), 1), world()
     scale = (w.size if w.sharded else 1) / total  # FSDP's reduce-scatter averages over ranks: undo it
     for part in rank_chunks(examples, max(chunk, 1)):
-        batch = ctx.collate(part or list(examples[:1]))  # an empty chunk still joins FSDP's collectives
+        rows = part or list(examples[:1])  # an empty chunk still joins FSDP's collectives
+        batch = ctx.kind.model_batch(ctx.collate(rows), rows)  # as the model's kind reads it
         with ctx.autocast():
-            logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            summed = term(logits, batch, part or list(examples[:1]))
+            logits = ctx.model(**ctx.kind.model_inputs(batch)).logits
+            summed = term(logits, batch, rows)
         (summed * (scale if part else 0.0)).backward()
     grads = step_gradients(params)
     for p, g in zip(params, saved, strict=True):

@@ -12,7 +12,9 @@ base, with experience replay.
   the reference's one-sided ``relu(h_s - h_f)^2`` = ``MSE(h_f, where(h_f > h_s, h_f, h_s))`` (``max``; a
   ratchet that ran away on the tiny default sequence), averaged over every hidden unit of every hidden state the
   model returns (the embedding output and each layer's) at every real token of the step's replayed examples, and
-  added with weight ``consistency_weight``.
+  added with weight ``consistency_weight``. An encoder-decoder has two stacks (``ModelKind.hidden_states``): each
+  position is averaged over its own stack's states, and the positions of both (the encoder's prompt + EOS, the
+  decoder's start + target) are the tokens averaged over.
 - Evaluation uses the slow adapter (``eval_adapter``).
 Differences from the reference, all documented in conf/strategy/ilora.yaml: the consistency loss (above); the
 language-model loss is the loop's mean over the target tokens of the whole mixed batch (the reference averages
@@ -32,7 +34,6 @@ from cl_runner.core.checks import check_choice, check_fraction, check_positive
 from cl_runner.core.dist import world
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
-from cl_runner.models.seq2seq import check_strategy
 from cl_runner.strategies.adapters import SharedLoRAConfig
 from cl_runner.strategies.base import Context, not_made_before_sharding
 from cl_runner.strategies.common import local, tensor_bytes
@@ -120,7 +121,6 @@ class ILoRA(Replay):
         activate(ctx.model, ["fast"])
 
     def check(self, ctx: Context) -> None:
-        check_strategy(ctx.model, self.name)  # an encoder-decoder: refused (seq2seq.py)
         check_targets(ctx.model, self.cfg.target_modules)
 
     def before_shard(self, ctx: Context) -> None:
@@ -150,19 +150,20 @@ class ILoRA(Replay):
             return loss
         if "position_ids" in batch:
             raise ConfigError("train.pack: not supported with strategy.name=ilora (set train.pack=false)")
-        micro = ctx.micro
+        micro, kind = ctx.micro, ctx.kind
         rows = [i for i, e in enumerate(micro.examples) if id(e) in self._replayed]
         picked = rows or [0]  # every rank runs the slow model on every micro-batch: FSDP gathers in step
-        ids, mask = batch["input_ids"][picked], batch["attention_mask"][picked]
+        inputs = {k: v[picked] for k, v in kind.model_inputs(batch).items()}
         activate(ctx.model, ["slow"])
         with torch.no_grad(), ctx.autocast():
-            slow = ctx.model(input_ids=ids, attention_mask=mask).hidden_states
+            slow = kind.hidden_states(ctx.model(**inputs), inputs)  # per stack: an encoder-decoder has two
         activate(ctx.model, ["fast"])
-        fast = tuple(h[picked] for h in outputs.hidden_states)
-        total = consistency_sum(fast, slow, mask.to(fast[0].dtype), one_sided=self.cfg.consistency == "max")
-        step_tokens = sum(len(e["input_ids"]) for e in micro.step if id(e) in self._replayed)
+        one_sided = self.cfg.consistency == "max"
+        total = sum(consistency_sum(tuple(h[picked] for h in fast), states, mask.to(fast[0].dtype), one_sided)
+                    for (fast, _), (states, mask) in zip(kind.hidden_states(outputs, batch), slow, strict=True))
+        step_tokens = sum(kind.model_tokens(e) for e in micro.step if id(e) in self._replayed)
         share = 1.0 / (step_tokens * micro.weight) if rows and micro.weight else 0.0
-        tokens = sum(len(micro.examples[i]["input_ids"]) for i in rows)  # counted on the host: no sync
+        tokens = sum(kind.model_tokens(micro.examples[i]) for i in rows)  # counted on the host: no sync
         ctx.log(ilora_consistency=total.detach() / tokens if rows else 0.0)
         return loss + self.cfg.consistency_weight * share * total
 

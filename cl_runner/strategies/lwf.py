@@ -1,4 +1,4 @@
-"""Learning without forgetting (Li & Hoiem 2016) for causal LMs: distil the previous model on the new data."""
+"""Learning without forgetting (Li & Hoiem 2016): distil the previous model on the new data (any model kind)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from cl_runner.core.checks import check_positive
-from cl_runner.models.seq2seq import model_inputs
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.distill import distillation_kl
@@ -101,7 +100,7 @@ class LwF(Strategy):
         if teacher is None or self.cfg.alpha == 0:
             return loss
         with torch.no_grad(), ctx.autocast():
-            teacher_out = teacher(**model_inputs(batch))  # an encoder-decoder's decoder logits (seq2seq.py)
+            teacher_out = teacher(**ctx.kind.model_inputs(batch))  # an encoder-decoder's: the decoder logits
         temperature = self.cfg.temperature
         kl = distillation_kl(outputs.logits, teacher_out.logits, batch["labels"], temperature)
         ctx.log(lwf_kl=kl.detach())

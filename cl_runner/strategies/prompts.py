@@ -221,9 +221,9 @@ class PromptTuning(Strategy):
 
     def check(self, ctx: Context) -> None:
         model = self._bare(ctx)
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise ConfigError(f"strategy.name: {self.name} prepends soft prompts to a decoder-only (causal) LM; "
-                              f"{type(model).__name__} is an encoder-decoder model")
+        if ctx.kind.soft_prompt_refusal:
+            raise ConfigError(f"strategy.name: {self.name} cannot run on {type(model).__name__}, an "
+                              f"{ctx.kind.name} model: {ctx.kind.soft_prompt_refusal}")
         prompts = len(self.training_prompts(len(ctx.task_names) - 1))  # the most prompts in front at once
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0)
         longest = max((len(e["input_ids"]) for s in ctx.train_sets for e in s), default=0)

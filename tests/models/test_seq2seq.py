@@ -17,9 +17,10 @@ from helpers import cl_run, make_config, run_quietly
 from cl_runner.config.schema import EvalConfig, ModelConfig
 from cl_runner.core.errors import ConfigError
 from cl_runner.engine.loop import split, weighted
+from cl_runner.models.kinds import kind_of
 from cl_runner.models.lm import IGNORE_INDEX, causal_lm_loss, collate, target_count, target_mask
 from cl_runner.models.load import load_model, load_tokenizer, train_tokenizer
-from cl_runner.models.seq2seq import check_strategy, config_errors, config_is_encoder_decoder, model_batch, model_inputs
+from cl_runner.models.seq2seq import check_strategy, config_errors, config_is_encoder_decoder
 from cl_runner.scoring import evaluate
 from cl_runner.scoring.evaluate import Scorer
 from cl_runner.tasks.encode import EvalItem
@@ -38,11 +39,11 @@ def t5():
     model = load_model(cfg, tokenizer, seed=0)
     assert type(model).__name__ == "T5ForConditionalGeneration"
     assert model.config.decoder_start_token_id == tokenizer.pad_token_id
-    batch = examples(tokenizer)  # a few steps on them: generation then says something before its EOS
-    inputs = model_batch(model, collate(batch, tokenizer.pad_token_id), batch)
+    batch, kind = examples(tokenizer), kind_of(model)  # a few steps on them: generation then says something
+    inputs = kind.model_batch(collate(batch, tokenizer.pad_token_id), batch)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(30):
-        causal_lm_loss(model(**model_inputs(inputs)).logits, inputs["labels"]).backward()
+        causal_lm_loss(model(**kind.model_inputs(inputs)).logits, inputs["labels"]).backward()
         optimizer.step()
         optimizer.zero_grad()
     return model.eval(), tokenizer
@@ -63,7 +64,7 @@ def examples(tokenizer) -> list[dict]:
 def scorer(model, tokenizer, **eval_options) -> Scorer:
     return Scorer(model=model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                   device=torch.device("cpu"), autocast=nullcontext, batch_size=8, cfg=EvalConfig(**eval_options),
-                  decode=tokenizer.decode)
+                  decode=tokenizer.decode, kind=kind_of(model))
 
 
 def hf_rows(rows: list[list[int]], fill: int) -> torch.Tensor:
@@ -73,16 +74,16 @@ def hf_rows(rows: list[list[int]], fill: int) -> torch.Tensor:
 
 def test_the_loss_on_decoder_targets_is_hugging_faces_own(t5):
     model, tok = t5
-    batch = examples(tok)
-    ours = model_batch(model, collate(batch, tok.pad_token_id), batch)
-    synced = model_batch(model, collate(batch, tok.pad_token_id))  # lengths read from the batch instead
+    batch, kind = examples(tok), kind_of(model)
+    ours = kind.model_batch(collate(batch, tok.pad_token_id), batch)
+    synced = kind.model_batch(collate(batch, tok.pad_token_id))  # lengths read from the batch instead
     assert all(torch.equal(ours[k], synced[k]) for k in ours)
     prompts = [e["input_ids"][: len(e["input_ids"]) - target_count(e)] + [tok.eos_token_id] for e in batch]
     targets = [e["input_ids"][len(e["input_ids"]) - target_count(e) :] for e in batch]
     assert ours["input_ids"].tolist() == hf_rows(prompts, tok.pad_token_id).tolist()
     assert int(target_mask(ours["labels"]).sum()) == sum(target_count(e) for e in batch)  # loop weighting
     with torch.no_grad():
-        loss = causal_lm_loss(model(**model_inputs(ours)).logits, ours["labels"])
+        loss = causal_lm_loss(model(**kind.model_inputs(ours)).logits, ours["labels"])
         hf = model(input_ids=hf_rows(prompts, tok.pad_token_id), attention_mask=hf_rows(prompts, -1) != -1,
                    labels=hf_rows(targets, IGNORE_INDEX)).loss
     assert float(loss) == pytest.approx(float(hf), rel=1e-5)
@@ -90,13 +91,13 @@ def test_the_loss_on_decoder_targets_is_hugging_faces_own(t5):
 
 def test_micro_batches_weighted_by_target_tokens_give_the_whole_batch_gradient(t5):
     model, tok = t5
-    batch = examples(tok)
+    batch, kind = examples(tok), kind_of(model)
 
     def grads(parts: list[tuple[list[dict], float]]) -> torch.Tensor:
         model.zero_grad()
         for part, weight in parts:
-            inputs = model_batch(model, collate(part, tok.pad_token_id), part)
-            (causal_lm_loss(model(**model_inputs(inputs)).logits, inputs["labels"]) * weight).backward()
+            inputs = kind.model_batch(collate(part, tok.pad_token_id), part)
+            (causal_lm_loss(model(**kind.model_inputs(inputs)).logits, inputs["labels"]) * weight).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     whole = grads([(batch, 1.0)])
@@ -164,7 +165,6 @@ def test_a_t5_saved_to_disk_loads_by_path(t5, tmp_path):
     (["strategy=lamol"], "strategy.name: lamol is not supported with an encoder-decoder model"),
     (["strategy=progressive"], "strategy.name: progressive is not supported with an encoder-decoder model"),
     (["strategy=ewc", "strategy.fisher=sampled"], "strategy.fisher: sampled is not supported"),
-    (["strategy=replay", "strategy.sampling=hardest"], "strategy.sampling: hardest is not supported"),
 ])
 def test_what_cannot_work_with_an_encoder_decoder_is_refused(overrides, line):
     with pytest.raises(ConfigError) as refused:
@@ -201,9 +201,14 @@ def test_a_refusal_is_one_line_and_exit_2(t5, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["naive", "replay", "ewc", "lwf", "adapters"])
-def test_strategies_train_a_t5_and_its_loss_falls(tmp_path, strategy):
-    options = ["strategy.buffer_size=8"] if strategy == "replay" else []
+@pytest.mark.parametrize(("strategy", "options"), [
+    ("naive", []), ("replay", ["strategy.buffer_size=8"]), ("ewc", []), ("lwf", []), ("adapters", []),
+    # those that run the model on batches of their own, through the model kind (models/kinds.py)
+    ("der", []), ("agem", []), ("gem", []), ("ilora", []),
+    ("replay", ["strategy.buffer_size=8", "strategy.sampling=hardest"]),
+    ("replay", ["strategy.buffer_size=8", "strategy.sampling=importance"]),
+])
+def test_strategies_train_a_t5_and_its_loss_falls(tmp_path, strategy, options):
     cfg = make_config("model=tiny_t5", f"strategy={strategy}", "train.epochs=3", "train.keep_best=false",
                       "checkpoint.enabled=false", *options, tasks=TASKS)
     result = run_quietly(cfg, tmp_path / "run")
@@ -211,9 +216,17 @@ def test_strategies_train_a_t5_and_its_loss_falls(tmp_path, strategy):
     for task in ("color", "city"):
         losses = [h["train_loss"] for h in history if h["task"] == task]
         assert len(losses) == 3 and losses[-1] < losses[0], (task, losses)
-    assert result["status"] == "completed"
+    assert result["status"] == "completed" and len(result["stages"]) == 3  # scored before and after each task
+    second = [h["extras"] for h in history if h["task"] == "city"]
     if strategy in ("ewc", "lwf"):  # the penalty / distillation term ran on the second task
-        assert any(h["extras"] for h in history if h["task"] == "city")
+        assert all(second)
+    if strategy in ("der", "ilora"):  # the logit distance / hidden-state consistency, at every epoch
+        assert all(extras[f"{strategy}_{'distance' if strategy == 'der' else 'consistency'}"] > 0 for extras in second)
+    if strategy in ("agem", "gem"):  # a reference gradient at every step with a buffer
+        steps = 3 * math.ceil(16 / cfg.train.batch_size)  # the second task's: 3 epochs of 16 examples
+        assert result["strategy_accounting"][f"{strategy}_steps_with_buffer"] == steps
+    if "sampling" in " ".join(options):
+        assert result["strategy_accounting"]["buffer_per_task"] == {0: 4, 1: 4}
 
 
 @pytest.mark.slow

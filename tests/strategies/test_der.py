@@ -1,5 +1,6 @@
 """DER / DER++ (cl_runner/strategies/der.py): the logit distances against hand computations, the stored logits
-against the model's at insertion, the step's extra gradient against autograd on the loss written out by hand."""
+against the model's at insertion, the step's extra gradient against autograd on the loss written out by hand; the
+same on an encoder-decoder (tiny_t5), against Hugging Face's own forward of each example."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 
 import pytest
 import torch
+from tiny_lm import one_thread, train  # noqa: F401 (autouse fixture)
 from tiny_loop import context, examples, tiny_model
+from tiny_t5 import hf_target_logits, split, t5_context, task_perplexity, tiny_t5
 
 from cl_runner.models.lm import collate
 from cl_runner.strategies.der import DER, ID, DERConfig, logit_distance
@@ -105,3 +108,37 @@ def test_bad_options_are_reported_one_line_each():
                     "strategy.logit_dtype: expected one of float16, bfloat16, float32, got 'int8'",
                     "strategy.alpha: expected a non-negative number, got -1.0"]
     assert DERConfig(alpha=0.0, beta=0.0).errors("strategy")[0].startswith("strategy.alpha: alpha and beta are both 0")
+
+
+def test_on_an_encoder_decoder_der_stores_and_replays_the_decoders_logits_on_the_targets():
+    """tiny_t5: the stored logits are the decoder's on the target tokens, the step gets the gradient of the DER++
+    loss written out on Hugging Face's own forward of each example, and two tasks train through the loop."""
+    model = tiny_t5()
+    ctx = t5_context(model, tasks=2, n=6)
+    der = DER(DERConfig(buffer_size=6, replay_batch_size=6, alpha=0.3, beta=0.7, logit_dtype="float32"))
+    der.after_task(ctx)
+    ctx.task_index = 1
+    buffer = der.buffer.examples
+    with torch.no_grad():
+        for example in buffer:
+            torch.testing.assert_close(der.logits[example[ID]][0], hf_target_logits(model, example), atol=1e-5,
+                                       rtol=1e-5)
+        model.shared.weight.mul_(1.5)  # the model moved on since insertion
+    d, nll = [], []
+    for example in buffer:
+        now, (stored, _) = hf_target_logits(model, example), der.logits[example[ID]]
+        d.append(((now - stored) ** 2).mean(-1))
+        nll.append(-torch.log_softmax(now, -1).gather(1, torch.tensor(split(example)[1])[:, None]).squeeze(1))
+    (0.3 * torch.cat(d).mean() + 0.7 * torch.cat(nll).mean()).backward()
+    want = [p.grad.clone() + 1.0 for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    der.after_backward(ctx)
+    for p, w in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w, atol=1e-5, rtol=1e-4)
+    assert float(ctx.extras["der_distance"]) > 0
+    model.zero_grad(set_to_none=True)
+    before = task_perplexity(ctx, 1)
+    train(ctx, der, 1, epochs=3)
+    assert float(ctx.extras["der_distance"]) > 0 and der.steps > 0
+    assert task_perplexity(ctx, 1) < before

@@ -1,5 +1,6 @@
 """I-LoRA: the EMA of the slow adapter and the consistency loss by hand, its step normalisation, and the two
-adapters through a short sequence (base frozen, slow trails fast, evaluation on the slow one)."""
+adapters through a short sequence (base frozen, slow trails fast, evaluation on the slow one); on an
+encoder-decoder (tiny_t5): the consistency over both stacks against Hugging Face's own forward, and training."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from helpers import make_config
 from tiny_lm import one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
+from tiny_t5 import hf_outputs, t5_context, task_perplexity, tiny_t5
 
 from cl_runner.core.errors import UserError
 from cl_runner.engine.loop import split, weighted
@@ -132,3 +134,56 @@ def test_bad_options_are_refused_in_one_line_naming_the_key(override, key):
     with pytest.raises(UserError) as err:
         make_config("strategy=ilora", override)
     assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_on_an_encoder_decoder_the_consistency_covers_the_encoders_and_the_decoders_hidden_states():
+    """tiny_t5: the term is the per-position mean over each stack's hidden states (encoder and decoder), summed
+    over the replayed examples' positions of both (prompt + EOS, start + target) and divided by their number;
+    Hugging Face's own forward of each replayed example alone is the reference."""
+    model = tiny_t5()
+    ctx = t5_context(model, tasks=2)
+    strategy = ILoRA(ILoRAConfig(rank=2))
+    strategy.before_task(ctx)
+    strategy.after_task(ctx)
+    ctx.task_index = 1
+    with torch.no_grad():
+        for _, p in lora_parameters(model, "slow"):
+            p.add_(0.3 * torch.randn_like(p))
+    step = ctx.train_sets[1][:3] + strategy.buffer.examples[:3]
+    strategy.before_epoch(ctx)
+    terms = []
+    for examples, weight in weighted(split(step, 3)):
+        ctx.micro = MicroBatch(examples, step, weight)
+        batch, inputs = ctx.kind.training_batch(examples, ctx.collate)
+        terms.append(float(strategy.loss(ctx, batch, model(**inputs), torch.zeros(())).detach()) * weight)
+    strategy.after_epoch(ctx)
+    total, positions = 0.0, 0
+    with torch.no_grad():
+        for example in strategy.buffer.examples[:3]:
+            fast = hf_outputs(model, example, output_hidden_states=True)
+            strategy.before_eval(ctx, 0)  # the slow adapter
+            slow = hf_outputs(model, example, output_hidden_states=True)
+            strategy.after_eval(ctx)
+            for stack in ("encoder_hidden_states", "decoder_hidden_states"):
+                f, s = getattr(fast, stack), getattr(slow, stack)
+                total += float(consistency_sum(f, s, torch.ones(f[0].shape[:2]), one_sided=False))
+                positions += f[0].size(1)
+    assert positions == sum(len(e["input_ids"]) + 2 for e in strategy.buffer.examples[:3])
+    assert total > 0 and terms[0] == 0.0  # the first micro-batch holds new examples only
+    assert sum(terms) == pytest.approx(total / positions, rel=1e-5)
+
+
+def test_on_an_encoder_decoder_two_tasks_train_the_fast_adapter_with_the_consistency_term():
+    model = tiny_t5()
+    ctx = t5_context(model, tasks=2)
+    strategy = ILoRA(ILoRAConfig(rank=2, buffer_size=4))
+    train(ctx, strategy, 0, epochs=1)
+    before = task_perplexity(ctx, 1)
+    train(ctx, strategy, 1, epochs=3, lr=3e-2)
+    assert float(ctx.extras["ilora_consistency"]) > 0 and len(strategy.buffer) == 4
+    fast = {n: p for n, p in lora_parameters(model, "fast") if "lora_B" in n}
+    slow = {n.replace(".slow.", ".fast."): p for n, p in lora_parameters(model, "slow") if "lora_B" in n}
+    assert any(not torch.equal(p, slow[n]) for n, p in fast.items())
+    strategy.before_eval(ctx, 1)  # scored as the run scores it: on the slow adapter
+    assert task_perplexity(ctx, 1) < before
+    strategy.after_eval(ctx)

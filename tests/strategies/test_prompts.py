@@ -1,7 +1,8 @@
 """prompt_tuning / progressive_prompts: the soft prompt is prepended as a manual forward over concatenated
 embeddings would, in the order [P_t; ...; P_1]; only the newest prompt trains (the LM and earlier prompts stay
 bit-identical); label scores and greedy generation through the KV cache equal a brute-force forward; evaluation
-with and without task identity; resume re-creates the prompts; bad options and packing refused; a short run learns."""
+with and without task identity; resume re-creates the prompts; bad options, packing and an encoder-decoder refused;
+a short run learns."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 from helpers import make_config, run_quietly
 from tiny_lm import CUE, EOS, one_thread, tiny_context, tiny_model, train  # noqa: F401 (autouse fixture)
+from tiny_t5 import t5_context, tiny_t5
 
 from cl_runner.config.schema import EvalConfig
 from cl_runner.core.errors import ConfigError
+from cl_runner.models.kinds import EncoderDecoder
 from cl_runner.scoring.evaluate import Scorer, greedy_generate, label_logprobs
 from cl_runner.strategies.prompts import (
     ATTRIBUTE,
@@ -182,6 +185,16 @@ def test_a_prompt_longer_than_the_context_allows_is_refused():
     model = tiny_model()
     with pytest.raises(ConfigError, match="strategy.length: 3 x 30 prompt tokens"):
         ProgressivePrompts(ProgressivePromptsConfig(length=30)).check(tiny_context(model))
+
+
+@pytest.mark.parametrize("cls", [PromptTuning, ProgressivePrompts])
+def test_an_encoder_decoder_is_refused_in_one_line_by_its_model_kind(cls):
+    model = tiny_t5()
+    with pytest.raises(ConfigError) as err:
+        cls(cls.Config()).check(t5_context(model))
+    assert str(err.value) == (f"strategy.name: {cls.name} cannot run on T5ForConditionalGeneration, an "
+                              f"encoder-decoder model: {EncoderDecoder.soft_prompt_refusal}")
+    assert not hasattr(model, ATTRIBUTE)  # refused before any prompt is made
 
 
 @pytest.mark.slow

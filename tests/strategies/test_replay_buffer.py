@@ -1,4 +1,5 @@
-"""Replay buffer: reservoir uniformity, per-task balance, importance weights, replay mixing, exact resume."""
+"""Replay buffer: reservoir uniformity, per-task balance, importance weights, replay mixing, exact resume; the
+loss-based samplings on an encoder-decoder (tiny_t5)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import math
 
 import pytest
 import torch
-from tiny_lm import one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from tiny_lm import one_thread, tiny_model, train  # noqa: F401 (autouse fixture)
+from tiny_t5 import hf_mean_nll, t5_context, task_perplexity, tiny_t5
 
 from cl_runner.models.lm import causal_lm_loss, collate
 from cl_runner.strategies.base import Context
@@ -315,3 +317,27 @@ def test_state_dict_round_trip_resumes_identically(sampling):
     assert resumed.buffer.examples == replay.buffer.examples
     assert mixed(resumed, ctx, batches) == mixed(replay, ctx, batches)
     assert replay.accounting()["buffer_examples"] == 10 and not math.isnan(replay.owed)
+
+
+@pytest.mark.parametrize("sampling", ["hardest", "importance"])
+def test_on_an_encoder_decoder_the_buffer_scores_by_the_decoders_loss(sampling):
+    """tiny_t5: example losses are Hugging Face's own loss of each example alone; ``hardest`` keeps the task's
+    highest-loss examples (the pool is the whole task), ``importance`` keeps distinct scored ones; replay then
+    trains the next task through the loop."""
+    model = tiny_t5()
+    ctx = t5_context(model, tasks=2, n=8)
+    data = ctx.train_sets[0]
+    with torch.no_grad():
+        expected = torch.stack([hf_mean_nll(model, e) for e in data])
+    torch.testing.assert_close(example_losses(ctx, data, batch_size=3), expected, atol=1e-5, rtol=1e-5)
+    replay = Replay(ReplayConfig(buffer_size=3, sampling=sampling, replay_ratio=0.3))
+    replay.after_task(ctx)
+    kept = [data.index(e) for e in replay.buffer.examples]
+    assert len(set(kept)) == 3
+    torch.testing.assert_close(torch.tensor(replay.buffer.scores).float(), expected[kept], atol=1e-5, rtol=1e-5)
+    if sampling == "hardest":
+        assert sorted(kept) == sorted(torch.argsort(expected, descending=True)[:3].tolist())
+    ctx.task_index = 1
+    before = task_perplexity(ctx, 1)
+    train(ctx, replay, 1, epochs=3)
+    assert task_perplexity(ctx, 1) < before
