@@ -2,4 +2,4 @@
 (predictions), plots, the cost columns (cost), runs read back from disk (jobs), cl-report's table (report), the
 paper comparison (reproduction) and the sweep summary (sweep).
 
-May import: core, config.schema and scoring.cl_metrics; never the engine (the engine calls outputs)."""
+May import: core, config.schema, scoring.cl_metrics and scoring.metrics; never the engine (the engine calls outputs)."""

@@ -22,7 +22,7 @@ from cl_runner.core.files import write_atomic
 from cl_runner.outputs import plots
 from cl_runner.outputs.cost import COST_FIELDS, format_value
 from cl_runner.outputs.jobs import Job, find_run_dirs, override_key, override_value, read_jobs
-from cl_runner.scoring import metrics as task_metrics
+import cl_runner.scoring.metrics as task_metrics
 
 # A run's summary metrics (not the task metrics of cl_runner/scoring/metrics.py, which fill the score matrix):
 # metrics.json key -> (label, higher is better). The first five are the table's columns; all are sortable.

@@ -1,6 +1,7 @@
 """Task sequences: load each task's rows (bundled generator or ``datasets``), format prompts, encode tokens.
 
-May import: core, config.schema and models (the token layout of ``models.lm``)."""
+May import: core, config.schema, models and scoring.metrics (the token layout of ``models.lm``; a metric's
+direction)."""
 
 from cl_runner.tasks.base import Example, Task
 from cl_runner.tasks.encode import EncodedTask, encode_task

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cl_runner.scoring import metrics
+import cl_runner.scoring.metrics as metrics
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from helpers import make_config, run_quietly, write_jsonl
-from test_predictions import LABELS, items, tiny_scorer
+from scored_items import LABELS, items, tiny_scorer
 
 from cl_runner.config.schema import EvalConfig, TaskConfig
 from cl_runner.core.errors import ConfigError
