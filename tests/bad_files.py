@@ -16,7 +16,7 @@ GOOD_LINES = "".join(json.dumps(row) + "\n" for row in GOOD)
 
 
 def write_data_files(root: Path) -> None:
-    """One defect each; the defect sits on line 3 unless the name says otherwise."""
+    """One defect each; the defect sits on line 3 (row 3) unless the name says otherwise."""
     latin1 = '{"question": "café?", "answer": "x"}\n'.encode("latin-1")
     (root / "latin1.jsonl").write_bytes(GOOD_LINES.encode() + latin1)
     (root / "latin1.csv").write_bytes("question,answer\nq1,a1\ncafé?,a2\n".encode("latin-1"))
@@ -28,6 +28,16 @@ def write_data_files(root: Path) -> None:
     (root / "number_line1.jsonl").write_text("3\n" + GOOD_LINES)
     (root / "long_line.jsonl").write_text(GOOD_LINES + json.dumps({"question": "x" * 30_000_000, "answer": "a"}) + "\n")
     (root / "rows.json").write_text(json.dumps(GOOD))  # a JSON document: fine
+    # values that are no text: datasets would train on their Python repr (round three)
+    (root / "list_value.jsonl").write_text(GOOD_LINES + json.dumps({"question": ["a", "b"], "answer": "x"}) + "\n")
+    (root / "dict_value.jsonl").write_text(GOOD_LINES + json.dumps({"question": "q", "answer": {"text": "x"}}) + "\n")
+    (root / "list_value.json").write_text(json.dumps([*GOOD, {"question": ["a", "b"], "answer": "x"}]))  # row 3
+    (root / "open_quote.csv").write_text('question,answer\nq1,a1\n"q2 never closed,a2\nq3,a3\n')
+    null_target = root / "conf-null-target" / "tasks"  # a config directory whose task file has a null column
+    null_target.mkdir(parents=True)
+    (null_target / "null_target.yaml").write_text(
+        "name: null_target\ntasks:\n  - name: t\n    path: json\n    data_files: {train: rows.json, test: rows.json}\n"
+        "    input_column: question\n    target_column: null\n")
 
 
 def write_model_dirs(root: Path) -> None:

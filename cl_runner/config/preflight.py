@@ -59,6 +59,16 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, MissingConfigException) and _unknown_option(text):
         return _unknown_option(text)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    in_file = re.match(r"In '([^']+)': \w+ raised while composing config", text)
+    if in_file and exc.__context__ is not None:  # a bad value in a config file: Hydra keeps the detail as context
+        context = exc.__context__
+        key = option_key(str(getattr(context, "full_key", None) or getattr(context, "key", None) or "?"))
+        detail = str(context).strip().splitlines()[0]
+        value = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", detail)
+        if value:
+            kind = value.group(2).lower()
+            detail = f"expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {value.group(1)!r}"
+        return f"{in_file.group(1)}.yaml: {_null_value(context, '') or f'{key}: {detail}'}"
     cause = exc.__cause__
     if cause is not None:
         override = re.search(r"Error merging override ([^=\s]+)=", text)

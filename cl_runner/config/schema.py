@@ -29,6 +29,7 @@ from cl_runner.scoring.answers import answer_errors
 from cl_runner.scoring.metrics import LABELS, metric_names, needs
 from cl_runner.trackers.schema import LoggerConfig
 
+MIN_TOKENIZER_VOCAB = 257  # a trained byte-level BPE holds the 256 byte symbols and EOS before any merge
 TASK_SOURCES = ("facts", "datasets")
 
 
@@ -51,7 +52,9 @@ class ModelConfig:
         errs: list[str] = []
         if self.name_or_path is None and "model_type" not in self.arch:
             errs.append(f"{key}.arch.model_type: required when {key}.name_or_path is null (e.g. gpt2)")
-        _positive(errs, f"{key}.tokenizer_vocab_size", self.tokenizer_vocab_size)
+        if self.tokenizer_vocab_size < MIN_TOKENIZER_VOCAB:  # the trainer would silently make it 257
+            errs.append(f"{key}.tokenizer_vocab_size: expected at least {MIN_TOKENIZER_VOCAB} (the trained BPE's 256 "
+                        f"byte symbols and EOS), got {self.tokenizer_vocab_size}")
         _choice(errs, f"{key}.dtype", self.dtype, WEIGHT_DTYPES)
         return errs
 
@@ -448,6 +451,10 @@ def validate(cfg: DictConfig) -> Config:
     """Turn a composed config into typed objects and check every range; raise one ConfigError listing all."""
     from cl_runner.strategies.registry import strategy_class
 
+    deleted = [f.name for f in fields(Config) if f.name not in cfg.keys()]
+    if deleted:  # ``~train``: to_object below would fill in the schema's defaults, and run them unasked
+        raise ConfigError("; ".join(f"{key}: cannot be deleted (~{key}); every run needs it, change its values instead"
+                                    for key in deleted))
     schema = strategy_class(OmegaConf.select(cfg, "strategy.name"), OmegaConf.select(cfg, "strategy._target_")).Config
     unknown = _unknown_keys(cfg, Config, "") + _unknown_keys(cfg.strategy, schema, "strategy")
     if unknown:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cl_runner.config.schema import ModelConfig
+from cl_runner.config.schema import MIN_TOKENIZER_VOCAB, ModelConfig
 from cl_runner.core.checks import WEIGHT_DTYPES
 from cl_runner.core.errors import ModelError
 from cl_runner.models.kinds import kind_class
@@ -102,7 +102,12 @@ def _quiet_load() -> Iterator[None]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """A GPT-2-style byte-level BPE trained on ``texts``; deterministic for the same texts."""
+    """A GPT-2-style byte-level BPE trained on ``texts``; deterministic for the same texts. It holds at most
+    ``vocab_size`` tokens (fewer when the texts offer fewer merges), and never fewer than its 256 byte symbols and
+    EOS: a smaller ``vocab_size`` is refused rather than silently raised."""
+    if vocab_size < MIN_TOKENIZER_VOCAB:
+        raise ModelError(f"model.tokenizer_vocab_size: expected at least {MIN_TOKENIZER_VOCAB} (the trained BPE's 256 "
+                         f"byte symbols and EOS), got {vocab_size}")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

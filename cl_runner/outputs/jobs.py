@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 NO_METRICS = "no metrics.json (job died before its first evaluation)"
+SWEEP_FILE = "sweep.json"  # at the root of a multirun: its jobs (cl_runner/outputs/sweep.py keeps it)
+
 
 # --------------------------------------------------------------------------------------------------- reading
 @dataclass
@@ -28,6 +30,8 @@ class Job:
     seed: int | None
     overrides: list[str]  # as typed for this job (Hydra's .hydra/overrides.yaml), seed included
     metrics: dict[str, Any]  # contents of metrics.json ({} when there is none)
+    config: dict[str, Any] = field(default_factory=dict)  # the config it ran with (config.yaml, resolved)
+    choices: dict[str, Any] = field(default_factory=dict)  # config group -> option (.hydra/hydra.yaml)
 
     @property
     def configuration(self) -> tuple[str, ...]:
@@ -41,12 +45,36 @@ class Job:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return float(value) if ok else None
 
+    def setting(self, key: str) -> str:
+        """What the job ran with for an override key, whether it was typed or came from a default or an
+        experiment file: a config group's option, else the value in its config, else the typed value."""
+        if key in self.choices:
+            return _text(self.choices[key])
+        value: Any = self.config
+        for part in key.split("."):
+            if isinstance(value, dict) and part in value:
+                value = value[part]
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                typed = [override_value(o) for o in self.overrides if override_key(o) == key]
+                return typed[-1] if typed else ""
+        return _text(value)
+
     def score_rows(self) -> list[list[float]] | None:
         """The score matrix with its init row (stages x tasks), or None when the run has no stages."""
         tasks, stages = self.metrics.get("tasks"), self.metrics.get("stages")
         if not tasks or not stages:
             return None
         return [[stage["scores"][name]["score"] for name in tasks] for stage in stages]
+
+
+def _text(value: Any) -> str:
+    """A config value as an override would spell it (true, null; a list or mapping as JSON)."""
+    if isinstance(value, str):
+        return value
+    plain = value is None or isinstance(value, bool | list | dict)
+    return json.dumps(value, ensure_ascii=False) if plain else str(value)
 
 
 def override_key(override: str) -> str:
@@ -73,10 +101,30 @@ def _natural(path: Path) -> tuple:
     return (int(number.group()) if number else math.inf, path.name)
 
 
+def is_sweep_dir(path: Path) -> bool:
+    """A multirun's directory: ``sweep.json`` (cl-run's), or Hydra's ``multirun.yaml``."""
+    return (path / SWEEP_FILE).is_file() or (path / "multirun.yaml").is_file()
+
+
+def sweep_job_dirs(path: Path) -> list[Path] | None:
+    """The job directories a sweep's ``sweep.json`` lists (job number order), or None without a readable one."""
+    try:
+        entries = json.loads((path / SWEEP_FILE).read_text(encoding="utf-8"))["jobs"]
+        listed = [path / entry["dir"] for entry in sorted(entries, key=lambda e: e["num"])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    inside = path.resolve()
+    return [d for d in listed if d.is_dir() and d.resolve().is_relative_to(inside) and d.resolve() != inside]
+
+
 def find_run_dirs(path: Path) -> list[Path]:
-    """``path`` itself when it is a run, else every run below it (job number order; hidden folders skipped)."""
+    """``path`` itself when it is a run; a sweep's own jobs (as its sweep.json lists them, not other runs kept in
+    its folder); else every run below it (job number order; hidden folders skipped)."""
     if is_run_dir(path):
         return [path]
+    listed = sweep_job_dirs(path)
+    if listed is not None:
+        return listed
     found: list[Path] = []
     for child in sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural):
         found.extend(find_run_dirs(child))
@@ -88,8 +136,10 @@ def read_job(run_dir: Path, root: Path | None = None) -> Job:
     run_dir = Path(run_dir)
     overrides = _load_yaml(run_dir / ".hydra" / "overrides.yaml")
     overrides = overrides if isinstance(overrides, list) else []
-    config = _load_yaml(run_dir / ".hydra" / "config.yaml") or _load_yaml(run_dir / "config.yaml")
+    config = _load_yaml(run_dir / "config.yaml") or _load_yaml(run_dir / ".hydra" / "config.yaml")
     config = config if isinstance(config, dict) else {}
+    hydra = _load_yaml(run_dir / ".hydra" / "hydra.yaml")
+    choices = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") if isinstance(hydra, dict) else None
     metrics: dict[str, Any] = {}
     error = None
     try:
@@ -107,7 +157,17 @@ def read_job(run_dir: Path, root: Path | None = None) -> Job:
     if seed is None and "seed" in settings:
         seed = int(settings["seed"]) if settings["seed"].lstrip("-").isdigit() else None
     name = run_dir.name if root is None or run_dir == root else run_dir.relative_to(root).as_posix()
-    return Job(run_dir, name, status, error, strategy, seed, [str(o) for o in overrides], metrics)
+    return Job(run_dir, name, status, error, strategy, seed, [str(o) for o in overrides], metrics, config,
+               choices if isinstance(choices, dict) else {})
+
+
+def check_paths(paths: list[Path]) -> None:
+    """ValueError (one line, naming the path) unless every path is a directory holding at least one run."""
+    for path in paths:
+        if not path.is_dir():
+            raise ValueError(f"{path}: not a directory" if path.exists() else f"{path}: no such directory")
+        if not find_run_dirs(path):
+            raise ValueError(f"{path}: no runs found (a run directory holds metrics.json or .hydra/overrides.yaml)")
 
 
 def read_jobs(paths: list[Path]) -> list[Job]:
@@ -120,5 +180,3 @@ def read_jobs(paths: list[Path]) -> list[Job]:
             jobs.append(job)
     return jobs
 
-
-# ------------------------------------------------------------------------------------------ the table itself

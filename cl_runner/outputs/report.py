@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import cl_runner.scoring.metrics as task_metrics
 from cl_runner.core.console import print_whole
 from cl_runner.core.files import write_atomic
 from cl_runner.outputs import plots
 from cl_runner.outputs.cost import COST_FIELDS, format_value
-from cl_runner.outputs.jobs import Job, find_run_dirs, override_key, override_value, read_jobs
-import cl_runner.scoring.metrics as task_metrics
+from cl_runner.outputs.jobs import Job, check_paths, override_key, read_jobs
 
 # A run's summary metrics (not the task metrics of cl_runner/scoring/metrics.py, which fill the score matrix):
 # metrics.json key -> (label, higher is better). The first five are the table's columns; all are sortable.
@@ -52,15 +52,12 @@ LONG_NAMES.update({f"cost.{key}": label for key, (label, _) in COST_FIELDS.items
 
 @dataclass
 class Configuration:
-    """The jobs that ran one setting (same strategy and overrides), e.g. with different seeds."""
+    """The jobs that ran one setting (same strategy and the same values for every key any job typed), e.g. with
+    different seeds."""
 
     strategy: str
-    overrides: tuple[str, ...]
+    settings: dict[str, str]  # override key -> the value it ran with (Job.setting: typed or not)
     jobs: list[Job]
-
-    @property
-    def settings(self) -> dict[str, str]:
-        return {override_key(o): override_value(o) for o in self.overrides}
 
     @property
     def completed(self) -> list[Job]:
@@ -86,18 +83,22 @@ class Configuration:
 
 
 def group_jobs(jobs: list[Job]) -> list[Configuration]:
-    """Jobs with the same strategy and overrides (seed aside) form one configuration; first-seen order."""
+    """Jobs with the same strategy and the same values (seed aside) form one configuration, first-seen order. The
+    values are those of every key any job typed, as each job ran it: typed, or from a default or an experiment
+    file (``train.lr=0.003`` typed and the default 0.003 are one setting)."""
+    keys = list(dict.fromkeys(k for j in jobs for k in map(override_key, j.configuration) if k != "strategy"))
     groups: dict[tuple, Configuration] = {}
     for job in jobs:
-        key = (job.strategy, tuple(sorted(job.configuration)))  # the same overrides in any order
-        groups.setdefault(key, Configuration(job.strategy, job.configuration, [])).jobs.append(job)
+        settings = {k: job.setting(k) for k in keys}
+        group = (job.strategy, tuple(settings.items()))
+        groups.setdefault(group, Configuration(job.strategy, settings, [])).jobs.append(job)
     return list(groups.values())
 
 
 def swept_keys(configs: list[Configuration]) -> list[str]:
-    """Override keys whose value differs between configurations (strategy has its own column); with a single
-    configuration, all of its keys, so that the row says what was run."""
-    keys = list(dict.fromkeys(k for c in configs for k in c.settings if k != "strategy"))
+    """Keys whose value differs between configurations (strategy has its own column); with a single
+    configuration, all the keys its jobs typed, so that the row says what was run."""
+    keys = list(dict.fromkeys(k for c in configs for k in c.settings))
     if len(configs) == 1:
         return keys
     return [k for k in keys if len({c.settings.get(k) for c in configs}) > 1]
@@ -203,6 +204,30 @@ def formatted(rows: list[dict[str, Any]], keys: list[str], metric: str) -> tuple
     return headers, cells
 
 
+def options_in_strategy(headers: list[str], cells: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """A strategy option that some rows leave blank (it belongs to some strategies only) as ``option=value`` in
+    the strategy's cell instead of a column of its own; an option every row sets (a sweep over it) stays one."""
+    where = headers.index("strategy")
+    moved = [k for k, h in enumerate(headers) if h.startswith("strategy.") and any(not line[k] for line in cells)]
+    cells = [[" ".join([line[where], *(f"{headers[k].removeprefix('strategy.')}={line[k]}" for k in moved
+                                       if line[k])]) if i == where else c for i, c in enumerate(line)]
+             for line in cells]
+    keep = [k for k in range(len(headers)) if k not in moved]
+    return [headers[k] for k in keep], [[line[k] for k in keep] for line in cells]
+
+
+def differing(headers: list[str], cells: list[list[str]], metric: str) -> tuple[list[str], list[list[str]],
+                                                                                list[tuple[str, str]]]:
+    """The console's columns: those whose cells differ between rows (the rank, the sort metric and its Δ always),
+    and (header, value) of the columns left out because every row has the same value. One row keeps them all."""
+    if len(cells) < 2:
+        return headers, cells, []
+    always = {"#", RUN_METRICS[metric][0], "Δ best"}
+    keep = [k for k, h in enumerate(headers) if h in always or len({line[k] for line in cells}) > 1]
+    same = [(h, cells[0][k]) for k, h in enumerate(headers) if k not in keep]
+    return [headers[k] for k in keep], [[line[k] for k in keep] for line in cells], same
+
+
 # ------------------------------------------------------------------------------------------------ a report
 @dataclass
 class Report:
@@ -230,11 +255,7 @@ def build_report(paths: list[Path], metric: str = "average_accuracy") -> Report:
     path) when a path is missing or holds no run."""
     metric = resolve_metric(metric)
     paths = [Path(p) for p in paths]
-    for path in paths:
-        if not path.is_dir():
-            raise ValueError(f"{path}: not a directory")
-        if not find_run_dirs(path):
-            raise ValueError(f"{path}: no runs found (a run directory holds metrics.json or .hydra/overrides.yaml)")
+    check_paths(paths)
     jobs = read_jobs(paths)
     higher = higher_is_better(metric, jobs)
     configs = rank(group_jobs(jobs), metric, higher)
@@ -254,7 +275,11 @@ def _count(n: int, noun: str) -> str:
 
 
 def print_report(report: Report, console: Console) -> None:
-    headers, cells = formatted(report.rows, report.keys, report.metric)
+    """The table with the columns that differ between rows (report.csv and report.md hold them all), the values
+    every row shares on one line below it, then the jobs that did not complete."""
+    rows = report.rows
+    headers, cells = options_in_strategy(*formatted(rows, report.keys, report.metric))
+    headers, cells, same = differing(headers, cells, report.metric)
     failed = sum(j.status == "failed" for j in report.jobs)
     table = Table(title=f"{_count(len(report.configs), 'configuration')}, {_count(len(report.jobs), 'job')}"
                         f"{f' ({failed} failed)' if failed else ''} · sorted by {report.direction()} · "
@@ -262,14 +287,18 @@ def print_report(report: Report, console: Console) -> None:
     for k, header in enumerate(headers):
         text = header in ("strategy", "status", *report.keys)
         widest = max(len(line[k]) for line in cells) if cells else 1
-        # numbers are never folded; names fold, but keep a readable width when the terminal is narrow
-        table.add_column(escape(header), justify="left" if text else "right", no_wrap=not text, overflow="fold",
+        # numbers are never folded (and their headers wrap at spaces to fit them); names fold, but keep a readable
+        # width when the terminal is narrow
+        table.add_column(escape(header), justify="left" if text else "right", overflow="fold",
                          min_width=min(widest, 14) if text else widest)
-    for line in cells:
-        status = line[-1]
-        style = "" if status == "completed" else "red" if "failed" in status else "yellow"
-        table.add_row(*(escape(c) for c in line[:-1]), f"[{style}]{escape(status)}[/{style}]" if style else status)
+    for line, row in zip(cells, rows, strict=True):
+        style = "" if row["status"] == "completed" else "red" if "failed" in row["status"] else "yellow"
+        table.add_row(*(f"[{style}]{escape(c)}[/{style}]" if style and h == "status" else escape(c)
+                        for h, c in zip(headers, line, strict=True)))
     print_whole(console, table)  # to a file or pipe whole; in a terminal names fold, numbers never
+    if same:
+        console.print("same in every row: " + " · ".join(f"{escape(h)} {escape(v)}" for h, v in same),
+                      soft_wrap=True)
     for job in report.unfinished:
         console.print(f"[red]{job.status}[/red] {escape(job.name)}: {escape(_unfinished_note(job))}", soft_wrap=True)
 

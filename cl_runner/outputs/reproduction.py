@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from cl_runner.core.files import write_atomic
 from cl_runner.outputs.jobs import Job, read_jobs
 
 CONF_EXPERIMENTS = Path(__file__).resolve().parents[2] / "conf" / "experiment"
@@ -121,13 +122,13 @@ def markdown(rows: list[PaperRow]) -> str:
 
 
 def paper_main(paths: list[Path], out_dir: Path | None) -> str:
-    """``cl-report --paper PATH...``: print the table (and the runs no row claims), write reproduction.md."""
+    """``cl-report --paper PATH...``: the table (and the runs no row claims), also written as reproduction.md into
+    ``out_dir`` unless it is None."""
     rows, unmatched = reproduction(paths)
     text = markdown(rows)
     if unmatched:
         text += "\nRuns that match no paper row: " + ", ".join(
             f"{job.name} ({job.metrics.get('experiment_name', '?')}, {job.strategy})" for job in unmatched) + "\n"
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "reproduction.md").write_text(text, encoding="utf-8")
+        write_atomic(out_dir / "reproduction.md", text)
     return text

@@ -24,11 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from cl_runner.core.files import write_atomic
-from cl_runner.outputs.jobs import Job, read_job
+from cl_runner.outputs.jobs import SWEEP_FILE, Job, read_job
 from cl_runner.outputs.report import RUN_METRICS, build_report, print_report, write_report
 
 log = logging.getLogger(__name__)
-SWEEP_FILE = "sweep.json"
 KEY_ORDER = ["status", "started", "finished", "overrides", "sweeper", "launcher", "objective", "counts", "jobs"]
 
 

@@ -11,8 +11,8 @@
   the user turn is the instruction, then a blank line and the input when there is one.
 
 The target goes through ``target_template`` in every format. A bad row (a missing key, a non-string content, no
-assistant answer at the end) is an error naming the file and line before ``datasets`` reads the file (``check_files``),
-or the split and row for rows from elsewhere (``format_examples``).
+assistant answer at the end) is an error naming the file and line before ``datasets`` reads the file
+(``check_format_rows``), or the split and row for rows from elsewhere (``format_examples``).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _json_rows(path: Path) -> list[tuple[str, Any]]:
     return rows
 
 
-def check_files(task: TaskConfig, files: list[Path], key: str) -> None:
+def check_format_rows(task: TaskConfig, files: list[Path], key: str) -> None:
     """Every row of the local .jsonl/.json files of a messages or alpaca task, before ``datasets`` reads them
     (it would turn a missing key into null, and stop at a mixed type naming neither file nor row)."""
     if task.format == "columns":

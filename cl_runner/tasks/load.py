@@ -11,14 +11,12 @@ is loaded.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
+import logging
 import random
 import re
 import string
-from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +24,12 @@ from cl_runner.config.schema import TaskConfig, TasksConfig
 from cl_runner.core.errors import ConfigError, DataError
 from cl_runner.tasks.base import Example, Task
 from cl_runner.tasks.facts import RELATIONS, fact_rows
-from cl_runner.tasks.formats import chat_of, check_files, format_examples, needed_columns, with_sequence_defaults
+from cl_runner.tasks.files import check_files, check_utf8, local_files, not_text
+from cl_runner.tasks.formats import chat_of, check_format_rows, format_examples, needed_columns, with_sequence_defaults
 from cl_runner.tasks.offline import ensure_offline_data
 
 Rows = list[dict[str, Any]]
 Source = tuple[TaskConfig, dict[str, Rows], list[str] | None, dict]  # task as read, rows per split, labels, provenance
-# One row of a data file: the json loader of ``datasets`` reads 10 MiB chunks, and a longer row is no prompt or
-# document a causal LM trains on (a run on one 30 MB row was still preparing its data after 5 minutes).
-MAX_LINE_BYTES = 10 << 20
 
 
 def load_sequence(cfg: TasksConfig, seed: int, base_dir: Path | None = None) -> list[Task]:
@@ -140,100 +136,6 @@ def _resolve_files(value: Any, base_dir: Path, key: str) -> Any:
     return str(path)
 
 
-def _local_files(files: Any) -> list[Path]:
-    """The local files among ``data_files`` (resolved), each once; URLs and globs are left to ``datasets``."""
-    if isinstance(files, dict):
-        return list(dict.fromkeys(p for v in files.values() for p in _local_files(v)))
-    if isinstance(files, list | tuple):
-        return list(dict.fromkeys(p for v in files for p in _local_files(v)))
-    return [Path(files)] if files is not None and Path(str(files)).is_file() else []
-
-
-def _lines(path: Path, key: str, max_bytes: int | None = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
-    """``(number, text)`` of every line, stopping at the first bytes that are not UTF-8 (``datasets`` reads
-    UTF-8 and names neither the file nor the line) and at a line longer than ``max_bytes``."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(iter(partial(handle.readline, max_bytes + 1 if max_bytes else -1), b""), 1):
-            if max_bytes and len(raw) > max_bytes:
-                raise DataError(f"{key}: {path} line {number} is longer than {max_bytes >> 20} MiB, the most one "
-                                "row may hold; split its text over several rows")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{key}: {path} line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
-                                f"position {exc.start + 1} of the line); save the file as UTF-8") from None
-            yield number, text.removeprefix("\ufeff") if number == 1 else text
-
-
-def _check_json_lines(path: Path, key: str) -> None:
-    """One JSON object per line (blank lines skipped), and at least one; a ``.json`` file holding one JSON
-    document (a list, or an object spread over lines) is only checked for UTF-8 and left to ``datasets``."""
-    with open(path, "rb") as handle:
-        if path.suffix == ".json" and handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
-            return _check_utf8(path, key, max_bytes=None)
-    rows = 0
-    for number, line in _lines(path, key):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if path.suffix == ".json" and rows == 0 and line.lstrip()[:1] == "{":  # an object over lines
-                return _check_utf8(path, key, max_bytes=None)
-            raise DataError(f"{key}: {path} line {number} is not valid JSON ({exc.msg})") from None
-        if not isinstance(value, dict):
-            raise DataError(f"{key}: {path} line {number} is not a JSON object but {_json_kind(value)}; each "
-                            "line must hold one {...} row")
-        rows += 1
-    if not rows:
-        raise DataError(f"{key}: {path} has no rows (only blank lines)")
-
-
-def _check_utf8(path: Path, key: str, max_bytes: int | None = MAX_LINE_BYTES) -> None:
-    for _ in _lines(path, key, max_bytes):
-        pass
-
-
-def _json_kind(value: Any) -> str:
-    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else kinds.get(type(value), type(value).__name__)
-
-
-def _check_csv(path: Path, key: str) -> None:
-    """A header, then at least one row, and no row with more fields than the header (``datasets`` via pandas
-    rejects those with a generic message); blank lines are skipped, as pandas does."""
-    reader = csv.reader(text for _, text in _lines(path, key))
-    header, header_line, rows = None, 0, 0
-    for row in reader:
-        if not any(field.strip() for field in row):
-            continue
-        if header is None:
-            header, header_line = row, reader.line_num
-            continue
-        if len(row) > len(header):
-            raise DataError(f"{key}: {path} line {reader.line_num} has {len(row)} fields, the header (line "
-                            f"{header_line}) has {len(header)}")
-        rows += 1
-    if header is None:
-        raise DataError(f"{key}: {path} has no rows (only blank lines)")
-    if not rows:
-        raise DataError(f"{key}: {path} has a header (line {header_line}) but no rows")
-
-
-# builder (TaskConfig.path) -> (file suffixes read line by line, check); other files go to ``datasets`` unread
-LINE_CHECKS = {"json": ((".jsonl", ".json"), _check_json_lines), "jsonl": ((".jsonl", ".json"), _check_json_lines),
-               "csv": ((".csv",), _check_csv), "text": ((".txt",), _check_utf8)}
-
-
-def _check_files(files: Any, builder: str | None, key: str) -> None:
-    """Read each local file of a json/csv/text task once before ``datasets`` does, so that what it would reject
-    with "An error occurred while generating the dataset" is named with its file and line instead."""
-    suffixes, check = LINE_CHECKS.get(builder or "", ((), None))
-    for path in _local_files(files):
-        if check is not None and path.suffix in suffixes:
-            check(path, key)
-
-
 def _load_error(exc: Exception) -> str:
     """The first line of a ``datasets`` error, with the first line of its cause when it only says that
     something went wrong."""
@@ -242,13 +144,46 @@ def _load_error(exc: Exception) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} ({type(exc.__cause__).__name__}: {lines[1]})"
 
 
+def _loads(builder: str, file: Path) -> bool:
+    """Whether ``datasets`` reads ``file`` alone (after a load of several files failed: which one was it)."""
+    import datasets
+
+    try:
+        datasets.load_dataset(builder, data_files=str(file))
+    except Exception:
+        return False
+    return True
+
+
+def _text_columns(cfg: TaskConfig) -> dict[str, str]:
+    """The columns whose values become prompt or target text, each with the key that names it."""
+    fields = [name for _, name, _, _ in string.Formatter().parse(cfg.template) if name and name != "input"]
+    named: dict[str, str] = {}
+    for column, by in ((cfg.input_column, "input_column"), (cfg.target_column, "target_column"),
+                       *((f, "template") for f in fields)):
+        if column is not None:
+            named.setdefault(column, by)
+    return named
+
+
+def _check_text(rows: Rows, columns: dict[str, str], key: str, where: str) -> None:
+    """Refuse a list or mapping where text belongs (``str()`` would train on its Python repr): the rows of a JSON
+    document or a hub dataset, which the line checks (cl_runner/tasks/files.py) do not see."""
+    for number, row in enumerate(rows, 1):
+        for column, by in columns.items():
+            kind = not_text(row.get(column))
+            if kind:
+                raise DataError(f"{key}.{by}: {where} row {number}: column {column!r} holds {kind}, not text (a "
+                                "string or number); give it the text to train on")
+
+
 def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dict[str, Rows]:
     import datasets
 
     ensure_offline_data(_plain(cfg.data_files), base_dir, f"{key}.data_files")  # bundled offline texts: build once
     data_files = _resolve_files(_plain(cfg.data_files), base_dir, f"{key}.data_files")
-    _check_files(data_files, cfg.path, f"{key}.data_files")
-    check_files(cfg, _local_files(data_files), f"{key}.data_files")  # messages / alpaca rows
+    check_files(data_files, cfg.path, f"{key}.data_files", _text_columns(cfg) if cfg.format == "columns" else ())
+    check_format_rows(cfg, local_files(data_files), f"{key}.data_files")  # messages / alpaca rows
     data_dir = cfg.data_dir
     if data_dir and not Path(data_dir).is_absolute():
         data_dir = str(base_dir / data_dir)
@@ -256,20 +191,31 @@ def _dataset_splits(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> dic
     local = Path(path).expanduser() if path else None
     if local is not None and not local.is_absolute() and (base_dir / local).exists():
         path = str(base_dir / local)
-    datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    # its own report of a file it failed to read ("Failed to read file ...") would be a second line: the error
+    # below names the file
+    datasets.logging.set_verbosity(logging.CRITICAL)
     try:
         loaded = datasets.load_dataset(
             path, name=cfg.subset, data_files=data_files, data_dir=data_dir, revision=cfg.revision
         )
-    except Exception as exc:  # datasets raises many types; the user needs the first line and the key
-        raise DataError(f"{key}.path: could not load dataset {cfg.path!r}: {_load_error(exc)}") from None
+    except Exception as exc:  # datasets raises many types; the user needs the first line, the key and the file
+        files = local_files(data_files)
+        culprit = next((f for f in files if len(files) > 1 and not _loads(path, f)), None) or (
+            files[0] if len(files) == 1 else None)
+        where = f" from {culprit}" if culprit else ""
+        raise DataError(f"{key}.path: could not load dataset {cfg.path!r}{where}: {_load_error(exc)}") from None
+    finally:
+        datasets.logging.set_verbosity_error()
     available = list(loaded.keys())
 
     def split(name: str, split_key: str) -> Rows:
         if name not in loaded:
             raise DataError(f"{key}.{split_key}: split {name!r} not in {cfg.path} (splits: {', '.join(available)})")
-        return [dict(row) for row in loaded[name]]
+        rows = [dict(row) for row in loaded[name]]
+        source = data_files.get(name, data_files) if isinstance(data_files, dict) else data_files or cfg.path
+        _check_text(rows, _text_columns(cfg), key, f"split {name!r} of {source},")
+        return rows
 
     train = split(cfg.train_split, "train_split")
     test = split(cfg.test_split, "test_split")
@@ -354,7 +300,7 @@ def _cl_benchmark_task(cfg: TaskConfig, folder: Path, key: str) -> tuple[TaskCon
 
 
 def _read_labels(path: Path, key: str) -> list[str]:
-    _check_utf8(path, key, max_bytes=None)
+    check_utf8(path, key, max_bytes=None)
     try:
         labels = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
@@ -382,13 +328,19 @@ def _apply_target_template(cfg: TaskConfig, target: str) -> str:
     return cfg.target_template.replace("{target}", target)
 
 
+def _text(value: Any) -> Any:
+    """A row's value as the prompt uses it: null as nothing; a byte-order mark that ``datasets`` keeps at the start
+    of a text file's first row dropped (docs/tasks.md: a BOM is accepted)."""
+    return "" if value is None else value.removeprefix("\ufeff") if isinstance(value, str) else value
+
+
 def _format(cfg: TaskConfig, rows: Rows, key: str, split: str) -> list[Example]:
     if cfg.format != "columns":  # chat messages or Alpaca rows (formats.py)
         return format_examples(cfg, rows, key, split)
     fields = {name for _, name, _, _ in string.Formatter().parse(cfg.template) if name}
     examples: list[Example] = []
     for index, row in enumerate(rows):
-        values = {k: "" if v is None else v for k, v in row.items()}
+        values = {k: _text(v) for k, v in row.items()}
         if cfg.input_column is not None:
             values["input"] = values.get(cfg.input_column, "")
         missing = sorted(fields - values.keys())
@@ -406,7 +358,7 @@ def _format(cfg: TaskConfig, rows: Rows, key: str, split: str) -> list[Example]:
                 )
             target = cfg.verbalizer[label]
         else:
-            target = "" if raw is None else str(raw)
+            target = str(_text(raw))
         if not target.strip():
             raise DataError(f"{key}.target_column: {split} row {index} has an empty target ({cfg.target_column!r})")
         if cfg.labels is not None and cfg.verbalizer is None and target not in cfg.labels:

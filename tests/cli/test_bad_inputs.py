@@ -1,5 +1,6 @@
 """The bad-input catalogue (docs/errors.md): every case exits 2 with one line that
-names the key, file or line, prints no traceback, and changes nothing already written."""
+names the key, file or line, prints no traceback, and changes nothing already written. A case whose arguments
+start with ``cl-report`` runs cl-report instead of cl-run."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig
 
-from cl_runner import cli
+from cl_runner import cli, report_cli
 from cl_runner.models.load import train_tokenizer
 
 ONE = "{name:t,path:json,data_files:{train:%s,test:%s},input_column:question,target_column:answer%s}"
@@ -184,6 +185,45 @@ CASES = [
      "tasks.monitor.m.data_files.test: file not found"),
     ("lm_eval include_path missing", ["+tasks.monitor.m={lm_eval: mine, include_path: nowhere}"],
      "tasks.monitor.m.include_path: not a folder of lm-eval task YAMLs"),
+    # --- round three: no input silently reinterpreted, no weak message
+    ("jsonl value that is a list", [task("list_value.jsonl")],
+     "tasks.tasks.0.data_files: {tmp}/list_value.jsonl line 3: column 'question' holds a list, not text"),
+    ("jsonl target that is a mapping", [task("dict_value.jsonl")],
+     "tasks.tasks.0.data_files: {tmp}/dict_value.jsonl line 3: column 'answer' holds a mapping, not text"),
+    ("JSON document with a list value", [task("list_value.json")],
+     "tasks.tasks.0.input_column: split 'train' of {tmp}/list_value.json, row 3: column 'question' holds a list"),
+    ("tokenizer smaller than its byte symbols", ["model.tokenizer_vocab_size=10"],
+     "model.tokenizer_vocab_size: expected at least 257 (the trained BPE's 256 byte symbols and EOS), got 10"),
+    ("deleted required group", ["~train"], "train: cannot be deleted (~train); every run needs it"),
+    ("deleted seed", ["~seed"], "seed: cannot be deleted (~seed)"),
+    ("task file with a null column", ["-cd", "{tmp}/conf-null-target", "tasks=null_target"],
+     "tasks/null_target.yaml: target_column: expected a string, got null"),
+    ("csv quote never closed", [csv_task("open_quote.csv")],
+     "tasks.tasks.0.data_files: {tmp}/open_quote.csv line 3 opens a quoted value (\") that is never closed"),
+    # --- cl-report: it writes only where asked, so a refusal writes nothing
+    ("cl-report --paper on an empty directory", ["cl-report", "--paper", "{tmp}/empty"],
+     "cl-report: error: {tmp}/empty: no runs found"),
+    ("cl-report --paper on a directory of no run", ["cl-report", "--paper", "{tmp}/vit"],
+     "cl-report: error: {tmp}/vit: no runs found"),
+    ("cl-report on a file", ["cl-report", "{tmp}/good.jsonl"], "cl-report: error: {tmp}/good.jsonl: not a directory"),
+    ("cl-report on a missing path", ["cl-report", "{tmp}/nowhere"],
+     "cl-report: error: {tmp}/nowhere: no such directory"),
+    ("cl-report --out that is a file", ["cl-report", "{tmp}/run", "--out", "{tmp}/good.jsonl"],
+     "cl-report: error: --out: {tmp}/good.jsonl is a file; name a directory"),
+    ("cl-report --out under a file", ["cl-report", "{tmp}/run", "--out", "{tmp}/good.jsonl/report"],
+     "cl-report: error: --out: cannot create {tmp}/good.jsonl/report: {tmp}/good.jsonl is a file"),
+    ("cl-report --paper --out that is a file", ["cl-report", "--paper", "{tmp}/run", "--out", "{tmp}/good.jsonl"],
+     "cl-report: error: --out: {tmp}/good.jsonl is a file"),
+    ("cl-report --limit -1", ["cl-report", "{tmp}/run", "--flips", "init:after_t", "--limit", "-1"],
+     "cl-report: error: --limit: expected a positive number of examples, got -1"),
+    ("cl-report --limit 0", ["cl-report", "{tmp}/run", "--limit", "0"],
+     "cl-report: error: --limit: expected a positive number of examples, got 0"),
+    ("cl-report --limit that is no number", ["cl-report", "{tmp}/run", "--limit", "x"],
+     "cl-report: error: argument --limit: invalid int value: 'x'"),
+    ("cl-report unknown option", ["cl-report", "--nonsense", "{tmp}/run"],
+     "cl-report: error: unrecognized arguments: --nonsense"),
+    ("cl-report unknown sort metric", ["cl-report", "{tmp}/run", "--sort", "bogus"],
+     "cl-report: error: --sort: unknown metric 'bogus'"),
 ]
 
 
@@ -254,20 +294,24 @@ def test_bad_input_exits_2_with_one_line(case, args, message, workspace, monkeyp
     monkeypatch.chdir(workspace)
     before = snapshot(workspace)
     argv = [a.replace("{tmp}", str(workspace)) for a in args]
-    if not any(a.startswith(("hydra.run.dir", "resume", "-m")) for a in argv):
+    program, main = ("cl-report", report_cli.main) if argv[0] == "cl-report" else ("cl-run", cli.main)
+    argv = argv[1:] if program == "cl-report" else argv
+    if program == "cl-run" and not any(a.startswith(("hydra.run.dir", "resume", "-m")) for a in argv):
         # each case its own run directory
         argv.append(f"hydra.run.dir=runs/{''.join(c if c.isalnum() else '_' for c in case)}")
     with held_lock(workspace / "busy" / ".lock"), pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
+        main(argv)
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2, err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert 1 <= len(lines) <= (3 if case in MAY_PRINT_MORE else 1), err
-    assert lines[-1].startswith("cl-run: error: ")
+    assert lines[-1].startswith(f"{program}: error: ")
     assert message.replace("{tmp}", str(workspace)) in lines[-1]
     assert "Traceback" not in out + err
+    if program == "cl-report":
+        assert out == ""  # refused before anything is printed
     assert snapshot(workspace) == before  # nothing written: no byte changed, no file or directory left behind
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) >= 60
+    assert len(CASES) >= 119

@@ -3,6 +3,7 @@ directories and report (means and stds checked by hand against the jobs' metrics
 Slurm and Optuna configs (composed, and a 2-trial Optuna search run on CPU)."""
 
 import csv
+import io
 import json
 import math
 import shutil
@@ -15,12 +16,13 @@ import yaml
 from helpers import cl_run, hydra_config
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
+from rich.console import Console
 
 from cl_runner import report_cli
 from cl_runner.cli import CONF_DIR
 from cl_runner.outputs import jobs as job_files
 from cl_runner.outputs import report
-from cl_runner.outputs.sweep import SweepRecorder
+from cl_runner.outputs.sweep import SweepRecorder, update_sweep_file
 
 SMALL_TASKS = [f"tasks.tasks.{i}.num_subjects=16" for i in range(3)]  # a quarter of the default facts
 SWEEP_ARGS = ["-m", "train.lr=1e-3,1e-2", "seed=0,1", "device=cpu", "train.epochs=1", *SMALL_TASKS]
@@ -158,6 +160,9 @@ def test_failed_jobs_are_listed_as_failed_with_their_error(sweep, tmp_path, caps
     _fake_job(copy / nan, ["train.lr=0.1", "seed=0", *fixed], {
         "status": "failed", "error": "FloatingPointError: loss is nan at step 3", "strategy": "naive", "seed": 0})
     _fake_job(copy / died, ["seed=1", "train.lr=0.1", *fixed], None)
+    for num, name in ((4, nan), (5, died)):  # jobs of the sweep, as the callback records them when they start
+        update_sweep_file(copy, lambda data, n=num, d=name: data["jobs"].append(
+            {"num": n, "dir": d, "overrides": [], "status": "running", "error": None}))
     report_cli.main([str(copy), "--no-plots"])
     rows = {r["train.lr"]: r for r in _read_csv(copy / "report.csv")}
     assert rows["0.1"]["status"] == "failed" and rows["0.1"]["completed"] == "0" and rows["0.1"]["runs"] == "2"
@@ -227,9 +232,158 @@ def test_strategies_compared_over_seeds_give_one_row_and_a_bar_per_strategy(tmp_
 
 @pytest.mark.slow
 def test_bad_paths_exit_2_with_one_line(tmp_path):
-    for args, message in [([str(tmp_path / "nope")], "not a directory"), ([str(tmp_path)], "no runs found")]:
-        proc = subprocess.run([sys.executable, "-m", "cl_runner.outputs.report", *args], capture_output=True, text=True)
+    """The program itself (the bad-input catalogue, tests/cli/test_bad_inputs.py, has the cases in-process)."""
+    for args, message in [([str(tmp_path / "nope")], "no such directory"), ([str(tmp_path)], "no runs found")]:
+        proc = subprocess.run([sys.executable, "-m", "cl_runner.report_cli", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert proc.stdout == ""
+
+
+# ------------------------------------------------------------------------------------ where the files go, what shows
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def _run(root: Path, name: str, typed: list[str], config: dict, choices: dict, metrics: dict) -> Path:
+    """A run directory as cl-run leaves it: what was typed, the resolved config, the group choices, the metrics."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(typed))
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    (run / "metrics.json").write_text(json.dumps({"status": "completed", "seed": 0} | metrics))
+    return run
+
+
+NINE = ["naive", "replay", "ewc", "der", "lwf", "agem", "adapters", "si", "mas"]
+
+
+def nine_runs(root: Path) -> None:
+    """Issue 27's nine runs of a 135M model, each in its own folder: the same model and tasks typed every time, EWC
+    with two options of its own, the learning rate typed in some runs and taken from an experiment file in the
+    others (the same value), every number as wide as a real run's."""
+    for i, name in enumerate(NINE):
+        typed = ["model.name_or_path=/data/models/SmolLM2-135M", "tasks=my_tasks", f"strategy={name}"]
+        options = {"name": name} | ({"fisher_batch_size": 4, "fisher_samples": 32} if name == "ewc" else {})
+        typed += [f"strategy.{k}={v}" for k, v in options.items() if k != "name"]
+        typed += ["train.lr=1e-4"] if i % 2 else ["experiment=smollm"]
+        config = {"model": {"name_or_path": "/data/models/SmolLM2-135M"}, "strategy": options,
+                  "train": {"lr": 0.0001, "epochs": 1}, "seed": 0}
+        choices = {"experiment": None if i % 2 else "smollm", "model": "tiny", "tasks": "my_tasks", "strategy": name}
+        big = 134_515_008
+        cost = {"trainable_parameters": 921_600 if name == "adapters" else big, "extra_parameters": big * (i % 3),
+                "peak_cpu_rss_bytes": int((3.1 + 1.1 * i) * 2**30), "peak_cuda_allocated_bytes": None,
+                "train_seconds": 1500.4 + 80.1 * i, "eval_seconds": 301.7 + 9.2 * i, "tokens_seen": 1_254_400}
+        _run(root, f"2026-12-0{i + 1}/10-00-00", typed, config, choices, {
+            "strategy": name, "average_accuracy": 0.3 + 0.037 * i, "average_forgetting": 0.41 - 0.03 * i,
+            "backward_transfer": -0.41 + 0.03 * i, "forward_transfer": 0.012 * i, "wall_time_s": 1834.2 + 97.3 * i,
+            "cost": cost})
+
+
+def test_nine_runs_fit_a_160_column_terminal_and_the_csv_keeps_every_column(tmp_path):
+    nine_runs(tmp_path / "runs")
+    built = report.build_report([tmp_path / "runs"])
+    terminal = Console(file=io.StringIO(), width=160, force_terminal=True, color_system=None)
+    report.print_report(built, terminal)
+    printed = terminal.file.getvalue()
+    assert max(len(line) for line in printed.splitlines()) <= 160, printed
+    header = next(line for line in printed.splitlines() if line.startswith("┃"))
+    ewc = next(i for i, line in enumerate(printed.splitlines()) if "│ ewc " in line)
+    assert "fisher_batch_size=4" in "".join(printed.splitlines()[ewc:ewc + 3])  # one strategy's option: its cell
+    assert "fisher" not in header
+    for column in ("seeds", "runs", "status", "tokens", "train.lr", "model.name_or_path"):
+        assert column not in header, column  # the same in every row: said once, below the table
+    assert "same in every row: seeds 0 · runs 1 · tokens 1.3M · status completed" in printed
+    for column in ("experiment", "forgetting", "FWT", "trainable", "peak RSS", "train (s)"):
+        assert column in header, column  # differ between rows
+    report.write_report(built, tmp_path / "out", with_plots=False)
+    rows = _read_csv(tmp_path / "out" / "report.csv")
+    assert len(rows) == 9 and {"seeds", "runs", "status", "strategy.fisher_batch_size", "strategy.fisher_samples",
+                               "experiment", "forward_transfer_mean", "cost.tokens_seen_mean"} <= set(rows[0])
+    assert {r["strategy.fisher_batch_size"] for r in rows} == {"4", ""}
+    assert "| # | strategy | experiment | strategy.fisher_batch_size |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_value_from_an_experiment_file_is_filled_in_like_a_typed_one(tmp_path):
+    """train.lr typed in one run and set by an experiment file in another: both rows show it (from the run's
+    config.yaml), the experiment file's name in its own column."""
+    for name, typed, lr, experiment in (("typed", ["train.lr=1e-4"], 0.0001, None),
+                                        ("from_file", ["experiment=mine"], 0.0001, "mine"),
+                                        ("other", ["train.lr=0.01"], 0.01, None)):
+        _run(tmp_path, name, typed, {"strategy": {"name": "naive"}, "train": {"lr": lr}}, {"experiment": experiment},
+             {"strategy": "naive", "average_accuracy": {"typed": 0.5, "from_file": 0.4, "other": 0.9}[name]})
+    built = report.build_report([tmp_path])
+    assert sorted(built.keys) == ["experiment", "train.lr"]
+    rows = {row["rank"]: (row["train.lr"], row["experiment"]) for row in report.summary_rows(
+        built.configs, built.keys, built.metric)}
+    assert rows == {1: ("0.01", "null"), 2: ("0.0001", "null"), 3: ("0.0001", "mine")}
+
+
+def test_a_typed_default_and_the_default_itself_are_one_configuration(tmp_path):
+    """Seed 0 typed train.lr=0.003 (the default), seed 1 did not: one row, the mean of both; a run that also
+    typed no lr but another strategy option is a row of its own."""
+    for seed, typed, buffer in ((0, ["train.lr=0.003", "seed=0"], 200), (1, ["seed=1"], 200),
+                                (0, ["strategy.buffer_size=50", "seed=0"], 50)):
+        _run(tmp_path, f"{seed}_{buffer}", typed,
+             {"strategy": {"name": "replay", "buffer_size": buffer}, "train": {"lr": 0.003}, "seed": seed}, {},
+             {"strategy": "replay", "seed": seed, "average_accuracy": 0.4 + seed / 10 + (buffer == 50) / 2})
+    built = report.build_report([tmp_path])
+    assert built.keys == ["strategy.buffer_size"]  # train.lr is 0.003 everywhere, typed or not
+    best, merged = built.configs
+    assert best.settings == {"train.lr": "0.003", "strategy.buffer_size": "50"} and len(best.jobs) == 1
+    assert merged.settings == {"train.lr": "0.003", "strategy.buffer_size": "200"}
+    assert sorted(j.name for j in merged.jobs) == ["0_200", "1_200"]
+    assert merged.stat("average_accuracy") == (pytest.approx(0.45), pytest.approx(0.0707, abs=1e-4), 2)
+
+
+def _sweep(root: Path, jobs: dict[str, float]) -> Path:
+    """A sweep directory as cl-run leaves it: its jobs in sweep.json, Hydra's multirun.yaml."""
+    for num, (name, accuracy) in enumerate(jobs.items()):
+        _run(root, name, [f"seed={num}"], {"strategy": {"name": "naive"}, "seed": num}, {},
+             {"strategy": "naive", "seed": num, "average_accuracy": accuracy})
+    entries = [{"num": num, "dir": name, "status": "completed"} for num, name in enumerate(jobs)]
+    (root / "sweep.json").write_text(json.dumps({"status": "completed", "jobs": entries}))
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def test_a_sweep_reports_its_own_jobs_only(tmp_path, capsys):
+    """Runs kept in a sweep's folder that its sweep.json does not list (a copy, a single run started there) are
+    not its jobs; a folder holding the sweep sees the same jobs."""
+    sweep = _sweep(tmp_path / "sweep", {"0_seed=0": 0.5, "1_seed=1": 0.7})
+    _run(sweep, "extra_run", ["seed=9"], {"strategy": {"name": "naive"}}, {}, {"strategy": "naive",
+                                                                              "average_accuracy": 0.1})
+    _run(sweep / "1_seed=1", "nested", [], {}, {}, {})  # never read: a run directory is not searched below
+    for path in (sweep, tmp_path):
+        built = report.build_report([path])
+        assert sorted(j.path.name for j in built.jobs) == ["0_seed=0", "1_seed=1"], path
+    report_cli.main([str(sweep), "--no-plots"])
+    assert "written to" in capsys.readouterr().out
+    assert len(_read_csv(sweep / "jobs.csv")) == 2
+    (sweep / "sweep.json").write_text("{not json")  # unreadable: every run below counts, as without one
+    assert len(report.build_report([sweep]).jobs) == 3
+
+
+def test_report_files_go_into_out_or_the_one_sweep_or_run_and_nowhere_else(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    _sweep(runs / "sweep", {"0_seed=0": 0.5, "1_seed=1": 0.7})
+    single = _run(runs, "single", [], {"strategy": {"name": "naive"}}, {}, {"strategy": "naive",
+                                                                           "average_accuracy": 0.2})
+    before = _tree(tmp_path)
+    for args in ([str(runs)], [str(runs / "sweep"), str(single)], ["--paper", str(runs)]):
+        report_cli.main([*args, "--no-plots"] if "--paper" not in args else args)
+        assert _tree(tmp_path) == before, args  # a folder of runs or several paths: printed, nothing written
+        assert "not written:" in capsys.readouterr().out
+    report_cli.main([str(runs), "--out", str(tmp_path / "new" / "report"), "--no-plots"])
+    assert sorted(p.name for p in (tmp_path / "new" / "report").iterdir()) == ["jobs.csv", "report.csv", "report.md"]
+    report_cli.main([str(single), "--no-plots"])
+    assert (single / "report.csv").is_file()
+    report_cli.main(["--paper", str(runs / "sweep")])
+    assert (runs / "sweep" / "reproduction.md").read_text() in capsys.readouterr().out
+    out = tmp_path / "new" / "report"
+    report_cli.main([str(runs / "sweep"), "--out", str(out), "--no-plots"])  # an existing --out: files replaced
+    assert len(_read_csv(out / "jobs.csv")) == 2
 
 
 # ------------------------------------------------------------------------------------ Slurm and Optuna configs
@@ -243,6 +397,7 @@ sys.modules["hydra_plugins"] = types.ModuleType("hydra_plugins")
 sys.modules["hydra_plugins"].__path__ = []
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from rich.console import Console
 from cl_runner.config.schema import register_configs
 register_configs()
 with initialize_config_dir({str(CONF_DIR)!r}, version_base="1.3"):

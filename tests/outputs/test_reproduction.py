@@ -74,15 +74,42 @@ def test_an_experiment_of_ones_own_brings_its_numbers_in_its_config(tmp_path):
     assert [r.method for r in rows if r.experiment == "mine"] == ["Replay"]  # borrowed rows: only what ran
 
 
-def test_cl_report_paper_prints_and_writes_the_table(tmp_path, capsys):
-    fake_run(tmp_path / "runs", "a", "olora_long15_order6", {"name": "replay"}, 0.531)
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def test_cl_report_paper_prints_and_writes_the_table_where_asked(tmp_path, capsys, monkeypatch):
+    """Into --out, or the one run (or sweep) given; a folder of runs is printed and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    run = fake_run(tmp_path / "runs", "a", "olora_long15_order6", {"name": "replay"}, 0.531)
+    row = "| olora_long15_order6 | Replay | replay | 53.1 | 53.1 | +0.0 | 1 run, google-t5/t5-large |"
+    before = _tree(tmp_path)
     report_main(["--paper", str(tmp_path / "runs")])
     out = capsys.readouterr().out
-    assert "| olora_long15_order6 | Replay | replay | 53.1 | 53.1 | +0.0 | 1 run, google-t5/t5-large |" in out
-    assert (tmp_path / "runs" / "reproduction.md").read_text() == out
+    assert row in out and "not written: " in out and _tree(tmp_path) == before
+    report_main(["--paper", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert row in out and (tmp_path / "out" / "reproduction.md").read_text() == out
+    report_main(["--paper", str(run)])
+    assert (run / "reproduction.md").read_text() == capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda root: root / "nowhere", "no such directory"),
+    (lambda root: root, "no runs found"),  # an empty directory
+    (lambda root: (root / "data").mkdir() or (root / "data" / "rows.jsonl").write_text("{}\n") and root / "data",
+     "no runs found"),  # a directory of other files
+    (lambda root: (root / "file.txt").write_text("x") and root / "file.txt", "not a directory"),
+])
+def test_cl_report_paper_on_what_holds_no_run_exits_2_and_writes_nothing(tmp_path, capsys, make, message):
+    path = make(tmp_path)
+    before = _tree(tmp_path)
     with pytest.raises(SystemExit) as exit_:
-        report_main(["--paper", str(tmp_path / "nowhere")])
-    assert exit_.value.code == 2
+        report_main(["--paper", str(path)])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == "" and err.startswith(f"cl-report: error: {path}: {message}")
+    assert len(err.strip().splitlines()) == 1
+    assert _tree(tmp_path) == before
 
 
 def test_the_docs_page_shows_the_table_with_the_rows_not_run():
