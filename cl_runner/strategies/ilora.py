@@ -32,12 +32,12 @@ from cl_runner.core.checks import check_choice, check_fraction, check_positive
 from cl_runner.core.dist import world
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
-from cl_runner.models.seq2seq import check_strategy
 from cl_runner.strategies.adapters import SharedLoRAConfig
 from cl_runner.strategies.base import Context, not_made_before_sharding
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.lora import activate, add_lora, check_targets, count, lora_parameters, train_only
 from cl_runner.strategies.replay import Replay, ReplayConfig
+from cl_runner.strategies.support import Refused, Supports
 
 INIT_SALT = 51  # ctx.seed_for salt of the adapters' initialisation
 ADAPTERS = ("slow", "fast")  # eval_adapter choices
@@ -84,6 +84,10 @@ class ILoRA(Replay):
 
     name = "ilora"
     Config = ILoRAConfig
+    supports = Supports(
+        pack=Refused("its consistency loss reads the replayed examples' rows"),
+        encoder_decoder=Refused("it runs the model on causal-layout batches (no decoder inputs)"),
+    ) | Replay.supports
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -120,7 +124,7 @@ class ILoRA(Replay):
         activate(ctx.model, ["fast"])
 
     def check(self, ctx: Context) -> None:
-        check_strategy(ctx.model, self.name)  # an encoder-decoder: refused (seq2seq.py)
+        super().check(ctx)
         check_targets(ctx.model, self.cfg.target_modules)
 
     def before_shard(self, ctx: Context) -> None:

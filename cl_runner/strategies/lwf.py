@@ -13,6 +13,7 @@ from cl_runner.models.seq2seq import model_inputs
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.distill import distillation_kl
+from cl_runner.strategies.support import Refused, Supports
 
 
 @dataclass
@@ -85,6 +86,7 @@ class LwF(Strategy):
 
     name = "lwf"
     Config = LwFConfig
+    supports = Supports(pack=Refused("its loss hook runs the teacher on the batch's rows"))
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

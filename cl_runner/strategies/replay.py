@@ -12,7 +12,8 @@ import torch
 from cl_runner.core.checks import check_fraction, check_positive
 from cl_runner.models.lm import Encoded
 from cl_runner.strategies.base import Context, Strategy
-from cl_runner.strategies.buffer import BufferConfig, ReplayBuffer, example_losses
+from cl_runner.strategies.buffer import LOSS_SAMPLING_ON_ENCODER_DECODER, BufferConfig, ReplayBuffer, example_losses
+from cl_runner.strategies.support import Supports
 
 FILL_SALT = 11  # ctx.generator salts: which examples a task leaves in the buffer
 MIX_SALT = 12  # ... and which buffer examples join the batches of the next tasks
@@ -21,7 +22,7 @@ MIX_SALT = 12  # ... and which buffer examples join the batches of the next task
 @dataclass
 class ReplayConfig(BufferConfig):
     name: str = "replay"
-    replay_ratio: float = 0.25  # fraction of each training batch drawn from the buffer
+    replay_ratio: float = 0.25  # fraction of each resulting (mixed) batch drawn from the buffer, in [0, 1)
     replay_batch_size: int | None = None  # buffer examples per batch; overrides replay_ratio when set
 
     def errors(self, key: str) -> list[str]:
@@ -49,6 +50,7 @@ class Replay(Strategy):
 
     name = "replay"
     Config = ReplayConfig
+    supports = Supports(encoder_decoder=LOSS_SAMPLING_ON_ENCODER_DECODER)
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -172,15 +172,15 @@ def tiny_context():
     return SimpleNamespace(model=model)
 
 
-@pytest.mark.parametrize("strategy", [EWC(EWCConfig(ewc_params="nomatch")),
-                                      EWCReplay(EWCReplayConfig(ewc_params="nomatch"))])
-def test_ewc_params_matching_nothing_fails_the_check(strategy):
-    with pytest.raises(ConfigError, match=r"^strategy.ewc_params: 'nomatch' matches no trainable parameter name"):
+@pytest.mark.parametrize("strategy", [EWC(EWCConfig(penalised_params="nomatch")),
+                                      EWCReplay(EWCReplayConfig(penalised_params="nomatch"))])
+def test_penalised_params_matching_nothing_fails_the_check(strategy):
+    with pytest.raises(ConfigError, match=r"^strategy.penalised_params: 'nomatch' matches no trainable parameter name"):
         strategy.check(tiny_context())
 
 
-def test_ewc_params_matching_something_passes_the_check():
-    EWC(EWCConfig(ewc_params=r"\.mlp\.")).check(tiny_context())
+def test_penalised_params_matching_something_passes_the_check():
+    EWC(EWCConfig(penalised_params=r"\.mlp\.")).check(tiny_context())
     EWC(EWCConfig()).check(tiny_context())
 
 
@@ -202,7 +202,7 @@ def test_target_modules_naming_layers_pass_the_check():
     Adapters(AdaptersConfig()).check(tiny_context())  # null: every linear layer
 
 
-@pytest.mark.parametrize("overrides", [("strategy=ewc", "strategy.ewc_params=nomatch"),
+@pytest.mark.parametrize("overrides", [("strategy=ewc", "strategy.penalised_params=nomatch"),
                                        ("strategy=adapters", "strategy.target_modules=[nope]")])
 def test_the_run_checks_the_strategy_as_soon_as_the_model_is_built(overrides, tmp_path):
     """Not after the initial evaluation, nor after the first task: ``build_parts`` raises."""
