@@ -157,8 +157,8 @@ class TaskConfig:
     max_train_per_class: int | None = None  # at most this many training rows per target_column value (seeded)
     max_eval_per_class: int | None = None  # the same for validation and test; applied before the max_*_examples caps
     epochs: int | None = None  # this task's epochs; null = train.epochs (train.max_steps still wins when set)
-    # {strategy name: {option: value}} for this task only, e.g. {adapters: {orthogonal_lambda: 5}}; applied before
-    # the task trains when that strategy runs (cl_runner/config/task_overrides.py says which options may vary per task)
+    # {strategy name: {option: value}} for this task only, e.g. {adapters: {orthogonal_lambda: 5}}; given to that
+    # strategy before the task trains (ctx.options); only the options its class declares per task (supports)
     strategy_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # --- instruction data and chat models (docs/tasks.md, "Chat models and instruction data")
     format: str = "columns"  # columns (template + columns) | messages (chat `messages` rows) | alpaca (instruction,
@@ -346,11 +346,6 @@ class CheckpointConfig:
 
 
 # ----------------------------------------------------------------------------------------------- root
-PACK_REFUSED = ("lwf", "lamol",  # strategies whose ``loss`` hook forwards or reads the batch's rows itself
-                "prompt_tuning", "progressive_prompts",  # a soft prompt per example, not per packed row
-                "ilora")  # its consistency loss reads the replayed examples' rows
-
-
 @dataclass
 class Config:
     model: ModelConfig = MISSING
@@ -372,14 +367,15 @@ class Config:
         errs = self.model.errors("model") + self.device.errors("device") + self.tasks.errors("tasks")
         errs += self.train.errors("train") + self.eval.errors("eval") + self.strategy.errors("strategy")
         errs += self.checkpoint.errors("checkpoint") + self.distributed.errors("distributed")
-        if self.distributed.kind != "none":  # a strategy that cannot run so: refused before anything loads
-            from cl_runner.strategies.registry import distributed_errors
+        # what the strategy's class says it cannot run with (cl_runner/strategies/support.py), for every task's
+        # options (the strategy's, with the task's overrides)
+        from cl_runner.strategies.registry import strategy_class
+        from cl_runner.strategies.support import support_errors
 
-            configs = [self.strategy] if errs else task_configs(self.strategy, self.tasks)  # with their overrides
-            errs += list(dict.fromkeys(e for c in configs for e in distributed_errors(c, self.distributed.kind)))
+        strategy = strategy_class(self.strategy.name, self.strategy._target_)
+        configs = [self.strategy] if errs else task_configs(self.strategy, self.tasks)
+        errs += support_errors(strategy, configs, pack=self.train.pack, distributed=self.distributed.kind)
         errs += self.logger.errors("logger")
-        if self.train.pack and self.strategy.name in PACK_REFUSED:  # their loss hooks re-run the model on the rows
-            errs.append(f"train.pack: not supported with strategy.name={self.strategy.name} (set train.pack=false)")
         if not 0 <= self.seed <= SEED_MAX:
             errs.append(f"seed: expected a non-negative integer, at most {SEED_MAX}, got {self.seed}")
         launch = launch_error(self.distributed.kind)
@@ -390,10 +386,11 @@ class Config:
                         "sharded); use bf16")
         if not errs:  # last: its import costs seconds that a plain error need not wait for (the run pays it anyway)
             errs += self.model.arch_errors("model")
-        if not errs:  # what an encoder-decoder model cannot run with (cl_runner/models/seq2seq.py)
-            from cl_runner.models.seq2seq import config_errors
+        if not errs:  # what an encoder-decoder model cannot run with: the model's limits, then the strategy's
+            from cl_runner.models.seq2seq import config_errors, config_is_encoder_decoder
 
-            errs += config_errors(self)
+            if config_is_encoder_decoder(self.model):
+                errs += config_errors(self) + support_errors(strategy, configs, encoder_decoder=True)
         return errs
 
 

@@ -1,9 +1,11 @@
 """Strategy options a task sequence sets: for the whole sequence (``tasks.strategy_overrides``) or for one task
 (``tasks.tasks.<i>.strategy_overrides``), each keyed by the strategy it applies to, e.g.
 ``{adapters: {orthogonal_lambda: 5}}``; ignored when another strategy runs, so a published sequence can carry
-its method's settings and still run every baseline. The run applies them to the strategy's own Config: the
-sequence's once before the strategy is built, a task's before that task trains (the strategy reads its ``cfg``
-and knows nothing of files). Values are checked here, against the strategy's Config, before anything loads."""
+its method's settings and still run every baseline. The sequence's apply to the strategy's own Config once,
+before the strategy is built (``strategy_config``); a task's are passed to the strategy as values before that task
+trains (``task_options`` -> ``Context.options``, read by ``Strategy.option``), and only the options its class
+declares per task (``supports.per_task_options``) may be set so. Values are checked here, against the strategy's
+Config, before anything loads."""
 
 from __future__ import annotations
 
@@ -11,17 +13,6 @@ from dataclasses import replace
 from typing import Any
 
 from omegaconf import OmegaConf, ValidationError
-
-# options a strategy reads whenever it uses them (not once when built), so a task may set its own value
-PER_TASK_OPTIONS: dict[str, tuple[str, ...]] = {
-    "adapters": ("orthogonal_lambda",),  # Adapters.loss reads self.cfg.orthogonal_lambda every step
-    "lamol": ("lm_lambda",),  # Lamol.loss reads self.cfg.lm_lambda every step
-}
-
-
-def per_task_options(name: str, cls: type) -> tuple[str, ...]:
-    """What a task may set for strategy ``name`` (a strategy class may declare ``per_task_options`` itself)."""
-    return tuple(getattr(cls, "per_task_options", PER_TASK_OPTIONS.get(name, ())))
 
 
 def override_errors(overrides: dict[str, dict[str, Any]], key: str, per_task: bool) -> list[str]:
@@ -36,7 +27,7 @@ def override_errors(overrides: dict[str, dict[str, Any]], key: str, per_task: bo
             errs.append(f"{where}: expected a strategy name ({', '.join(sorted(classes))})")
             continue
         schema = classes[name].Config
-        allowed = per_task_options(name, classes[name]) if per_task else tuple(
+        allowed = classes[name].supports.per_task_options if per_task else tuple(
             f for f in schema.__dataclass_fields__ if f != "name")
         unknown = [f"{where}.{option}: expected an option of {name} that can be set "
                    f"{'per task' if per_task else 'here'} ({', '.join(allowed) or 'none'})"
@@ -61,8 +52,14 @@ def apply(cfg: Any, overrides: dict[str, dict[str, Any]]) -> Any:
 
 def strategy_config(base: Any, sequence: dict[str, dict[str, Any]], task: dict[str, dict[str, Any]] | None = None
                     ) -> Any:
-    """The strategy's Config for one task: ``base`` (strategy.*), then the sequence's, then the task's values."""
+    """The strategy's Config for one task: ``base`` (strategy.*), then the sequence's, then the task's values
+    (without ``task``: the run's Config, which the strategy is built with)."""
     return apply(apply(base, sequence), task or {})
+
+
+def task_options(cfg: Any, task: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The options one task sets for the running strategy (``cfg``: its Config), as ``Context.options`` holds them."""
+    return dict(task.get(cfg.name) or {})
 
 
 def task_configs(base: Any, tasks: Any) -> list[Any]:

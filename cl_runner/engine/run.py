@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cl_runner.config.schema import CheckpointConfig, Config, TrainConfig, as_dict
-from cl_runner.config.task_overrides import strategy_config
+from cl_runner.config.task_overrides import strategy_config, task_options
 from cl_runner.core import dist
 from cl_runner.core.errors import CheckpointMismatch, ConfigError
 from cl_runner.core.files import write_atomic
@@ -400,10 +400,10 @@ class SequenceRun:
 
 
 def for_task(parts: RunParts, i: int) -> TrainConfig:
-    """Task ``i``'s own settings, the same on every (re)start: its strategy options on the strategy
-    (tasks.strategy_overrides, then the task's), and the training settings with its epochs."""
+    """Task ``i``'s own settings, the same on every (re)start: its strategy options as values on the context
+    (``ctx.options``; ``strategy.cfg`` stays the run's), and the training settings with its epochs."""
     cfg, task = parts.cfg, parts.cfg.tasks.tasks[i]
-    parts.strategy.cfg = strategy_config(cfg.strategy, cfg.tasks.strategy_overrides, task.strategy_overrides)
+    parts.ctx.options = task_options(parts.strategy.cfg, task.strategy_overrides)
     return cfg.train if task.epochs is None else replace(cfg.train, epochs=task.epochs)
 
 

@@ -41,7 +41,6 @@ class ModelKind(ABC):
     name: ClassVar[str]
     auto_class: ClassVar[str]  # the transformers Auto class that builds and loads this kind
     padding_needs_mask: ClassVar[bool]  # a right-padded row needs its attention mask to give the example's own loss
-    soft_prompt_refusal: ClassVar[str | None]  # why soft prompts cannot be prepended (None: they can)
 
     @classmethod
     @abstractmethod
@@ -99,7 +98,6 @@ class CausalLM(ModelKind):
     name: ClassVar[str] = "causal"
     auto_class: ClassVar[str] = "AutoModelForCausalLM"
     padding_needs_mask: ClassVar[bool] = False  # right padding is never attended to by a real position
-    soft_prompt_refusal: ClassVar[str | None] = None
 
     @classmethod
     def complete_config(cls, config: Any, tokenizer: Any) -> None:
@@ -192,8 +190,6 @@ class EncoderDecoder(ModelKind):
     name: ClassVar[str] = "encoder-decoder"
     auto_class: ClassVar[str] = "AutoModelForSeq2SeqLM"
     padding_needs_mask: ClassVar[bool] = True  # the encoder attends both ways
-    soft_prompt_refusal: ClassVar[str | None] = ("soft prompts are prepended to a decoder-only (causal) LM's input "
-                                                 "embeddings, which an encoder-decoder's encoder and decoder share")
 
     @classmethod
     def complete_config(cls, config: Any, tokenizer: Any) -> None:

@@ -16,10 +16,9 @@ the decoder with the encoder's output repeated (``encoder_outputs``); perplexity
 targets.
 
 What is refused (``config_errors``, one line before anything loads): ``train.pack`` (rows of concatenated
-examples would need block-diagonal cross-attention), strategies ``lamol`` (it generates whole examples as one
-sequence), ``progressive`` (its columns adapt one stack of blocks), those that hook the shared input embeddings
-(``REFUSED_STRATEGIES``), ``fisher: sampled`` (it samples labels in the causal layout) and ``distributed=fsdp``
-(not yet checked with the driver).
+examples would need block-diagonal cross-attention) and ``distributed=fsdp`` (not yet checked with the driver).
+What each strategy cannot do on an encoder-decoder is declared on its class (``encoder_decoder`` in its
+``supports``, cl_runner/strategies/support.py), checked with the same model kind (``config_is_encoder_decoder``).
 """
 
 from __future__ import annotations
@@ -35,13 +34,6 @@ from cl_runner.models.lm import IGNORE_INDEX
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")  # forward's inputs
 ENCODER_KEYS = ("input_ids", "attention_mask")
-REFUSED_STRATEGIES = {
-    "lamol": "it generates whole examples (prompt and answer) as one sequence, which a decoder does not read",
-    "progressive": "its columns adapt one stack of transformer blocks (a decoder-only model's); an encoder-decoder "
-                   "has two",
-    **dict.fromkeys(("prompt_tuning", "progressive_prompts"),
-                    "its soft prompts hook the input embeddings, which T5's encoder and decoder share"),
-}
 
 
 def is_encoder_decoder(model: torch.nn.Module) -> bool:
@@ -82,39 +74,24 @@ def encoder_decoder_batch(batch: dict[str, torch.Tensor], start_id: int, pad_id:
 
 
 def config_errors(cfg: Any) -> list[str]:
-    """One line per option an encoder-decoder ``cfg.model`` cannot run with (empty for a causal LM)."""
+    """One line per setting other than the strategy that an encoder-decoder ``cfg.model`` cannot run with (empty
+    for a causal LM); the strategy's own refusals are its class's (cl_runner/strategies/support.py)."""
     if not config_is_encoder_decoder(cfg.model):
         return []
-    errs, name = [], cfg.strategy.name
+    errs = []
     if cfg.train.pack:
         errs.append("train.pack: not supported with an encoder-decoder model (packed rows would need "
                     "block-diagonal cross-attention); set train.pack=false")
-    if name in REFUSED_STRATEGIES:
-        errs.append(strategy_refusal(name))
-    if getattr(cfg.strategy, "fisher", None) == "sampled":
-        errs.append("strategy.fisher: sampled is not supported with an encoder-decoder model (it samples labels "
-                    "in the causal layout); use empirical")
     if cfg.distributed.kind == "fsdp":
         errs.append("distributed.kind: fsdp is not supported with an encoder-decoder model yet (its T5Block "
                     "wrapping is unchecked); use ddp or none")
     return errs
 
 
-def strategy_refusal(name: str) -> str:
-    return f"strategy.name: {name} is not supported with an encoder-decoder model: {REFUSED_STRATEGIES[name]}"
-
-
-def check_strategy(model: torch.nn.Module, name: str) -> None:
-    """``Strategy.check``'s safety net for a model whose kind the config check could not read (a hub id not in
-    the cache): raise the same one-line ``ConfigError`` once the model is loaded, before anything runs."""
-    if name in REFUSED_STRATEGIES and is_encoder_decoder(model):
-        raise ConfigError(strategy_refusal(name))
-
-
 def config_is_encoder_decoder(model_cfg: Any) -> bool:
     """Whether ``model.*`` names an encoder-decoder, read without loading weights: ``arch``'s config class,
     a local directory's config.json, or a hub id's config in the Hugging Face cache (never the network: False
-    when it is not there, and ``check_strategy`` refuses a strategy once the model is loaded)."""
+    when it is not there, and ``Strategy.check`` refuses a strategy once the model is loaded)."""
     if model_cfg.name_or_path is None:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

@@ -22,6 +22,7 @@ from cl_runner.strategies.lora import (
     subspace_overlap,
     train_only,
 )
+from cl_runner.strategies.support import Refused, Supports
 
 INIT_SALT = 31  # ctx.seed_for salt of a new adapter's initialisation
 
@@ -74,6 +75,12 @@ class Adapters(Strategy):
 
     name = "adapters"
     Config = AdaptersConfig
+    supports = Supports(
+        fsdp=Refused("orthogonal_lambda > 0: O-LoRA's penalty reads the adapters' A matrices outside the model's "
+                     "forward, where FSDP holds them sharded and does not reduce their gradient; use distributed=ddp "
+                     "or orthogonal_lambda=0", option="orthogonal_lambda", when=lambda cfg: cfg.orthogonal_lambda > 0),
+        per_task_options=("orthogonal_lambda",),  # read by ``loss`` at every step
+    )
     shared = False  # shared_lora: one adapter for the whole sequence
 
     def __init__(self, cfg: Any) -> None:
@@ -82,14 +89,6 @@ class Adapters(Strategy):
         self.base_parameters = 0
         self._pairs: list | None = None  # (old A stacked, new A) per layer, for the orthogonality loss
         self.costs: dict[str, Any] = {}  # accounting, updated after each task
-
-    @classmethod
-    def distributed_refusal(cls, cfg: Any, kind: str) -> str | None:
-        if kind == "fsdp" and getattr(cfg, "orthogonal_lambda", 0) > 0:
-            return ("orthogonal_lambda > 0: O-LoRA's penalty reads the adapters' A matrices outside the model's "
-                    "forward, where FSDP holds them sharded and does not reduce their gradient; use distributed=ddp "
-                    "or orthogonal_lambda=0")
-        return None
 
     def names(self) -> list[str]:
         return ["shared"] if self.shared else [adapter_name(t) for t in range(self.created)]
@@ -120,6 +119,7 @@ class Adapters(Strategy):
         activate(ctx.model, [])
 
     def check(self, ctx: Context) -> None:
+        super().check(ctx)
         check_targets(ctx.model, self.cfg.target_modules)
 
     def before_task(self, ctx: Context) -> None:
@@ -136,7 +136,10 @@ class Adapters(Strategy):
     def loss(
         self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor
     ) -> torch.Tensor:
-        if self.shared or self.cfg.orthogonal_lambda == 0 or ctx.task_index == 0:
+        if self.shared or ctx.task_index == 0:
+            return loss
+        weight = self.option(ctx, "orthogonal_lambda")
+        if weight == 0:
             return loss
         if self._pairs is None:
             old = [adapter_name(t) for t in range(ctx.task_index)]
@@ -144,7 +147,7 @@ class Adapters(Strategy):
         with torch.autocast(ctx.device.type, enabled=False):
             overlap = subspace_overlap(self._pairs)
         ctx.log(lora_overlap=overlap.detach())
-        return loss + self.cfg.orthogonal_lambda * overlap
+        return loss + weight * overlap
 
     def before_eval(self, ctx: Context, task_index: int) -> None:
         if self.shared or self.cfg.merge:
@@ -186,4 +189,5 @@ class SharedLoRA(Adapters):
 
     name = "shared_lora"
     Config = SharedLoRAConfig
+    supports = Supports()  # no O-LoRA penalty: none of adapters' facts
     shared = True

@@ -19,18 +19,36 @@ parameters (a sharded checkpoint reshards them); ``load_state_dict`` takes eithe
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from cl_runner.core.checks import check_choice
 from cl_runner.core.dist import all_reduce_sum, world
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
-from cl_runner.strategies.base import Context, Strategy, trainable_parameters
+from cl_runner.strategies.base import Context, Strategy, StrategyConfig, trainable_parameters
 from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view
 
 LOG_EVERY = 10  # optimizer steps between penalty values logged (each is a pass over the penalised parameters)
 DTYPES = ("float32", "bfloat16")  # state_dtype: names of torch dtypes
+
+
+@dataclass
+class AnchorConfig(StrategyConfig):
+    """Options of every quadratic anchor penalty (EWC, L2, SI, MAS)."""
+
+    penalised_params: str | None = None  # regex (re.search) on parameter names to penalise; null = all trainable
+    state_dtype: str = "float32"  # dtype of the stored importance (Fisher, Omega) and anchor: float32 | bfloat16
+
+    def anchor_errors(self, errs: list[str], key: str) -> None:
+        check_choice(errs, f"{key}.state_dtype", self.state_dtype, tuple(DTYPES))
+        if self.penalised_params is not None:
+            try:
+                re.compile(self.penalised_params)
+            except re.error as exc:
+                errs.append(f"{key}.penalised_params: not a valid regular expression ({exc})")
 
 
 def merge_quadratics(f1: torch.Tensor, m1: torch.Tensor, f2: torch.Tensor, m2: torch.Tensor
@@ -105,16 +123,17 @@ class AnchorPenalty(Strategy):
         return self._params[1]
 
     def check(self, ctx: Context) -> None:
-        """``ewc_params`` must match some trainable parameter now, not when the first task is over."""
-        pattern = self.cfg.ewc_params
+        """``penalised_params`` must match some trainable parameter now, not when the first task is over."""
+        super().check(ctx)
+        pattern = self.cfg.penalised_params
         names = [n for n, _ in trainable_parameters(ctx.model)]
         if pattern is not None and not any(re.search(pattern, n) for n in names):
             example = f" (searched with re.search in names such as {names[0]!r})" if names else ""
-            raise ConfigError(f"strategy.ewc_params: {pattern!r} matches no trainable parameter name{example}")
+            raise ConfigError(f"strategy.penalised_params: {pattern!r} matches no trainable parameter name{example}")
 
     def after_task(self, ctx: Context) -> None:
         if self.names is None:
-            self.names = [n for n, _ in selected_parameters(ctx.model, self.cfg.ewc_params)]
+            self.names = [n for n, _ in selected_parameters(ctx.model, self.cfg.penalised_params)]
         params = self.parameters(ctx.model)
         theta = [local(p.detach()) for p in params]
         self.numel = sum(p.numel() for p in params)

@@ -37,6 +37,7 @@ from omegaconf import MISSING
 from cl_runner.core.errors import ConfigError
 from cl_runner.models.kinds import CAUSAL_LM, ModelKind
 from cl_runner.models.lm import Encoded
+from cl_runner.strategies.support import Supports, refuse_model
 
 
 @dataclass
@@ -50,7 +51,9 @@ class MicroBatch:
 
 @dataclass
 class Context:
-    """Everything a hook may look at. The loop updates ``optimizer``, ``step`` and ``epoch`` as it goes."""
+    """Everything a hook may look at. The run (``engine/run.py``) builds it and sets ``task_index`` and
+    ``options`` before each task; the loop updates ``optimizer``, ``step``, ``epoch`` and ``micro`` as it goes;
+    hooks write ``extras`` (through ``log``) and ``artifacts``."""
 
     model: torch.nn.Module
     device: torch.device
@@ -70,6 +73,9 @@ class Context:
     decode: Callable[[list[int]], str] | None = None  # token ids -> text, for artifacts users read
     micro: MicroBatch | None = None  # set by the loop around each micro-batch's forward pass and ``loss``
     kind: ModelKind = CAUSAL_LM  # the model's kind, chosen when it is built: batch layout, forward inputs (kinds.py)
+    # the current task's own strategy options (tasks.tasks.<i>.strategy_overrides.<strategy>): option -> value, set
+    # by the run before each task; read them with ``Strategy.option``, which falls back on ``strategy.cfg``
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def task_name(self) -> str:
@@ -114,29 +120,35 @@ def no_options(name: str) -> type[StrategyConfig]:
 class Strategy:
     """Plain sequential fine-tuning: every hook is a no-op. Subclasses override what they need.
 
-    A strategy class names itself (``name``) and its options (``Config``, a ``StrategyConfig`` dataclass
-    defined next to it); the registry (``registry.py``) finds it from these two attributes.
+    A strategy class names itself (``name``), its options (``Config``, a ``StrategyConfig`` dataclass defined
+    next to it) and what it can run with (``supports``: ``support.py``); the registry (``registry.py``) finds it
+    from the first two. ``cfg`` is the run's options; the current task's own values of the options it may vary
+    per task are on the context (``option``).
     """
 
     name: ClassVar[str] = "naive"
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
-    # distributed kinds (``ddp``, ``fsdp``) this strategy cannot run under -> the reason, shown in one line before
-    # anything loads (``registry.distributed_errors``); every kind not named here gives the single-process result
-    unsupported: ClassVar[dict[str, str]] = {}
-
-    @classmethod
-    def distributed_refusal(cls, cfg: Any, kind: str) -> str | None:
-        """Why this strategy, with options ``cfg``, cannot run under ``distributed.kind`` ``kind``; None when it
-        can. Override for a refusal that depends on the options (LAMOL with ``gen_ratio = 0`` is naive)."""
-        return cls.unsupported.get(kind)
+    # what this strategy cannot run with (train.pack, encoder-decoder models, each distributed kind), each with
+    # its reason, and the options a task may set per task; checked before anything loads (support.py)
+    supports: ClassVar[Supports] = Supports()
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg if cfg is not None else self.Config(name=self.name)
 
+    def option(self, ctx: Context, name: str) -> Any:
+        """Option ``name`` for the current task: the task's own value (``ctx.options``) where it sets one, else
+        the run's (``self.cfg``). Only for the options ``supports.per_task_options`` declares."""
+        if name not in self.supports.per_task_options:
+            raise KeyError(f"{type(self).__name__}.option({name!r}): not in its supports.per_task_options")
+        return ctx.options.get(name, getattr(self.cfg, name))
+
     def check(self, ctx: Context) -> None:
         """Once the model is built, before any evaluation or training (also on resume): raise ``ConfigError``
         (one line naming the option) for an option that cannot apply to ``ctx.model``, e.g. a parameter or
-        module name that matches nothing. Only look: change nothing."""
+        module name that matches nothing. Only look: change nothing. An override calls ``super().check(ctx)``
+        first: it refuses a model the strategy does not support (``supports``) when the config check could not
+        tell the model's kind."""
+        refuse_model(type(self), self.cfg, ctx.kind)
 
     def before_shard(self, ctx: Context) -> None:
         """Under FSDP only, once, before the model is sharded (``ctx.model`` whole, nothing evaluated or trained

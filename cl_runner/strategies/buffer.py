@@ -1,4 +1,6 @@
-"""A bounded replay buffer of encoded examples (host memory only) and the sampling rules that fill it.
+"""A bounded replay buffer of encoded examples (host memory only), the sampling rules that fill it, the options of
+every strategy that keeps one (``BufferConfig``) and the base of those that compute gradients on it but never train
+on it (``BufferGradients``: A-GEM, GEM, DER).
 
 Which examples a finished task leaves in the buffer (``sampling``):
 
@@ -36,10 +38,13 @@ import torch
 from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import Encoded, target_mask, token_nll
-from cl_runner.strategies.base import Context, StrategyConfig
+from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.common import evaluating
+from cl_runner.strategies.support import Supports
 
 SAMPLINGS = ("reservoir", "random", "importance", "hardest")
+GRADIENT_FILL_SALT = 61  # BufferGradients' ctx.generator salts: which examples a task leaves in the buffer
+GRADIENT_DRAW_SALT = 62  # ... and which buffer examples make each step's reference gradients
 
 
 @dataclass
@@ -219,3 +224,58 @@ class ReplayBuffer:
         self.tasks, self.scores = list(state["tasks"]), list(state["scores"])
         self.seen = {int(t): int(n) for t, n in state["seen"].items()}
         self.seen_total = int(state["seen_total"])
+
+
+class BufferGradients(Strategy):
+    """What A-GEM, GEM and DER share: a buffer filled in ``after_task``, seeded per-step draws from it, and the
+    chunk size of reference gradients (the step's largest micro-batch, seen in ``loss``)."""
+
+    supports = Supports()  # what a strategy built on it adds to its own facts (nothing refused)
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.buffer = ReplayBuffer(cfg.buffer_size, cfg.sampling, cfg.per_task)
+        self.rng: torch.Generator | None = None
+        self.rng_task = -1  # task whose GRADIENT_DRAW_SALT generator ``rng`` is
+        self.chunk = 1  # the largest micro-batch of the current step (reference gradients go no bigger)
+        self.steps = 0  # optimizer steps with a non-empty buffer, over the run
+        self.changed = 0  # ... whose gradient the strategy changed (projected)
+
+    def loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor) -> torch.Tensor:
+        self.chunk = len(ctx.micro.examples) if ctx.micro is not None else len(batch["input_ids"])
+        return loss
+
+    def draw(self, ctx: Context, pool: list[int], n: int) -> list[Encoded]:
+        """``n`` buffer examples of the slots ``pool`` (uniform, without replacement when they fit)."""
+        if self.rng is None or self.rng_task != ctx.task_index:
+            self.rng, self.rng_task = ctx.generator(GRADIENT_DRAW_SALT), ctx.task_index
+        idx = (torch.randperm(len(pool), generator=self.rng)[:n] if n <= len(pool)
+               else torch.randint(len(pool), (n,), generator=self.rng))
+        return [self.buffer.examples[pool[i]] for i in idx.tolist()]
+
+    def fill(self, ctx: Context, examples: list[Encoded]) -> None:
+        """Offer the finished task's ``examples`` to the buffer (its ``sampling`` rule)."""
+        def score(offered: list[Encoded]) -> torch.Tensor:
+            return example_losses(ctx, offered, batch_size=max(ctx.batch_size, 1))
+
+        self.buffer.add_task(ctx.task_index, examples, ctx.generator(GRADIENT_FILL_SALT), score)
+        ctx.log(buffer_examples=len(self.buffer))
+
+    def after_task(self, ctx: Context) -> None:
+        self.fill(ctx, ctx.train_sets[ctx.task_index])
+
+    def accounting(self) -> dict[str, Any]:
+        return {"buffer_examples": len(self.buffer), "buffer_tokens": self.buffer.tokens(),
+                "buffer_per_task": self.buffer.counts()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict(), "rng_task": self.rng_task, "changed": self.changed,
+                "steps": self.steps, "rng_state": None if self.rng is None else self.rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+        self.rng_task, self.rng = int(state["rng_task"]), None
+        self.changed, self.steps = int(state["changed"]), int(state["steps"])
+        if state["rng_state"] is not None:
+            self.rng = torch.Generator()
+            self.rng.set_state(state["rng_state"])

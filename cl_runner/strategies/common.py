@@ -18,7 +18,7 @@ def selected_parameters(model: torch.nn.Module, pattern: str | None) -> list[tup
         regex = re.compile(pattern)
         named = [(n, p) for n, p in named if regex.search(n)]
         if not named:
-            raise ValueError(f"ewc_params: {pattern!r} matches no trainable parameter name")
+            raise ValueError(f"penalised_params: {pattern!r} matches no trainable parameter name")
     return named
 
 

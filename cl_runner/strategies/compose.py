@@ -28,7 +28,8 @@ class Composite(Strategy):
     ``loss`` feed each part the previous part's output (EWC then replay: replay mixes its buffer into the
     batches, and EWC's penalty covers the mixed batches); ``validation_tasks`` is the union of the parts';
     ``accounting`` merges the parts' dicts; ``state_dict`` keeps one entry per part, under the part's
-    ``state_key`` (its ``name`` unless two parts share one)."""
+    ``state_key`` (its ``name`` unless two parts share one). A subclass declares the facts of its parts
+    together: ``supports = combined(PartA, PartB)`` (``support.py``)."""
 
     def __init__(self, cfg: Any, parts: Sequence[Strategy]) -> None:
         super().__init__(cfg)
@@ -36,7 +37,11 @@ class Composite(Strategy):
         names = [part.name for part in self.parts]
         self.keys = [name if names.count(name) == 1 else f"{i}_{name}" for i, name in enumerate(names)]
 
-    check = _forward("check")
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)  # the composite's own facts, then each part's checks
+        for part in self.parts:
+            part.check(ctx)
+
     before_shard = _forward("before_shard")
     before_task = _forward("before_task")
     before_epoch = _forward("before_epoch")

@@ -33,9 +33,9 @@ from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import Encoded, target_mask, token_nll
 from cl_runner.strategies.base import Context, trainable_parameters
-from cl_runner.strategies.buffer import BufferConfig
+from cl_runner.strategies.buffer import BufferConfig, BufferGradients
 from cl_runner.strategies.common import evaluating
-from cl_runner.strategies.gem import BufferGradients, examples_gradient, step_gradients
+from cl_runner.strategies.gem import examples_gradient, step_gradients
 
 DISTANCES = ("mse", "kl")
 LOGIT_DTYPES = ("float16", "bfloat16", "float32")
@@ -109,6 +109,7 @@ class DER(BufferGradients):
 
     name = "der"
     Config = DERConfig
+    supports = BufferGradients.supports
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

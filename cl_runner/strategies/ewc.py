@@ -6,35 +6,19 @@ an analytic gradient after the backward pass (see ``anchor.py``); L2 is the same
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cl_runner.core.checks import check_choice, check_fraction, check_positive
-from cl_runner.strategies.anchor import DTYPES, AnchorPenalty
-from cl_runner.strategies.base import Context, StrategyConfig
+from cl_runner.strategies.anchor import AnchorConfig, AnchorPenalty
+from cl_runner.strategies.base import Context
 from cl_runner.strategies.fisher import MODES, fisher_diagonal
+from cl_runner.strategies.support import Refused, Supports
 
 SUBSET_SALT = 21  # ctx.generator salts: which examples estimate the Fisher
 SAMPLE_SALT = 22  # ... and the labels drawn for fisher=sampled
-
-
-@dataclass
-class AnchorConfig(StrategyConfig):
-    """Options of every quadratic anchor penalty (EWC, L2)."""
-
-    ewc_params: str | None = None  # regex on parameter names; null = all trainable parameters
-    state_dtype: str = "float32"  # dtype of the stored Fisher and anchor: float32 | bfloat16
-
-    def anchor_errors(self, errs: list[str], key: str) -> None:
-        check_choice(errs, f"{key}.state_dtype", self.state_dtype, tuple(DTYPES))
-        if self.ewc_params is not None:
-            try:
-                re.compile(self.ewc_params)
-            except re.error as exc:
-                errs.append(f"{key}.ewc_params: not a valid regular expression ({exc})")
 
 
 @dataclass
@@ -80,6 +64,8 @@ class EWC(AnchorPenalty):
 
     name = "ewc"
     Config = EWCConfig
+    supports = Supports(encoder_decoder=Refused("it samples labels in the causal layout; use empirical",
+                                                option="fisher", when=lambda cfg: cfg.fisher == "sampled"))
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, lam=cfg.ewc_lambda)
@@ -90,7 +76,7 @@ class EWC(AnchorPenalty):
         examples = ctx.train_sets[ctx.task_index]
         picks = torch.randperm(len(examples), generator=ctx.generator(SUBSET_SALT))[: self.cfg.fisher_samples]
         return fisher_diagonal(ctx, [examples[i] for i in sorted(picks.tolist())], mode=self.cfg.fisher,
-                               generator=ctx.generator(SAMPLE_SALT), param_regex=self.cfg.ewc_params,
+                               generator=ctx.generator(SAMPLE_SALT), param_regex=self.cfg.penalised_params,
                                batch_size=self.cfg.fisher_batch_size)
 
     def importance(self, ctx: Context, names: list[str]) -> list[torch.Tensor]:

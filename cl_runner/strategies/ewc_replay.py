@@ -8,6 +8,7 @@ from typing import Any
 from cl_runner.strategies.compose import Composite
 from cl_runner.strategies.ewc import EWC, EWCConfig
 from cl_runner.strategies.replay import Replay, ReplayConfig
+from cl_runner.strategies.support import combined
 
 
 @dataclass
@@ -25,6 +26,7 @@ class EWCReplay(Composite):
 
     name = "ewc_replay"
     Config = EWCReplayConfig
+    supports = combined(EWC, Replay)
 
     def __init__(self, cfg: Any) -> None:
         self.ewc, self.replay = EWC(cfg), Replay(cfg)

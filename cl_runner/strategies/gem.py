@@ -36,12 +36,10 @@ from cl_runner.core.dist import all_reduce_sum, world
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import Encoded, target_count, token_nll
-from cl_runner.strategies.base import Context, Strategy, trainable_parameters
-from cl_runner.strategies.buffer import BufferConfig, ReplayBuffer, example_losses
+from cl_runner.strategies.base import Context, trainable_parameters
+from cl_runner.strategies.buffer import BufferConfig, BufferGradients
 from cl_runner.strategies.common import local
 
-FILL_SALT = 61  # ctx.generator salts: which examples a task leaves in the buffer
-DRAW_SALT = 62  # ... and which buffer examples make each step's reference gradients
 RIDGE = 1e-3  # added to the diagonal of G G^T (as GEM's reference code does): a unique dual solution
 SolveInfo = dict[str, float]
 
@@ -153,64 +151,12 @@ class AGEMConfig(BufferConfig):
         return errs
 
 
-class BufferGradients(Strategy):
-    """What A-GEM, GEM and DER share: a buffer filled in ``after_task``, seeded per-step draws from it, and the
-    chunk size of reference gradients (the step's largest micro-batch, seen in ``loss``)."""
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self.buffer = ReplayBuffer(cfg.buffer_size, cfg.sampling, cfg.per_task)
-        self.rng: torch.Generator | None = None
-        self.rng_task = -1  # task whose DRAW_SALT generator ``rng`` is
-        self.chunk = 1  # the largest micro-batch of the current step (reference gradients go no bigger)
-        self.steps = 0  # optimizer steps with a non-empty buffer, over the run
-        self.changed = 0  # ... whose gradient the strategy changed (projected)
-
-    def loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor) -> torch.Tensor:
-        self.chunk = len(ctx.micro.examples) if ctx.micro is not None else len(batch["input_ids"])
-        return loss
-
-    def draw(self, ctx: Context, pool: list[int], n: int) -> list[Encoded]:
-        """``n`` buffer examples of the slots ``pool`` (uniform, without replacement when they fit)."""
-        if self.rng is None or self.rng_task != ctx.task_index:
-            self.rng, self.rng_task = ctx.generator(DRAW_SALT), ctx.task_index
-        idx = (torch.randperm(len(pool), generator=self.rng)[:n] if n <= len(pool)
-               else torch.randint(len(pool), (n,), generator=self.rng))
-        return [self.buffer.examples[pool[i]] for i in idx.tolist()]
-
-    def fill(self, ctx: Context, examples: list[Encoded]) -> None:
-        """Offer the finished task's ``examples`` to the buffer (its ``sampling`` rule)."""
-        def score(offered: list[Encoded]) -> torch.Tensor:
-            return example_losses(ctx, offered, batch_size=max(ctx.batch_size, 1))
-
-        self.buffer.add_task(ctx.task_index, examples, ctx.generator(FILL_SALT), score)
-        ctx.log(buffer_examples=len(self.buffer))
-
-    def after_task(self, ctx: Context) -> None:
-        self.fill(ctx, ctx.train_sets[ctx.task_index])
-
-    def accounting(self) -> dict[str, Any]:
-        return {"buffer_examples": len(self.buffer), "buffer_tokens": self.buffer.tokens(),
-                "buffer_per_task": self.buffer.counts()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict(), "rng_task": self.rng_task, "changed": self.changed,
-                "steps": self.steps, "rng_state": None if self.rng is None else self.rng.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state["buffer"])
-        self.rng_task, self.rng = int(state["rng_task"]), None
-        self.changed, self.steps = int(state["changed"]), int(state["steps"])
-        if state["rng_state"] is not None:
-            self.rng = torch.Generator()
-            self.rng.set_state(state["rng_state"])
-
-
 class AGEM(BufferGradients):
     """A-GEM: one reference gradient per step on a uniform buffer draw; ``g`` projected when ``g.r < 0``."""
 
     name = "agem"
     Config = AGEMConfig
+    supports = BufferGradients.supports
 
     @no_grad
     def after_backward(self, ctx: Context) -> None:
@@ -252,12 +198,14 @@ class GEM(BufferGradients):
 
     name = "gem"
     Config = GEMConfig
+    supports = BufferGradients.supports
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.gradient_bytes = 0  # one copy of the trainable parameters' gradient (all ranks' shards together)
 
     def check(self, ctx: Context) -> None:
+        super().check(ctx)
         tasks = len(ctx.task_names)
         if tasks > self.cfg.max_tasks:
             params = sum(p.numel() for _, p in trainable_parameters(ctx.model))

@@ -39,6 +39,7 @@ from cl_runner.strategies.base import Context, not_made_before_sharding
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.lora import activate, add_lora, check_targets, count, lora_parameters, train_only
 from cl_runner.strategies.replay import Replay, ReplayConfig
+from cl_runner.strategies.support import Refused, Supports
 
 INIT_SALT = 51  # ctx.seed_for salt of the adapters' initialisation
 ADAPTERS = ("slow", "fast")  # eval_adapter choices
@@ -85,6 +86,9 @@ class ILoRA(Replay):
 
     name = "ilora"
     Config = ILoRAConfig
+    supports = Supports(
+        pack=Refused("its consistency loss reads the replayed examples' rows"),
+    ) | Replay.supports
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -121,6 +125,7 @@ class ILoRA(Replay):
         activate(ctx.model, ["fast"])
 
     def check(self, ctx: Context) -> None:
+        super().check(ctx)
         check_targets(ctx.model, self.cfg.target_modules)
 
     def before_shard(self, ctx: Context) -> None:

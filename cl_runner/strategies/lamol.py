@@ -13,7 +13,6 @@ import torch
 from cl_runner.core.checks import check_positive
 from cl_runner.core.errors import ConfigError
 from cl_runner.models.lm import Encoded, causal_lm_loss
-from cl_runner.models.seq2seq import check_strategy
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.pseudo import (
     after_cue,
@@ -25,6 +24,7 @@ from cl_runner.strategies.pseudo import (
     sample_after,
 )
 from cl_runner.strategies.seeding import seeded_rng
+from cl_runner.strategies.support import Refused, Supports
 
 GEN_SALT = 51  # ctx.generator salt (+ the earlier task's index): top-k sampling of that task's pseudo-examples
 INIT_SALT = 52  # seed offset of the (overwritten) initialisation of the generation tokens' rows
@@ -79,13 +79,15 @@ class LAMOL(Strategy):
 
     name = "lamol"
     Config = LAMOLConfig
-
-    @classmethod
-    def distributed_refusal(cls, cfg: Any, kind: str) -> str | None:
-        if kind == "fsdp" and cfg.gen_ratio > 0:
-            return ("its generation tokens are new rows of the embedding matrix, added before the first task to a "
-                    "model FSDP has already sharded; use distributed=ddp")
-        return None
+    supports = Supports(
+        pack=Refused("its loss hook runs the model again on the batch's rows, with a generation token in front"),
+        encoder_decoder=Refused("it generates whole examples (prompt and answer) as one sequence, which a decoder "
+                                "does not read"),
+        fsdp=Refused("its generation tokens are new rows of the embedding matrix, added before the first task to a "
+                     "model FSDP has already sharded; use distributed=ddp",
+                     option="gen_ratio", when=lambda cfg: cfg.gen_ratio > 0),  # gen_ratio = 0 is naive
+        per_task_options=("lm_lambda",),  # read by ``loss`` at every step
+    )
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -115,9 +117,6 @@ class LAMOL(Strategy):
         if self._gen_ids is None:
             self._gen_ids = torch.arange(len(ctx.task_names), device=ctx.device) + self.first_gen_id
         return self._gen_ids
-
-    def check(self, ctx: Context) -> None:
-        check_strategy(ctx.model, self.name)  # whole examples are generated as one sequence (seq2seq.py)
 
     def before_task(self, ctx: Context) -> None:
         if self.cfg.gen_ratio == 0:
@@ -164,14 +163,15 @@ class LAMOL(Strategy):
     def loss(
         self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor
     ) -> torch.Tensor:
-        if self.cfg.gen_ratio == 0 or self.cfg.lm_lambda == 0:
+        lm_lambda = self.option(ctx, "lm_lambda")
+        if self.cfg.gen_ratio == 0 or lm_lambda == 0:
             return loss
         gen = generation_batch(batch, self.gen_ids(ctx))
         logits = ctx.model(input_ids=gen["input_ids"], attention_mask=gen["attention_mask"]).logits
         generation_loss = causal_lm_loss(logits, gen["labels"])
         ctx.log(lamol_generation_loss=generation_loss.detach())
         scale = generation_share(ctx)
-        return loss if scale == 0 else loss + self.cfg.lm_lambda * scale * generation_loss
+        return loss if scale == 0 else loss + lm_lambda * scale * generation_loss
 
     def after_task(self, ctx: Context) -> None:
         rows = len(ctx.task_names) if self.first_gen_id is not None else 0

@@ -12,6 +12,7 @@ from cl_runner.core.checks import check_positive
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.distill import distillation_kl
+from cl_runner.strategies.support import Refused, Supports
 
 
 @dataclass
@@ -84,6 +85,7 @@ class LwF(Strategy):
 
     name = "lwf"
     Config = LwFConfig
+    supports = Supports(pack=Refused("its loss hook runs the teacher on the batch's rows"))
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -13,6 +13,7 @@ from cl_runner.strategies.base import Context, Strategy, trainable_parameters
 from cl_runner.strategies.common import local, shard_like, tensor_bytes
 from cl_runner.strategies.compose import Composite
 from cl_runner.strategies.replay import Replay, ReplayConfig
+from cl_runner.strategies.support import combined
 
 
 @dataclass
@@ -135,6 +136,7 @@ class MER(Composite):
 
     name = "mer"
     Config = MERConfig
+    supports = combined(Replay, Reptile)
 
     def __init__(self, cfg: Any) -> None:
         self.replay, self.reptile = Replay(cfg), Reptile(cfg)

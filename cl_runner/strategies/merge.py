@@ -45,6 +45,7 @@ from cl_runner.strategies.merge_methods import (
     state_size,
     trim,
 )
+from cl_runner.strategies.support import Supports, combined
 
 DARE_SALT = 61  # ctx.generator salt of DARE's drop draws (task k's vector: task=k)
 
@@ -201,6 +202,7 @@ class LoraMerge(Adapters):
     ``merging.linear_coefficients``. Adapters are made as ``adapters`` makes them (before sharding under FSDP)."""
 
     name = "merge"
+    supports = Supports()  # no O-LoRA penalty (``loss`` adds none): none of adapters' facts
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -265,6 +267,7 @@ class Merge(Composite):
 
     name = "merge"
     Config = MergeConfig
+    supports = combined(FullMerge, LoraMerge)  # over=full or over=lora
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, [LoraMerge(cfg) if cfg.over == "lora" else FullMerge(cfg)])

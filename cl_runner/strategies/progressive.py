@@ -11,11 +11,11 @@ import torch
 
 from cl_runner.core.checks import check_positive
 from cl_runner.core.dist import world
-from cl_runner.models.seq2seq import check_strategy
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig, not_made_before_sharding
 from cl_runner.strategies.columns import ColumnHooks, adapted_layers, lora_column
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.seeding import seeded_rng
+from cl_runner.strategies.support import Refused, Supports
 
 INIT_SALT = 41  # seed offset of a new column's initialisation
 ATTRIBUTE = "progressive_columns"  # the ModuleDict's name on the model (and in its state_dict)
@@ -50,6 +50,8 @@ class Progressive(Strategy):
 
     name = "progressive"
     Config = ProgressiveConfig
+    supports = Supports(encoder_decoder=Refused("its columns adapt one stack of transformer blocks (a decoder-only "
+                                                "model's); an encoder-decoder has two"))
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -90,9 +92,6 @@ class Progressive(Strategy):
 
     def _has_column(self, task: int) -> bool:
         return task > 0 or not self.cfg.backbone_first_task
-
-    def check(self, ctx: Context) -> None:
-        check_strategy(ctx.model, self.name)  # an encoder-decoder has two stacks of blocks (seq2seq.py)
 
     def before_task(self, ctx: Context) -> None:
         if not self._has_column(ctx.task_index):

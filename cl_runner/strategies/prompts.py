@@ -21,7 +21,7 @@ prepends the active prompts with three hooks on the same model object:
   caller's ``input_ids`` and labels (the loss, label scores and generation need no change).
 
 Packed rows (``train.pack``) hold several examples per row, each of which would need its own prompt: refused at
-config time (``schema.PACK_REFUSED``). Encoder-decoder models are refused in ``check``.
+config time, and so are encoder-decoder models (``PromptTuning.supports``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from cl_runner.core.errors import ConfigError
 from cl_runner.models.lm import IGNORE_INDEX
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig, not_made_before_sharding
 from cl_runner.strategies.common import tensor_bytes
+from cl_runner.strategies.support import Refused, Supports
 
 INITS = ("random", "vocab", "text")
 INIT_SALT = 53  # ctx.seed_for salt of a new prompt's initialisation
@@ -173,6 +174,10 @@ class PromptTuning(Strategy):
 
     name = "prompt_tuning"
     Config = PromptTuningConfig
+    supports = Supports(  # progressive_prompts (a subclass) shares them
+        pack=Refused("a soft prompt goes in front of each example, and a packed row holds several"),
+        encoder_decoder=Refused("its soft prompts hook the input embeddings, which T5's encoder and decoder share"),
+    )
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -220,10 +225,8 @@ class PromptTuning(Strategy):
         return store[key]
 
     def check(self, ctx: Context) -> None:
+        super().check(ctx)
         model = self._bare(ctx)
-        if ctx.kind.soft_prompt_refusal:
-            raise ConfigError(f"strategy.name: {self.name} cannot run on {type(model).__name__}, an "
-                              f"{ctx.kind.name} model: {ctx.kind.soft_prompt_refusal}")
         prompts = len(self.training_prompts(len(ctx.task_names) - 1))  # the most prompts in front at once
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0)
         longest = max((len(e["input_ids"]) for s in ctx.train_sets for e in s), default=0)

@@ -2,8 +2,8 @@
 ``cl_runner.strategies``), and a ``strategy._target_`` class path named in a config.
 
 A class is a strategy when it subclasses ``Strategy`` and sets both ``name`` and ``Config`` itself; nothing
-else lists strategies, so adding one is adding one file (and its YAML in ``conf/strategy/``), and a plugin
-package adds one without a fork of cl-runner.
+else lists strategies (what each supports is on its class too: ``support.py``), so adding one is adding one file
+(and its YAML in ``conf/strategy/``), and a plugin package adds one without a fork of cl-runner.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from cl_runner.core.errors import ConfigError
 from cl_runner.strategies.base import Strategy
+from cl_runner.strategies.support import support_errors
 
 ENTRY_POINT_GROUP = "cl_runner.strategies"
 PACKAGE = "cl_runner.strategies"
@@ -102,20 +103,13 @@ def strategy_class(name: str | None, target: str | None = None) -> type[Strategy
     return classes[name]
 
 
-def distributed_errors(cfg: Any, kind: str) -> list[str]:
-    """One line when strategy ``cfg`` cannot run under ``distributed.kind`` ``kind`` (``Strategy.unsupported``)."""
-    if kind == "none":
-        return []
-    reason = strategy_class(cfg.name, getattr(cfg, "_target_", None)).distributed_refusal(cfg, kind)
-    return [f"distributed.kind: strategy {cfg.name} cannot run with distributed={kind}: {reason}"] if reason else []
-
-
 def build_strategy(cfg: Any) -> Strategy:
     """Instantiate the strategy the config names, with its typed config; refused (``ConfigError``) when it cannot
     run under this process's ``distributed.kind`` (a safety net: the config check refuses it earlier)."""
     from cl_runner.core.dist import world
 
-    errors = distributed_errors(cfg, world().kind)
+    cls = strategy_class(cfg.name, getattr(cfg, "_target_", None))
+    errors = support_errors(cls, [cfg], distributed=world().kind)
     if errors:
         raise ConfigError(errors[0])
-    return strategy_class(cfg.name, getattr(cfg, "_target_", None))(cfg)
+    return cls(cfg)

@@ -21,7 +21,7 @@ MIX_SALT = 12  # ... and which buffer examples join the batches of the next task
 @dataclass
 class ReplayConfig(BufferConfig):
     name: str = "replay"
-    replay_ratio: float = 0.25  # fraction of each training batch drawn from the buffer
+    replay_ratio: float = 0.25  # fraction of each resulting (mixed) batch drawn from the buffer, in [0, 1)
     replay_batch_size: int | None = None  # buffer examples per batch; overrides replay_ratio when set
 
     def errors(self, key: str) -> list[str]:

@@ -32,10 +32,9 @@ from cl_runner.core.checks import check_fraction, check_positive
 from cl_runner.core.dist import world
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import target_mask
-from cl_runner.strategies.anchor import AnchorPenalty
+from cl_runner.strategies.anchor import AnchorConfig, AnchorPenalty
 from cl_runner.strategies.base import Context
 from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view
-from cl_runner.strategies.ewc import AnchorConfig
 from cl_runner.strategies.fisher import gradient_mean
 
 SUBSET_SALT = 41  # ctx.generator salt: which examples of the finished task estimate MAS's importance
@@ -43,7 +42,7 @@ SUBSET_SALT = 41  # ctx.generator salt: which examples of the finished task esti
 
 @dataclass
 class ImportanceConfig(AnchorConfig):
-    """Options of SI and MAS beyond the anchor's (``ewc_params``, ``state_dtype``)."""
+    """Options of SI and MAS beyond the anchor's (``penalised_params``, ``state_dtype``)."""
 
     online: bool = True  # one running Omega = gamma*Omega_old + Omega_new at the latest weights (the papers')
     gamma: float = 1.0  # online: decay of the old importance
@@ -108,7 +107,7 @@ class MAS(AnchorPenalty):
         examples = ctx.train_sets[ctx.task_index]
         picks = torch.randperm(len(examples), generator=ctx.generator(SUBSET_SALT))[: self.cfg.mas_samples]
         omega = gradient_mean(ctx, [examples[i] for i in sorted(picks.tolist())], objective=output_sq_norm,
-                              transform=absolute, param_regex=self.cfg.ewc_params,
+                              transform=absolute, param_regex=self.cfg.penalised_params,
                               batch_size=self.cfg.mas_batch_size)
         return [omega[n] for n in names]
 
@@ -133,7 +132,7 @@ class SI(AnchorPenalty):
     @no_grad
     def before_task(self, ctx: Context) -> None:
         if self.names is None:
-            self.names = [n for n, _ in selected_parameters(ctx.model, self.cfg.ewc_params)]
+            self.names = [n for n, _ in selected_parameters(ctx.model, self.cfg.penalised_params)]
         theta = [local(p.detach()).float() for p in self.parameters(ctx.model)]
         self.omega, self.start = [torch.zeros_like(t) for t in theta], [t.clone() for t in theta]
 

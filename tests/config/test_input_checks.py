@@ -21,6 +21,7 @@ from cl_runner.config.schema import ModelConfig, TaskConfig
 from cl_runner.core.checks import arch_errors, check_fraction, check_positive
 from cl_runner.core.errors import ConfigError, DataError, ModelError
 from cl_runner.engine.run import build_parts
+from cl_runner.models.kinds import CAUSAL_LM
 from cl_runner.models.load import _quiet_load, load_model, load_tokenizer
 from cl_runner.strategies.adapters import Adapters, AdaptersConfig
 from cl_runner.strategies.common import selected_parameters
@@ -171,29 +172,29 @@ def test_a_valid_model_arch_passes():
 def tiny_context():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=50))
-    return SimpleNamespace(model=model)
+    return SimpleNamespace(model=model, kind=CAUSAL_LM)
 
 
-@pytest.mark.parametrize("strategy", [EWC(EWCConfig(ewc_params="nomatch")),
-                                      EWCReplay(EWCReplayConfig(ewc_params="nomatch"))])
-def test_ewc_params_matching_nothing_fails_the_check(strategy):
-    with pytest.raises(ConfigError, match=r"^strategy.ewc_params: 'nomatch' matches no trainable parameter name"):
+@pytest.mark.parametrize("strategy", [EWC(EWCConfig(penalised_params="nomatch")),
+                                      EWCReplay(EWCReplayConfig(penalised_params="nomatch"))])
+def test_penalised_params_matching_nothing_fails_the_check(strategy):
+    with pytest.raises(ConfigError, match=r"^strategy.penalised_params: 'nomatch' matches no trainable parameter name"):
         strategy.check(tiny_context())
 
 
-def test_ewc_params_matching_a_trainable_parameter_pass_the_check_and_are_the_parameters_penalised():
+def test_penalised_params_matching_a_trainable_parameter_pass_the_check_and_are_the_parameters_penalised():
     """What passes the check is what ``after_task`` penalises (``selected_parameters``): a match anywhere in the
     name (``re.search``), and trainable parameters only, so a pattern that only matches frozen ones is refused."""
     ctx = tiny_context()
     names = [n for n, _ in ctx.model.named_parameters()]
     mlp = [n for n in names if ".mlp." in n]
     for pattern, penalised in ((r"\.mlp\.", mlp), ("c_fc", mlp[:2]), (None, names)):
-        EWC(EWCConfig(ewc_params=pattern)).check(ctx)
+        EWC(EWCConfig(penalised_params=pattern)).check(ctx)
         assert [n for n, _ in selected_parameters(ctx.model, pattern)] == penalised and penalised, pattern
     ctx.model.transformer.wte.weight.requires_grad_(False)
-    EWC(EWCConfig(ewc_params="wpe")).check(ctx)
-    with pytest.raises(ConfigError, match=r"^strategy.ewc_params: 'wte' matches no trainable parameter name"):
-        EWC(EWCConfig(ewc_params="wte")).check(ctx)
+    EWC(EWCConfig(penalised_params="wpe")).check(ctx)
+    with pytest.raises(ConfigError, match=r"^strategy.penalised_params: 'wte' matches no trainable parameter name"):
+        EWC(EWCConfig(penalised_params="wte")).check(ctx)
 
 
 @pytest.mark.parametrize(("targets", "message"), [
@@ -225,7 +226,7 @@ def test_target_modules_naming_layers_pass_the_check_and_are_the_layers_adapted(
     assert sorted(n for n, m in ctx.model.named_modules() if isinstance(m, LoraLayer)) == adapted
 
 
-@pytest.mark.parametrize("overrides", [("strategy=ewc", "strategy.ewc_params=nomatch"),
+@pytest.mark.parametrize("overrides", [("strategy=ewc", "strategy.penalised_params=nomatch"),
                                        ("strategy=adapters", "strategy.target_modules=[nope]")])
 def test_the_run_checks_the_strategy_as_soon_as_the_model_is_built(overrides, tmp_path):
     """Not after the initial evaluation, nor after the first task: ``build_parts`` raises."""

@@ -1,5 +1,7 @@
 """Per-task epochs and strategy options (tasks.tasks.<i>.epochs, tasks[.tasks.<i>].strategy_overrides): checked
-against the strategy's Config before anything loads, applied before each task, exact across a resume."""
+against the strategy's Config (and the per-task options its class declares) before anything loads; the sequence's
+applied to the strategy's Config, a task's passed to the strategy as values before that task (``ctx.options``);
+exact across a resume."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 from helpers import cl_run, make_config, run_quietly
 from resume_runs import kill_and_resume, outcome, reference
 
-from cl_runner.config.task_overrides import strategy_config
+from cl_runner.config.task_overrides import strategy_config, task_options
 from cl_runner.core.errors import ConfigError
 from cl_runner.strategies.adapters import Adapters, AdaptersConfig
 
@@ -22,6 +24,8 @@ def test_the_task_beats_the_sequence_which_beats_strategy_options_and_other_stra
     assert (cfg.orthogonal_lambda, cfg.rank, base.orthogonal_lambda) == (5.0, 8, 0.1)
     assert strategy_config(base, sequence).orthogonal_lambda == 0.5
     assert strategy_config(base, {"ewc": {"ewc_lambda": 3.0}}) is base
+    task = {"adapters": {"orthogonal_lambda": 5.0}, "lamol": {"lm_lambda": 1.0}}
+    assert task_options(base, task) == {"orthogonal_lambda": 5.0} and task_options(base, {}) == {}
 
 
 @pytest.mark.parametrize(("override", "expected"), [
@@ -52,17 +56,17 @@ def test_a_bad_override_is_one_line_exit_2_before_anything_runs(tmp_path):
 
 @pytest.mark.slow
 def test_each_task_trains_its_own_epochs_with_its_own_lambda(tmp_path, monkeypatch):
-    seen = []
+    seen = []  # (the task's value, the strategy's Config value) when each task starts
     before = Adapters.before_task
-    monkeypatch.setattr(Adapters, "before_task", lambda self, ctx: (seen.append(self.cfg.orthogonal_lambda),
-                                                                     before(self, ctx))[1])
+    monkeypatch.setattr(Adapters, "before_task", lambda self, ctx: (
+        seen.append((self.option(ctx, "orthogonal_lambda"), self.cfg.orthogonal_lambda)), before(self, ctx))[1])
     cfg = make_config("strategy=adapters", "train.epochs=1", "train.keep_best=false", "tasks.tasks.1.epochs=3",
                       "+tasks.strategy_overrides.adapters.orthogonal_lambda=0.5",
                       "+tasks.tasks.2.strategy_overrides.adapters.orthogonal_lambda=5", small=False)
     run_quietly(cfg, tmp_path / "run")
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [sum(r["task"] == name for r in history) for name in ("color", "city", "food")] == [1, 3, 1]
-    assert seen == [0.5, 0.5, 5.0]
+    assert seen == [(0.5, 0.5), (0.5, 0.5), (5.0, 0.5)]  # the run's Config is never overwritten
 
 
 @pytest.mark.slow

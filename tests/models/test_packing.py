@@ -14,11 +14,12 @@ from strategy_runs import NO_DROPOUT, OPTIONS, SMALL, STRATEGIES, TASKS
 from tiny_loop import context, examples, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cl_runner.config.schema import PACK_REFUSED, TrainConfig
+from cl_runner.config.schema import TrainConfig
 from cl_runner.core.errors import ConfigError
 from cl_runner.engine.loop import LoopCallbacks, TaskRun, train_task
 from cl_runner.models.lm import IGNORE_INDEX, causal_lm_loss, collate, pack, pack_rows, target_count
 from cl_runner.strategies.base import Strategy
+from cl_runner.strategies.registry import strategy_class
 
 COLLATE = partial(collate, pad_id=0)
 
@@ -186,7 +187,7 @@ def test_a_packed_task_resumed_in_the_middle_of_an_epoch_ends_bit_for_bit_the_sa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s not in PACK_REFUSED])
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if not strategy_class(s).supports.pack])
 def test_every_accepted_strategy_trains_packed_to_the_matrix_it_reaches_unpacked(tmp_path, strategy):
     def outcome(pack):
         options = [o for o in SMALL if not o.startswith("strategy.") or strategy in ("replay", "mer", "ewc_replay")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,9 +21,10 @@ from cl_runner.engine.loop import split, weighted
 from cl_runner.models.kinds import kind_of
 from cl_runner.models.lm import IGNORE_INDEX, causal_lm_loss, collate, target_count, target_mask
 from cl_runner.models.load import load_model, load_tokenizer, train_tokenizer
-from cl_runner.models.seq2seq import check_strategy, config_errors, config_is_encoder_decoder
+from cl_runner.models.seq2seq import config_errors, config_is_encoder_decoder
 from cl_runner.scoring import evaluate
 from cl_runner.scoring.evaluate import Scorer
+from cl_runner.strategies.registry import strategy_class
 from cl_runner.tasks.encode import EvalItem
 
 TEXTS = ["the capital of france is paris", "colour of the sky: blue", "question: what is red? answer: a rose",
@@ -34,7 +36,7 @@ TASKS = [{"name": n, "source": "facts", "relation": n, "num_subjects": 16, "metr
 @pytest.fixture(scope="module")
 def t5():
     """(model, tokenizer): the tiny T5 of conf/model/tiny_t5.yaml, dropout off, in eval mode."""
-    tokenizer = train_tokenizer(TEXTS, 256)
+    tokenizer = train_tokenizer(TEXTS, 257)
     cfg = make_config("model=tiny_t5", "+model.arch.dropout_rate=0.0").model
     model = load_model(cfg, tokenizer, seed=0)
     assert type(model).__name__ == "T5ForConditionalGeneration"
@@ -176,9 +178,13 @@ def test_what_cannot_work_with_an_encoder_decoder_is_refused(overrides, line):
 def test_a_strategy_is_refused_once_the_model_is_loaded_when_the_config_could_not_tell(t5):
     model, _ = t5
     assert not config_is_encoder_decoder(ModelConfig(name_or_path="google-t5/t5-large"))  # not cached: no network
+    loaded = SimpleNamespace(model=model, kind=kind_of(model))  # what Strategy.check reads of the context
     with pytest.raises(ConfigError, match="strategy.name: progressive is not supported with an encoder-decoder"):
-        check_strategy(model, "progressive")
-    check_strategy(model, "lwf")
+        strategy_class("progressive")(strategy_class("progressive").Config()).check(loaded)
+    with pytest.raises(ConfigError, match="strategy.fisher: sampled is not supported with an encoder-decoder"):
+        strategy_class("ewc")(strategy_class("ewc").Config(fisher="sampled")).check(loaded)
+    strategy_class("replay")(strategy_class("replay").Config(sampling="hardest")).check(loaded)  # the kind scores
+    strategy_class("lwf")(strategy_class("lwf").Config()).check(loaded)
 
 
 @pytest.mark.parametrize("name", ["t5-small", "t5-large", "flan-t5-base", "flan-t5-large"])

@@ -99,6 +99,11 @@ def test_orthogonality_loss_is_the_l1_overlap_of_the_a_subspaces():
     assert ctx.extras["lora_overlap"] == pytest.approx(expected, rel=1e-5)
     penalised.backward()  # the gradient reaches the new adapter's A only
     assert all((p.grad is not None) == ("lora_A.task1" in n) for n, p in a.items())
+    ctx.options = {"orthogonal_lambda": 2.0}  # this task's own weight (tasks.tasks.1.strategy_overrides), a value
+    assert float(strategy.loss(ctx, {}, None, torch.tensor(1.0))) == pytest.approx(1.0 + 2.0 * expected, rel=1e-5)
+    ctx.options = {"orthogonal_lambda": 0.0}
+    assert float(strategy.loss(ctx, {}, None, torch.tensor(1.0))) == 1.0
+    assert strategy.cfg.orthogonal_lambda == 0.5
 
 
 def test_resume_recreates_the_adapters_so_the_checkpoint_weights_fit():

@@ -147,7 +147,7 @@ def test_fused_gradient_equals_autograd_of_the_penalty(online):
 def test_l2_uses_unit_fisher_over_all_anchors():
     model = tiny_model(vocab=VOCAB)
     ctx = make_ctx(model)
-    l2 = build_strategy(L2Config(l2_lambda=3.0, ewc_params=r"^transformer\.h\."))
+    l2 = build_strategy(L2Config(l2_lambda=3.0, penalised_params=r"^transformer\.h\."))
     assert isinstance(l2, L2)
     anchors = []
     for task in range(3):
@@ -261,14 +261,14 @@ def test_accounting_counts_the_penalised_parameters_and_their_state(state_dtype,
     model = tiny_model(vocab=VOCAB)
     ctx = make_ctx(model)
     n = sum(p.numel() for name, p in model.named_parameters() if name.startswith("transformer.h.1.mlp."))
-    ewc = EWC(EWCConfig(ewc_params=r"h\.1\.mlp", fisher_samples=4, state_dtype=state_dtype))
+    ewc = EWC(EWCConfig(penalised_params=r"h\.1\.mlp", fisher_samples=4, state_dtype=state_dtype))
     assert ewc.accounting() == {"ewc_state_bytes": 0, "ewc_parameters": 0}  # nothing anchored yet
     for task in range(2):  # the state stays one anchor and one Fisher, whatever the number of tasks
         ctx.task_index = task
         perturb(model, 0.05, seed=30 + task)
         ewc.after_task(ctx)
         assert ewc.accounting() == {"ewc_state_bytes": 2 * size * n, "ewc_parameters": n}
-    l2 = L2(L2Config(ewc_params=r"h\.1\.mlp", state_dtype=state_dtype))
+    l2 = L2(L2Config(penalised_params=r"h\.1\.mlp", state_dtype=state_dtype))
     l2.after_task(ctx)
     assert l2.accounting() == {"l2_state_bytes": size * n, "l2_parameters": n}
 

@@ -14,7 +14,6 @@ from tiny_t5 import t5_context, tiny_t5
 
 from cl_runner.config.schema import EvalConfig
 from cl_runner.core.errors import ConfigError
-from cl_runner.models.kinds import EncoderDecoder
 from cl_runner.scoring.evaluate import Scorer, greedy_generate, label_logprobs
 from cl_runner.strategies.prompts import (
     ATTRIBUTE,
@@ -188,12 +187,12 @@ def test_a_prompt_longer_than_the_context_allows_is_refused():
 
 
 @pytest.mark.parametrize("cls", [PromptTuning, ProgressivePrompts])
-def test_an_encoder_decoder_is_refused_in_one_line_by_its_model_kind(cls):
+def test_an_encoder_decoder_is_refused_in_one_line_by_the_fact_its_class_declares(cls):
     model = tiny_t5()
     with pytest.raises(ConfigError) as err:
         cls(cls.Config()).check(t5_context(model))
-    assert str(err.value) == (f"strategy.name: {cls.name} cannot run on T5ForConditionalGeneration, an "
-                              f"encoder-decoder model: {EncoderDecoder.soft_prompt_refusal}")
+    reason = cls.supports.encoder_decoder[0].reason  # the fact its class declares (strategies/support.py)
+    assert str(err.value) == f"strategy.name: {cls.name} is not supported with an encoder-decoder model: {reason}"
     assert not hasattr(model, ATTRIBUTE)  # refused before any prompt is made
 
 

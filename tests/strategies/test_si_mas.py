@@ -128,7 +128,7 @@ def test_mas_penalises_after_the_first_task_and_keeps_its_weights_closer_than_no
     ("strategy=si strategy.gamma=2", "strategy.gamma"),
     ("strategy=mas strategy.mas_samples=0", "strategy.mas_samples"),
     ("strategy=mas strategy.state_dtype=float16", "strategy.state_dtype"),
-    ("strategy=mas strategy.ewc_params='[a'", "strategy.ewc_params"),
+    ("strategy=mas strategy.penalised_params='[a'", "strategy.penalised_params"),
 ])
 def test_bad_options_are_refused_in_one_line_naming_the_key(override, key):
     with pytest.raises(UserError) as err:

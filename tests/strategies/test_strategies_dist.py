@@ -29,7 +29,8 @@ from tiny_lm import one_thread, task_examples, tiny_context, tiny_model, train  
 
 from cl_runner.core import dist  # noqa: E402
 from cl_runner.core.errors import ConfigError  # noqa: E402
-from cl_runner.strategies.registry import build_strategy, distributed_errors, strategy_class  # noqa: E402
+from cl_runner.strategies.registry import build_strategy, builtin_strategies, strategy_class  # noqa: E402
+from cl_runner.strategies.support import support_errors  # noqa: E402
 
 STRATEGIES = ("naive", "joint", "replay", "ewc", "l2", "lwf", "ewc_replay", "adapters", "shared_lora", "progressive",
               "mer", "lamol")
@@ -44,6 +45,11 @@ TOLERANCE, TRAIN_TOLERANCE = 1e-6, 1e-4
 
 def config(name: str, **options):
     return strategy_class(name).Config(name=name, **options)
+
+
+def distributed_errors(cfg, kind: str) -> list[str]:
+    """What the config check says of strategy ``cfg`` under ``distributed.kind`` ``kind`` (its class's facts)."""
+    return support_errors(strategy_class(cfg.name), [cfg], distributed=kind)
 
 
 @contextmanager
@@ -69,6 +75,19 @@ def test_each_strategy_runs_or_is_refused_in_one_line(name, kind):
     else:
         assert errors == []
     assert distributed_errors(config(name), "none") == []
+
+
+def test_the_docs_support_matrix_is_what_the_classes_declare():
+    """docs/distributed.md's table, row by row (its observed side is tests/engine/test_distributed.py's slow test,
+    which also says which strategies it lists)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "distributed.md").read_text(encoding="utf-8")
+    table = text.split("<!-- support-matrix:start -->")[1].split("<!-- support-matrix:end -->")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    documented = {(r[0].strip("`"), kind): r[i].split(":")[0] for r in rows for i, kind in ((1, "ddp"), (2, "fsdp"))}
+    assert documented and {name for name, _ in documented} <= set(builtin_strategies())
+    declared = {(name, kind): "refused" if distributed_errors(config(name), kind) else "same run"
+                for name, kind in documented}
+    assert documented == declared
 
 
 def test_lamol_without_generation_is_naive_and_runs_sharded():

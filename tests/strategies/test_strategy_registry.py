@@ -1,11 +1,13 @@
-"""Strategies are found from their classes: conf/strategy, the registry and each class's Config agree; a plugin
-package (an entry point) and a `strategy._target_` add a strategy without touching cl-runner; a composite runs
+"""Strategies are found from their classes: conf/strategy, the registry and each class's Config agree (the Config
+is the source of every default; the YAML documents each option); a plugin package (an entry point) and a
+`strategy._target_` add a strategy without touching cl-runner, with its own facts (``supports``); a composite runs
 every hook of every part."""
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 from types import SimpleNamespace
 
@@ -14,16 +16,19 @@ from helpers import REPO, cl_run, make_config, run_quietly
 from omegaconf import OmegaConf
 
 from cl_runner.core.errors import ConfigError
+from cl_runner.models.kinds import CAUSAL_LM
 from cl_runner.strategies import Composite, Strategy, strategy_class
 from cl_runner.strategies.registry import builtin_strategies
 
 CONF_STRATEGIES = REPO / "conf" / "strategy"
-HOOKS = sorted(n for n, f in vars(Strategy).items() if inspect.isfunction(f) and not n.startswith("_"))
+HOOKS = sorted(n for n, f in vars(Strategy).items()  # option: a helper the hooks use, not a hook
+                if inspect.isfunction(f) and not n.startswith("_") and n != "option")
 
 PLUGIN = '''
 from dataclasses import dataclass
 
 from cl_runner.strategies.base import Strategy, StrategyConfig
+from cl_runner.strategies.support import Refused, Supports
 
 
 @dataclass
@@ -40,28 +45,52 @@ class Shrink(Strategy):
 
     name = "shrink"
     Config = ShrinkConfig
+    supports = Supports(pack=Refused("it only shrinks unpacked batches"), per_task_options=("factor",))
 
     def loss(self, ctx, batch, outputs, loss):
-        ctx.log(factor_in_use=self.cfg.factor, shrunk_loss=loss.detach() * self.cfg.factor)
-        return loss * self.cfg.factor
+        factor = self.option(ctx, "factor")
+        ctx.log(factor_in_use=factor, shrunk_loss=loss.detach() * factor)
+        return loss * factor
 
     def accounting(self):
         return {"factor": self.cfg.factor}
 '''
 
 
+# (strategy, option) whose conf/strategy value deliberately differs from its Config default; its YAML line says why
+# in a comment that contains "differs from the Config default". None today: the Config is the source.
+YAML_DIFFERS: set[tuple[str, str]] = set()
+
+
 def test_conf_files_and_registry_name_the_same_strategies():
     assert {p.stem for p in CONF_STRATEGIES.glob("*.yaml")} == set(builtin_strategies())
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONF_STRATEGIES.glob("*.yaml")))
+def yaml_lines(name: str) -> dict[str, str]:
+    """conf/strategy/<name>.yaml's top-level keys -> their line."""
+    lines = (CONF_STRATEGIES / f"{name}.yaml").read_text(encoding="utf-8").splitlines()
+    return {line.split(":")[0]: line for line in lines if re.match(r"^[a-z_]+:", line)}
+
+
+@pytest.mark.parametrize("name", sorted(builtin_strategies()))
 def test_each_yaml_documents_exactly_its_class_options_with_the_class_defaults(name):
     cls = strategy_class(name)
     own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF_STRATEGIES / f"{name}.yaml")).items()
            if k != "defaults"}
     defaults = {k: v for k, v in vars(cls.Config()).items() if k != "_target_"}
-    assert own == defaults
+    assert own.keys() == defaults.keys()
+    differs = {k for k in own if own[k] != defaults[k]}
+    assert differs == {k for n, k in YAML_DIFFERS if n == name}, f"{name}: YAML values that are not the defaults"
+    lines = yaml_lines(name)
+    assert all("differs from the Config default" in lines[k] for k in differs)
     assert type(make_config(f"strategy={name}").strategy) is cls.Config
+
+
+@pytest.mark.parametrize("name", sorted(builtin_strategies()))
+def test_each_option_in_a_yaml_says_what_it_is_in_a_comment(name):
+    undocumented = [k for k, line in yaml_lines(name).items()
+                    if k not in ("defaults", "name") and not re.search(r"\s#\s*\S", line)]
+    assert not undocumented, f"conf/strategy/{name}.yaml: no comment on {', '.join(undocumented)}"
 
 
 def test_composite_forwards_every_hook_to_every_part():
@@ -79,7 +108,7 @@ def test_composite_forwards_every_hook_to_every_part():
 
     parts = [Part(), Part()]
     composite = Composite(None, parts)
-    ctx = SimpleNamespace(task_index=0)  # what the base hooks read
+    ctx = SimpleNamespace(task_index=0, model=None, kind=CAUSAL_LM)  # what the base hooks read
     special = {"train_batches": lambda: list(composite.train_batches(ctx, [[]])),
                "load_state_dict": lambda: composite.load_state_dict(composite.state_dict())}
     for hook in HOOKS:
@@ -102,7 +131,7 @@ def plugin(tmp_path, monkeypatch):
                                                                     "Version: 0.1\n")
     (site / "shrink_plugin-0.1.dist-info" / "entry_points.txt").write_text(
         "[cl_runner.strategies]\nshrink = shrink_plugin:Shrink\n")
-    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
     return site
 
 
@@ -110,19 +139,37 @@ def plugin(tmp_path, monkeypatch):
 def test_a_plugin_strategy_runs_through_cl_run(tmp_path, plugin):
     out = tmp_path / "run"
     done = cl_run("strategy=shrink", "strategy.factor=0.25", "device=cpu", "train.epochs=2",
-                  f"hydra.run.dir={out}", cwd=tmp_path)
+                  "+tasks.tasks.1.strategy_overrides.shrink.factor=0.5", f"hydra.run.dir={out}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["strategy"] == "shrink" and metrics["strategy_accounting"] == {"factor": 0.25}
     assert metrics["config"]["strategy"]["factor"] == 0.25
     records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    assert len(records) == 6 and all(r["extras"]["factor_in_use"] == 0.25 for r in records)
+    assert len(records) == 6 and [r["extras"]["factor_in_use"] for r in records] == [0.25, 0.25, 0.5, 0.5, 0.25, 0.25]
     assert all(0 < r["extras"]["shrunk_loss"] < 10 for r in records)
+
+    packed = cl_run("strategy=shrink", "train.pack=true", "device=cpu", f"hydra.run.dir={tmp_path / 'packed'}",
+                    cwd=tmp_path)  # the plugin's class declares that it cannot run packed
+    assert packed.returncode == 2 and packed.stderr.strip().splitlines() == [
+        "cl-run: error: train.pack: not supported with strategy.name=shrink (it only shrinks unpacked batches); "
+        "set train.pack=false"]
+    assert not (tmp_path / "packed").exists()
 
     bad = cl_run("strategy=shrink", "strategy.factor=-1", "device=cpu", f"hydra.run.dir={tmp_path / 'bad'}",
                  cwd=tmp_path)
     assert bad.returncode == 2 and "strategy.factor: expected a positive number" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_target_class_declares_what_it_supports_and_is_refused_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "my_facts_strategies.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    target = ("strategy._target_=my_facts_strategies.Shrink", "strategy.name=shrink")
+    with pytest.raises(ConfigError) as refused:
+        make_config(*target, "train.pack=true")
+    assert str(refused.value) == ("train.pack: not supported with strategy.name=shrink (it only shrinks unpacked "
+                                  "batches); set train.pack=false")
+    assert make_config(*target, "train.pack=false").strategy.factor == 0.5
 
 
 @pytest.mark.slow
