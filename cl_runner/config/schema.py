@@ -18,13 +18,12 @@ from omegaconf.errors import ConfigKeyError
 
 from cl_runner.config.task_formats import chat_errors, format_errors
 from cl_runner.config.task_overrides import override_errors, task_configs
-from cl_runner.core.checks import SEED_MAX, WEIGHT_DTYPES, arch_errors
+from cl_runner.core.checks import SEED_MAX, WEIGHT_DTYPES, arch_errors, parse_threads
 from cl_runner.core.checks import check_choice as _choice
 from cl_runner.core.checks import check_fraction as _fraction
 from cl_runner.core.checks import check_positive as _positive
 from cl_runner.core.dist import launch_error
 from cl_runner.core.errors import ConfigError
-from cl_runner.engine.threads import parse_setting as parse_threads
 from cl_runner.scoring.answers import answer_errors
 from cl_runner.scoring.metrics import LABELS, metric_names, needs
 from cl_runner.trackers.schema import LoggerConfig

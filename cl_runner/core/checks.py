@@ -81,3 +81,14 @@ def _is_count(default: Any, name: str) -> bool:
 
 def _below_one(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value < 1
+
+
+def parse_threads(value: Any) -> int | None:
+    """``device.threads``: ``auto`` -> None, a positive integer (or its string) -> the integer; anything else
+    raises ValueError."""
+    if str(value).strip().lower() == "auto":
+        return None
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected auto or a positive integer, got {value!r}")
+    return int(text)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cl_runner.core.checks import parse_threads
+
 log = logging.getLogger(__name__)
 RECHECK_S = 5.0  # seconds between re-checks of the machine's load (auto)
 FREE_MARGIN = 0.3  # a core counts as free when other processes use less than 1 - FREE_MARGIN of it
@@ -40,16 +42,6 @@ PARAMS_PER_THREAD = 2_000_000  # at most a thread per 2M parameters: the 0.5M ti
 PASSIVE_FLOOR = 2  # threads a run sharing the machine keeps when waits sleep (measured: never slower than 1)
 MIN_WINDOW_S = 0.2  # shortest interval the load is measured over
 REGISTRY = Path(tempfile.gettempdir()) / f"cl-runner-{os.getuid()}" / "runs"
-
-
-def parse_setting(value: Any) -> int | None:
-    """``auto`` -> None, a positive integer (or its string) -> the integer; anything else raises ValueError."""
-    if str(value).strip().lower() == "auto":
-        return None
-    text = str(value).strip()
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"expected auto or a positive integer, got {value!r}")
-    return int(text)
 
 
 def available_cores() -> int:
@@ -209,7 +201,7 @@ def count_this_run(alive: bool = True) -> None:
 
 def apply_threads(setting: Any, model: Any) -> ThreadPolicy:
     """Apply ``device.threads`` to this process for ``model``; ``auto`` keeps re-checking as the model runs."""
-    fixed = parse_setting(setting)
+    fixed = parse_threads(setting)
     source = "device.threads"
     if fixed is None and os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         fixed, source = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"

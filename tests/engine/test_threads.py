@@ -13,6 +13,7 @@ import torch
 from helpers import cl_run, make_config
 
 from cl_runner import cli
+from cl_runner.core import checks
 from cl_runner.engine import threads
 from cl_runner.engine.run import build_parts, run_info
 
@@ -48,7 +49,7 @@ def test_choose_threads(cores, jobs, params, others_busy, passive, expected):
 
 @pytest.mark.parametrize(("value", "expected"), [("auto", None), ("AUTO", None), ("3", 3), (4, 4)])
 def test_parse_setting(value, expected):
-    assert threads.parse_setting(value) == expected
+    assert checks.parse_threads(value) == expected
 
 
 @pytest.mark.parametrize("value", ["0", "many", "-1", "1.5", "True"])
