@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from cl_runner import report_cli
 from cl_runner.config.schema import EvalConfig
-from cl_runner.engine.run import SequenceRun
+from cl_runner.engine.sequence import SequenceRun
 from cl_runner.outputs import predictions, report
 from cl_runner.scoring.evaluate import Scorer, normalize_answer, score_task
 from cl_runner.tasks.encode import EncodedTask, EvalItem
