@@ -1,27 +1,34 @@
-"""``cl-run``: compose the Hydra config, validate every job of a (multi)run up front, call run(), map errors
-to exit codes: 0 ok, 1 failed (unexpected error; in a sweep: some job failed), 2 bad input (config, data,
-model, paths), 3 training diverged (non-finite loss), 4 CUDA out of memory, 5 disk full, 130 / 143 stopped by SIGINT /
-SIGTERM (handled from the first line of ``main``: inside the task loop after writing a checkpoint, before it at once).
+"""``cl-run``: parse the command line, compose and validate the config once (every job of a sweep up front), hand
+the validated Config to the engine (engine/run.py's ``run``, which tests call too), map errors to exit codes:
+0 ok, 1 failed (unexpected error; in a sweep: some job failed), 2 bad input (config, data, model, paths),
+3 training diverged (non-finite loss), 4 CUDA out of memory, 5 disk full, 130 / 143 stopped by SIGINT / SIGTERM
+(handled from the first line of ``main``: inside the task loop after writing a checkpoint, before it at once).
 
+A single run is run as Hydra's run mode runs one (callbacks, job directory, job logging), on the config composed
+here; a sweep goes through Hydra's sweeper and launcher, each job finding the Config validated here for it.
 Nothing is written into a run directory until the run is known to proceed: the config is validated, the directory
-locked and its saved config compared first; only then are Hydra's ``.hydra/*.yaml`` and the job log written."""
+locked and its saved config compared (by run()) first; only then are Hydra's ``.hydra/*.yaml`` and the job log
+written (``CliHooks.claimed``)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
 from pathlib import Path
 
-from cl_runner.config.preflight import CONF_DIR, checked, one_line, preflight, split_args
+from cl_runner.config.preflight import CONF_DIR, checked, job_key, one_line, output_dir, preflight, split_args
 from cl_runner.core import dist
+from cl_runner.engine.claim import RunHooks
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 2, 1, 3, 4, 130
 CLAIMED: list[Path] = []  # run directories this process has locked and writes into
 NEW_DIRS: list[Path] = []  # directories a single run's output path needed that did not exist before cl-run
+PLANNED: dict[str, object] = {}  # a sweep's jobs, validated by preflight: job_key -> Config
+FAILURES: list[str] = []  # jobs of this process's sweep that failed (a sweep goes on past them)
+LAST_ERROR = [""]  # the last one-line error, for the failed job's metrics.json
 
 
 class Stopped(BaseException):
@@ -78,96 +85,6 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
-def _plan_output(overrides: list[str], multirun: bool) -> list[str]:
-    """Fail before any model is loaded when the run (or sweep) directory cannot be created. For a single run,
-    note the directories cl-run will create (a refused start removes them again) and pin a time-stamped run
-    directory, so that Hydra uses the very path checked here; returns the override that pins it."""
-    import tempfile
-
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    plain = [o.input_line for o in OverridesParser.create().parse_overrides(
-        [o for o in overrides if "glob(" not in o]) if not o.is_sweep_override()]
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=plain, return_hydra_config=True)
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    path = Path(str(OmegaConf.select(cfg, key))).absolute()
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    try:
-        if not existing.is_dir():
-            raise OSError(f"{existing} is not a directory")
-        Path(tempfile.mkdtemp(dir=existing, prefix=".cl-run-probe-")).rmdir()
-    except OSError as exc:
-        raise ValueError(f"{key}: cannot write to {path} ({exc})") from None
-    if multirun:
-        return _same_output(cfg, [f"hydra.sweep.dir={path}"])
-    NEW_DIRS[:] = [p for p in [path, *path.parents] if not p.exists()]
-    raw, pinned = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"], str(OmegaConf.select(cfg, key))
-    if "${now:" in raw and re.fullmatch(r"[\w./-]+", pinned):
-        return _same_output(cfg, [f"hydra.run.dir={pinned}"])
-    return _same_output(cfg, [])
-
-
-def _same_output(cfg, pins: list[str]) -> list[str]:
-    """Under torchrun every rank takes rank 0's time-stamped directory (ranks start at slightly different
-    times); in one process, ``pins`` as they are."""
-    return dist.broadcast_object(pins) if _join(cfg).distributed else pins
-
-
-def _join(cfg) -> dist.World:
-    """Join the run's process group when ``distributed.kind`` asks for one (once per process; torchrun, srun or
-    a Slurm launcher job with several tasks), before the run directory is claimed."""
-    if cfg.distributed.kind == "none":
-        return dist.world()
-    import torch
-
-    use_cuda = cfg.device.type == "cuda" or (cfg.device.type == "auto" and torch.cuda.is_available())
-    return dist.join(cfg.distributed.kind, use_cuda, cfg.distributed.timeout_s)
-
-
-FAILURES: list[str] = []  # jobs of this process's sweep that failed (a sweep goes on past them)
-
-
-def _execute(config, run_dir: Path, config_yaml: str, resume: bool) -> int:
-    """Run one job and map its outcome to an exit status (printing one line for every failure)."""
-    from cl_runner.core.errors import UserError
-    from cl_runner.engine.run import run
-    from cl_runner.engine.runtime import RunInterrupted
-
-    try:
-        run(config, run_dir, config_yaml, base_dir=Path.cwd(), resume=resume)
-        return 0
-    except RunInterrupted as exc:
-        saved = "checkpoint written" if exc.checkpointed else "no checkpoint yet (a resume starts from the beginning)"
-        print(f"cl-run: {exc}; {saved}. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
-        return 128 + exc.signum
-    except UserError as exc:
-        return _report(str(exc), exc.exit_code)
-    except FloatingPointError as exc:
-        return _report(f"{exc}; lower train.lr, or use bf16 instead of fp16", EXIT_DIVERGED)
-    except torch_oom() as exc:  # noqa: B030 - the class is resolved at call time
-        t = config.train
-        return _report(f"CUDA out of memory training {config.model.name_or_path or 'the model'} with "
-                       f"batch_size={t.batch_size} (grad_accum={t.grad_accum}) and max_length={t.max_length}: "
-                       f"raise train.grad_accum (same batch, less memory) or lower train.eval_batch_size "
-                       f"({str(exc).splitlines()[0][:80]})", EXIT_OOM)
-    except KeyboardInterrupt:
-        return _report("interrupted at once (second Ctrl-C); resume from the last checkpoint with: "
-                       f"cl-run resume={run_dir}", EXIT_INTERRUPTED)
-    except Exception as exc:
-        if config.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        return _report(f"{type(exc).__name__}: {exc} (run with debug=true for the traceback)", EXIT_FAILED)
-
-
-def torch_oom() -> type[BaseException]:
-    import torch
-
-    return getattr(torch, "OutOfMemoryError", RuntimeError)
-
-
 def _report(message: str, code: int) -> int:
     rank = "" if dist.world().main else f"[rank {dist.world().rank}] "
     print(f"cl-run: {rank}error: {' '.join(message.split())}", file=sys.stderr)
@@ -175,7 +92,100 @@ def _report(message: str, code: int) -> int:
     return code
 
 
-LAST_ERROR = [""]  # the last one-line error, for the failed job's metrics.json
+def _world(config) -> dist.World:
+    """This process's rank: the run's process group is joined here when ``distributed.kind`` asks for one (torchrun,
+    srun, or a Slurm launcher job with several tasks), once, before the run directory is planned and claimed."""
+    if config.distributed.kind == "none":
+        return dist.world()
+    from cl_runner.engine.runtime import join
+
+    return join(config)
+
+
+def _same_on_every_rank(path: Path) -> Path:
+    """Under torchrun every rank takes rank 0's time-stamped directory (ranks start at slightly different times)."""
+    return dist.broadcast_object(path) if dist.world().distributed else path
+
+
+class CliHooks(RunHooks):
+    """cl-run's side of one run (the engine calls it, engine/claim.py): Hydra's files and this rank's job log once
+    the directory is claimed; when the run ends, its exit status (one line printed) and, while the directory is
+    still locked, the clean-up of a single run refused for bad input or the failure record of a job that failed
+    before its run wrote one. ``task_cfg``: the Hydra job's config (None for ``cl-run resume=``)."""
+
+    def __init__(self, config, task_cfg=None, single: bool = False, before: set[str] | None = None) -> None:
+        self.config, self.task_cfg, self.single, self.before = config, task_cfg, single, before or set()
+        self.code: int | None = None  # None until the claimed run ended, or for what must propagate
+
+    def claimed(self, run_dir: Path, resume: bool) -> None:
+        if not dist.world().main:
+            _rank_log(run_dir)
+        elif self.task_cfg is not None:
+            from cl_runner.config.hydra_job import write_hydra_files
+
+            write_hydra_files(self.task_cfg, run_dir, resume)
+        CLAIMED.append(run_dir)
+
+    def ended(self, run_dir: Path, error: BaseException | None) -> None:
+        self.code = 0 if error is None else _exit_code(error, self.config, run_dir)
+        if self.code is None or self.task_cfg is None or not dist.world().main:
+            return
+        if self.code == EXIT_BAD_INPUT and self.single:
+            _undo_start(run_dir, self.before)
+        else:
+            _record_failure(run_dir, self.code, LAST_ERROR[0])
+
+
+def _start(config, run_dir: Path, config_yaml: str, resume: bool | None, job: CliHooks) -> int:
+    """Run one job through the engine; returns its exit status."""
+    from cl_runner.core.errors import UserError
+    from cl_runner.engine.run import run
+
+    try:
+        run(config, run_dir, config_yaml, base_dir=Path.cwd(), resume=resume, hooks=job)
+    except BaseException as exc:
+        if job.code is not None:  # the claimed run's end, mapped (and reported) by job.ended
+            return job.code
+        if isinstance(exc, UserError):  # refused before it was claimed: the directory is in use, or another run's
+            return _report(str(exc), exc.exit_code)
+        raise
+    if job.code is None and dist.world().main:  # nothing to do (other ranks: rank 0 refused, and said why)
+        print(f"cl-run: {run_dir} already finished; keeping its results")
+    return job.code or 0
+
+
+def _exit_code(exc: BaseException, config, run_dir: Path) -> int | None:
+    """The exit status of a run that ``exc`` stopped, its one line printed; None for what must propagate (a stop
+    outside the run's own handling; with debug=true an unexpected error, for its traceback)."""
+    from cl_runner.core.errors import UserError
+    from cl_runner.engine.runtime import RunInterrupted
+
+    if isinstance(exc, RunInterrupted):
+        saved = "checkpoint written" if exc.checkpointed else "no checkpoint yet (a resume starts from the beginning)"
+        print(f"cl-run: {exc}; {saved}. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
+        return 128 + exc.signum
+    if isinstance(exc, UserError):
+        return _report(str(exc), exc.exit_code)
+    if isinstance(exc, FloatingPointError):
+        return _report(f"{exc}; lower train.lr, or use bf16 instead of fp16", EXIT_DIVERGED)
+    if isinstance(exc, torch_oom()):
+        t = config.train
+        return _report(f"CUDA out of memory training {config.model.name_or_path or 'the model'} with "
+                       f"batch_size={t.batch_size} (grad_accum={t.grad_accum}) and max_length={t.max_length}: "
+                       f"raise train.grad_accum (same batch, less memory) or lower train.eval_batch_size "
+                       f"({str(exc).splitlines()[0][:80]})", EXIT_OOM)
+    if isinstance(exc, KeyboardInterrupt):
+        return _report("interrupted at once (second Ctrl-C); resume from the last checkpoint with: "
+                       f"cl-run resume={run_dir}", EXIT_INTERRUPTED)
+    if not isinstance(exc, Exception) or config.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return None
+    return _report(f"{type(exc).__name__}: {exc} (run with debug=true for the traceback)", EXIT_FAILED)
+
+
+def torch_oom() -> type[BaseException]:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", RuntimeError)
 
 
 def _record_failure(run_dir: Path, code: int, message: str) -> None:
@@ -214,30 +224,28 @@ def _remove_new_dirs() -> None:
             break
 
 
-def _objective(run_dir: Path) -> float | None:
-    """The job's average accuracy, returned to Hydra (sweepers such as Optuna maximise it)."""
-    import json
-
-    try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("average_accuracy")
-    except (OSError, ValueError):
-        return None
-
-
-def _task(cfg) -> float | None:
-    """The Hydra task function: one job of a run or a sweep. In a sweep a failed job does not stop the rest."""
+def _task(cfg, config=None) -> float | None:
+    """The Hydra task function: one job of a run or a sweep (``config``: a single run's, validated by preflight;
+    a sweep job's is the one preflight validated for it, or, in a launcher's own process, validated here). In a
+    sweep a failed job does not stop the rest."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
     import cl_runner.engine.run  # noqa: F401 - the heavy imports (torch, transformers), before the directory is touched
+    from cl_runner.config.schema import used_config
     from cl_runner.core.errors import UserError
+    from cl_runner.engine.claim import read_metrics
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     _check_stop()
     try:
-        code = _claim_and_run(cfg, checked(cfg), run_dir, multirun)
+        config = config or PLANNED.pop(job_key(cfg), None) or checked(cfg)
+        config_yaml = OmegaConf.to_yaml(used_config(cfg), resolve=True)
+        job = CliHooks(config, cfg, single=not multirun, before=set(os.listdir(run_dir)))
+        code = _start(config, run_dir, config_yaml, None, job)
     except UserError as exc:
         code = _report(str(exc), exc.exit_code)
     if code and multirun and code not in (EXIT_INTERRUPTED, 143):
@@ -245,59 +253,7 @@ def _task(cfg) -> float | None:
         return None
     if code:
         sys.exit(code)
-    return _objective(run_dir)
-
-
-def _claim_and_run(cfg, config, run_dir: Path, multirun: bool) -> int:
-    """Lock the job's directory and compare its saved config (a refusal raises UserError having written nothing),
-    then write Hydra's files and run the job; a single run refused for bad input is undone."""
-    from omegaconf import OmegaConf
-
-    from cl_runner.config.schema import used_config
-    from cl_runner.engine.run import run_is_finished
-    from cl_runner.engine.runtime import run_lock
-
-    config_yaml = OmegaConf.to_yaml(used_config(cfg), resolve=True)
-    if not _join(config).main:
-        return _follow_rank0(config, run_dir, config_yaml)
-    before, told = set(os.listdir(run_dir)), False
-    try:
-        with run_lock(run_dir):  # refused when in use
-            resume = _existing_run(run_dir, config_yaml)  # refused when it holds another experiment
-            if resume and run_is_finished(run_dir):
-                print(f"cl-run: {run_dir} already finished; keeping its results")
-                return 0
-            _write_hydra_files(cfg, run_dir, resume)
-            CLAIMED.append(run_dir)
-            told = _tell_ranks({"resume": resume})
-            code = _execute(config, run_dir, config_yaml, resume)
-            if code == EXIT_BAD_INPUT and not multirun:
-                _undo_start(run_dir, before)
-            else:
-                _record_failure(run_dir, code, LAST_ERROR[0])
-    finally:
-        if not told:
-            _tell_ranks({})
-    return code
-
-
-def _tell_ranks(told: dict) -> bool:
-    """Rank 0's claim of the run directory, for the other ranks (``{"resume": bool}`` to go on, ``{}`` when rank 0
-    refused or found the run finished): they wait for it before loading anything."""
-    if dist.world().distributed:
-        dist.broadcast_object(told)
-    return True
-
-
-def _follow_rank0(config, run_dir: Path, config_yaml: str) -> int:
-    """A rank other than 0: run the job rank 0 claimed (it holds the lock and writes the files); its log lines
-    go to ``<run_dir>/logs/rank<r>.log``."""
-    told = dist.broadcast_object(None)
-    if "resume" not in told:
-        return 0  # rank 0 refused (and said why) or found the run finished
-    _rank_log(run_dir)
-    CLAIMED.append(run_dir)
-    return _execute(config, run_dir, config_yaml, told["resume"])
+    return read_metrics(run_dir).get("average_accuracy")  # for Hydra: sweepers such as Optuna maximise it
 
 
 def _rank_log(run_dir: Path) -> None:
@@ -311,48 +267,14 @@ def _rank_log(run_dir: Path) -> None:
             CLAIMED.append(path.parent)
 
 
-def _existing_run(run_dir: Path, config_yaml: str) -> bool:
-    """True when ``run_dir`` already holds this experiment (a re-run sweep resumes it); a different one is an error."""
-    from cl_runner.core.errors import UserError
-
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        return False
-    if saved.read_text() != config_yaml:
-        raise UserError(f"{run_dir} already holds a different experiment (its config.yaml differs); "
-                        "choose another hydra.run.dir / hydra.sweep.dir")
-    return True
-
-
-def _write_hydra_files(task_cfg, run_dir: Path, resume: bool) -> None:
-    """Hydra's ``.hydra/{config,hydra,overrides}.yaml``, as Hydra writes them, once the run is known to proceed
-    (conf/hydra/default.yaml sets ``hydra.output_subdir: null`` so that Hydra does not write them before). A
-    continued run keeps those of its first start."""
-    import copy
-
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, read_write
-
-    from cl_runner.core.files import write_atomic
-
-    out = run_dir / ".hydra"
-    if resume and (out / "overrides.yaml").exists():
-        return
-    hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
-    with read_write(hydra_cfg.hydra):
-        hydra_cfg.hydra.output_subdir = ".hydra"  # where they are, as in a plain Hydra run
-    for name, node in (("config.yaml", task_cfg), ("hydra.yaml", hydra_cfg),
-                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
-        write_atomic(out / name, OmegaConf.to_yaml(node))
-
-
 def resume_run(path: str, other_overrides: list[str]) -> int:
     """``cl-run resume=PATH``: continue the run in PATH with the config saved there."""
     from omegaconf import OmegaConf
 
-    from cl_runner.config.schema import Config, register_configs
+    from cl_runner.config.schema import Config
+    from cl_runner.config.validate import register_configs
     from cl_runner.core.errors import UserError
-    from cl_runner.engine.run import run_is_finished
+    from cl_runner.engine.claim import run_is_finished
 
     if path.strip() in ("", "null", "None", "~"):
         return _report(f"resume: expected the path of a run directory, got {path.strip() or 'nothing'!r}",
@@ -380,8 +302,7 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     except Exception as exc:
         return _report(f"resume: {saved} is not a valid cl-run config ({one_line(exc)})", EXIT_BAD_INPUT)
     _check_stop()
-    CLAIMED.append(run_dir)
-    return _execute(config, run_dir, saved.read_text(), resume=True)
+    return _start(config, run_dir, saved.read_text(), True, CliHooks(config))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -390,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
 
     set_wait_policy()  # OpenMP reads OMP_WAIT_POLICY once, when torch loads: idle threads sleep (threads.py)
     previous = {s: signal.signal(s, _stop_now) for s in (signal.SIGINT, signal.SIGTERM)}
-    for found in (CLAIMED, NEW_DIRS, FAILURES, STOP_SIGNAL):  # main() may run more than once in a process (tests)
+    for found in (CLAIMED, NEW_DIRS, FAILURES, STOP_SIGNAL, PLANNED):  # main() may run more than once (tests)
         found.clear()
     try:
         ended = _main_until_exit(list(sys.argv[1:] if argv is None else argv))
@@ -453,6 +374,7 @@ def _help(overrides: list[str]) -> int:
 
 def _main(argv: list[str]) -> None:
     from cl_runner.config.preflight import search_path_args, with_overrides
+    from cl_runner.core.errors import UserError
 
     try:  # --config-dir DIR, hydra.searchpath, ./cl-conf, $CL_RUNNER_CONFIG_PATH: one hydra.searchpath override
         argv, search = search_path_args(argv)
@@ -465,24 +387,56 @@ def _main(argv: list[str]) -> None:
     overrides, argv = [*overrides, *search], with_overrides(argv, search)
     if "--help" in argv or "-h" in argv:
         sys.exit(_help(overrides))
-    if not introspect:
-        from cl_runner.core.errors import UserError
+    if introspect:  # --cfg job, --info, --hydra-help, ...: Hydra's own
+        _hydra_main(argv)
+        return
+    try:
+        plan = preflight(overrides, multirun)  # glob() sweeps written out over the whole search path
+        path = output_dir(plan.jobs[0].composed, multirun)
+        _world(plan.jobs[0].config)  # under torchrun: the process group, before the ranks agree on the directory
+    except (ValueError, UserError) as exc:
+        _fail(str(exc))
+    if multirun:
+        _sweep(plan, [a for a in argv if a.startswith("-")], _same_on_every_rank(path))
+    else:
+        _single(plan.jobs[0], plan.loader)
 
-        try:
-            overrides = preflight(overrides, multirun)  # glob() sweeps written out over the whole search path
-            argv = [*(a for a in argv if a.startswith("-")), *overrides, *_plan_output(overrides, multirun)]
-        except (ValueError, UserError) as exc:
-            _fail(str(exc))
+
+def _single(job, loader) -> None:
+    """One run, on the config composed and validated once; its directory noted (a refused start removes the ones
+    it created) and, when time-stamped, pinned (rank 0's under torchrun, and what .hydra/hydra.yaml says)."""
+    from functools import partial
+
+    from omegaconf import OmegaConf
+
+    from cl_runner.config.hydra_job import pin, run_single_job
+
+    composed = job.composed
+    if "${now:" in OmegaConf.to_container(composed.hydra.run, resolve=False)["dir"]:
+        pin(composed, "hydra.run.dir", str(_same_on_every_rank(str(OmegaConf.select(composed, "hydra.run.dir")))))
+    path = Path(str(OmegaConf.select(composed, "hydra.run.dir"))).absolute()
+    NEW_DIRS[:] = [p for p in [path, *path.parents] if not p.exists()]
+    run_single_job(composed, loader, partial(_task, config=job.config))
+
+
+def _sweep(plan, flags: list[str], path: Path) -> None:
+    """A sweep through Hydra's sweeper and launcher, on the jobs preflight checked (``PLANNED``), into ``path``."""
+    PLANNED.update({job.key: job.config for job in plan.jobs})
+    _hydra_main([*flags, *plan.overrides, f"hydra.sweep.dir={path}"])
+    if FAILURES:
+        print(f"cl-run: {len(FAILURES)} job(s) of the sweep failed: {'; '.join(FAILURES)}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+
+
+def _hydra_main(argv: list[str]) -> None:
+    """Hydra's own command line (``hydra.main``) on ``argv``, with ``_task`` as the task function."""
     import hydra
 
-    from cl_runner.config.schema import register_configs
+    from cl_runner.config.validate import register_configs
 
     register_configs()
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
-    if FAILURES:
-        print(f"cl-run: {len(FAILURES)} job(s) of the sweep failed: {'; '.join(FAILURES)}", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

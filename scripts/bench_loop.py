@@ -4,7 +4,7 @@ Four contenders train the same model (same initial weights) on the same random-t
 learning rate and clipping, each with its own copy of the model and its own optimizer:
 
 - ``cl_runner``: the real loop, ``cl_runner.engine.loop.train_task`` with the naive strategy and a Context built as
-  ``cl_runner.engine.run.build_parts`` builds it (validation off: ``train.keep_best=false``).
+  ``cl_runner.engine.assembly.build_parts`` builds it (validation off: ``train.keep_best=false``).
 - ``plain``: forward, token-mean cross-entropy, backward, ``clip_grad_norm_``, ``AdamW(fused=True)`` step,
   on batches already on the device (the best case for data loading).
 - ``compiled``: the same loop with forward + loss under ``torch.compile`` (compilation is in the warm-up).
@@ -75,7 +75,7 @@ def compose_config(*overrides: str) -> Config:
     from hydra import compose, initialize_config_dir
 
     from cl_runner.cli import CONF_DIR
-    from cl_runner.config.schema import register_configs, validate
+    from cl_runner.config.validate import register_configs, validate
 
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -105,7 +105,7 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def make_context(cfg: Config, model: torch.nn.Module, train_sets: list[list[dict]]) -> Context:
-    """The Context ``cl_runner.engine.run.build_parts`` builds, for a model and encoded tasks given here."""
+    """The Context ``cl_runner.engine.assembly.build_parts`` builds, for a model and encoded tasks given here."""
     device, precision = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.device.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

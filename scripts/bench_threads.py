@@ -51,9 +51,9 @@ def worker(model: str) -> None:
     from hydra import compose, initialize_config_dir
 
     from cl_runner.cli import CONF_DIR
-    from cl_runner.config.schema import register_configs, validate
+    from cl_runner.config.validate import register_configs, validate
+    from cl_runner.engine.assembly import build_parts
     from cl_runner.engine.loop import TaskRun, train_task
-    from cl_runner.engine.run import build_parts
     from cl_runner.engine.threads import ThreadPolicy, count_this_run
 
     arch, overrides, _, vocab = MODELS[model]

@@ -18,7 +18,8 @@ from rich.console import Console
 
 from cl_runner import cli
 from cl_runner.cli import CONF_DIR
-from cl_runner.config.schema import Config, register_configs, validate
+from cl_runner.config.schema import Config
+from cl_runner.config.validate import register_configs, validate
 from cl_runner.engine.run import run
 
 REPO = Path(__file__).resolve().parent.parent

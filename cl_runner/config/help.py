@@ -49,7 +49,7 @@ def help_text(overrides: list[str]) -> str:
     from omegaconf import OmegaConf
 
     from cl_runner.config.preflight import CONF_DIR
-    from cl_runner.config.schema import register_configs
+    from cl_runner.config.validate import register_configs
 
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

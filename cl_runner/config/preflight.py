@@ -1,4 +1,5 @@
-"""Before anything runs: parse the overrides, compose and validate the config of every job they describe, and
+"""Before anything runs: parse the overrides, compose and validate the config of every job they describe (once:
+cl-run runs a single job on the very config composed here), check that the run's directory can be created, and
 turn Hydra's and OmegaConf's composition errors into one readable line each (``key: what was expected``)."""
 
 from __future__ import annotations
@@ -6,9 +7,12 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+JOB_NAME = "cli"  # hydra.job.name, as hydra.main names a job after the task function's file: the log is cli.log
 
 
 def option_key(full_key: str) -> str:
@@ -96,10 +100,10 @@ def one_line(exc: BaseException) -> str:
 
 
 def checked(cfg):
-    """schema.validate, with OmegaConf's errors on the way (a missing name, a null) as one-line ConfigErrors."""
+    """validate.validate, with OmegaConf's errors on the way (a missing name, a null) as one-line ConfigErrors."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from cl_runner.config.schema import validate
+    from cl_runner.config.validate import validate
     from cl_runner.core.errors import ConfigError
 
     try:
@@ -298,24 +302,88 @@ def _written_out(override) -> str:
     return f"{override.get_key_element()}={','.join(override.sweep_string_iterator())}"
 
 
-def preflight(overrides: list[str], multirun: bool = True) -> list[str]:
-    """Compose and validate the config of every job the overrides describe; raise on the first bad one. Returns
-    the overrides with every glob() sweep written out, so that Hydra's sweeper runs the very jobs checked here."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+@dataclass
+class PlannedJob:
+    """One job of the plan: its config composed once, and validated."""
 
-    from cl_runner.config.schema import register_configs
+    composed: Any  # DictConfig: the job's config with its ``hydra`` node, as Hydra's run mode composes it
+    config: Any  # Config: the job's own config (without ``hydra``), validated
+    key: str  # the job's own config as YAML: how a sweep job finds its validated Config (``job_key``)
+
+
+@dataclass
+class Plan:
+    """What ``preflight`` found: the overrides to hand Hydra's sweeper (glob() sweeps written out, so that it runs
+    the very jobs checked here) and every job, composed once (Hydra's own node included) and validated."""
+
+    overrides: list[str]
+    jobs: list[PlannedJob]
+    loader: Any  # Hydra's config loader, for running a single job as Hydra's run mode does
+
+
+def preflight(overrides: list[str], multirun: bool = True) -> Plan:
+    """Compose and validate the config of every job the overrides describe; raise on the first bad one."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    from cl_runner.config.validate import register_configs
 
     register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=JOB_NAME):
         parser = OverridesParser.create(config_loader=GroupOptions(overrides))  # glob() sweeps
         parsed = _parse(parser, overrides)
         jobs = [o for o in parsed if o.get_key_element() == SEARCHPATH
                 or not o.get_key_element().lstrip("+~").startswith("hydra")]
+        hydra = [o.input_line for o in parsed if o not in jobs and not o.is_sweep_override()]  # hydra.run.dir=...
+        hydra += [] if multirun else ["hydra.mode=RUN"]  # what Hydra's run mode adds last
+        planned = []
         for combo in itertools.product(*_job_choices(jobs, multirun)):
             try:
-                cfg = compose("config", overrides=list(combo))
+                composed = GlobalHydra.instance().hydra.compose_config(
+                    "config", [*combo, *hydra], run_mode=RunMode.RUN, from_shell=False)
             except Exception as exc:
                 raise ValueError(_catalogue_hint(one_line(exc), combo)) from None
-            checked(cfg)
-        return [_written_out(o) if o in jobs else o.input_line for o in parsed]
+            own = job_config(composed)
+            planned.append(PlannedJob(composed, checked(own), job_key(own)))
+        written = [_written_out(o) if o in jobs else o.input_line for o in parsed]
+        return Plan(written, planned, GlobalHydra.instance().config_loader())
+
+
+def job_config(composed):
+    """A composed config without its ``hydra`` node: the job's own config, as Hydra hands it to the task."""
+    import copy
+
+    from omegaconf import open_dict, read_write
+
+    own = copy.deepcopy(composed)
+    with read_write(own), open_dict(own):
+        del own["hydra"]
+    return own
+
+
+def job_key(own) -> str:
+    """A job's own config as YAML (interpolations as written): the same for preflight's and the launcher's."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(own)
+
+
+def output_dir(composed, multirun: bool) -> Path:
+    """The run's (``hydra.run.dir``) or the sweep's (``hydra.sweep.dir``) directory; raises ValueError when it
+    cannot be created (before any model is loaded)."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    path = Path(str(OmegaConf.select(composed, key))).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    try:
+        if not existing.is_dir():
+            raise OSError(f"{existing} is not a directory")
+        Path(tempfile.mkdtemp(dir=existing, prefix=".cl-run-probe-")).rmdir()
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot write to {path} ({exc})") from None
+    return path

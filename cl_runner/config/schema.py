@@ -12,9 +12,7 @@ from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
-from omegaconf.errors import ConfigKeyError
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cl_runner.config.task_formats import chat_errors, format_errors
 from cl_runner.config.task_overrides import override_errors, task_configs
@@ -23,7 +21,6 @@ from cl_runner.core.checks import check_choice as _choice
 from cl_runner.core.checks import check_fraction as _fraction
 from cl_runner.core.checks import check_positive as _positive
 from cl_runner.core.dist import launch_error
-from cl_runner.core.errors import ConfigError
 from cl_runner.scoring.answers import answer_errors
 from cl_runner.scoring.metrics import LABELS, metric_names, needs
 from cl_runner.trackers.schema import LoggerConfig
@@ -391,80 +388,6 @@ class Config:
             if config_is_encoder_decoder(self.model):
                 errs += config_errors(self) + support_errors(strategy, configs, encoder_decoder=True)
         return errs
-
-
-def register_configs() -> None:
-    """The root schema, every strategy's schema (``schema/strategy/<name>``, which conf/strategy files extend),
-    and a ``strategy/<name>`` option for each plugin strategy (an installed package has no file in conf/)."""
-    from cl_runner.strategies.registry import builtin_strategies, plugin_strategies
-
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for name, cls in builtin_strategies().items():
-        cs.store(group="schema/strategy", name=name, node=cls.Config, package="strategy")
-    for name, cls in plugin_strategies().items():
-        cs.store(group="schema/strategy", name=name, node=cls.Config, package="strategy")
-        cs.store(group="strategy", name=name, node=cls.Config)
-
-
-def _unknown_keys(node: Any, schema: type, prefix: str) -> list[str]:
-    """Keys a ``+key=value`` override added that the schema does not define (Hydra lets ``+`` bypass it)."""
-    if not isinstance(node, DictConfig):
-        return []
-    known = {f.name: f for f in fields(schema)}
-    out = []
-    for key in node.keys():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in known:
-            out.append(path)
-            continue
-        sub = known[key].type
-        sub = globals().get(sub, None) if isinstance(sub, str) else sub
-        if isinstance(sub, type) and is_dataclass(sub) and key != "strategy":
-            out += _unknown_keys(node[key], sub, path)
-    return out
-
-
-def _typed_strategy(schema: type, node: DictConfig) -> Any:
-    """``node``'s values in the strategy's own Config; a value of the wrong type names its key."""
-    return _typed(schema, node, "strategy")
-
-
-def _typed(schema: type, node: Any, key: str) -> Any:
-    """``node``'s values in ``schema``; an unknown key or a value of the wrong type names its key."""
-    if not isinstance(node, DictConfig):
-        raise ConfigError(f"{key}: expected a mapping of options (e.g. {{lm_eval: mmlu}}), got {node!r}")
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node)))
-    except ConfigKeyError as exc:
-        raise ConfigError(f"{key}.{exc.full_key or exc.key}: unknown key (see docs/configuration.md)") from None
-    except ValidationError as exc:
-        detail = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"{key}.{exc.full_key or exc.key}: {detail}") from None
-
-
-def validate(cfg: DictConfig) -> Config:
-    """Turn a composed config into typed objects and check every range; raise one ConfigError listing all."""
-    from cl_runner.strategies.registry import strategy_class
-
-    deleted = [f.name for f in fields(Config) if f.name not in cfg.keys()]
-    if deleted:  # ``~train``: to_object below would fill in the schema's defaults, and run them unasked
-        raise ConfigError("; ".join(f"{key}: cannot be deleted (~{key}); every run needs it, change its values instead"
-                                    for key in deleted))
-    schema = strategy_class(OmegaConf.select(cfg, "strategy.name"), OmegaConf.select(cfg, "strategy._target_")).Config
-    unknown = _unknown_keys(cfg, Config, "") + _unknown_keys(cfg.strategy, schema, "strategy")
-    if unknown:
-        hint = "unknown key (see docs/configuration.md)"
-        raise ConfigError("; ".join(f"{key}: {hint}" for key in unknown))
-    config = OmegaConf.to_object(cfg)
-    config.tasks.monitor = {name: _typed(MonitorConfig, node, f"tasks.monitor.{name}")
-                            for name, node in (cfg.tasks.monitor or {}).items()}
-    if not isinstance(config.strategy, schema):  # composed without the schema (a _target_, a saved config)
-        config.strategy = _typed_strategy(schema, cfg.strategy)
-    errors = config.errors()
-    if errors:
-        raise ConfigError("; ".join(errors))
-    return config
 
 
 def as_dict(obj: Any) -> Any:

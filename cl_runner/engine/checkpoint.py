@@ -12,9 +12,9 @@ fail to load is damaged; the run falls back to the next older one and moves the 
 
 Distributed runs (``distributed=ddp|fsdp``, any process count) write ``shards/`` instead of the safetensors
 files: ``torch.distributed.checkpoint`` (DCP) files in which every rank writes its shard of the weights, the
-optimizer state, the best weights and the strategy's DTensors (``get_state_dict``/``set_state_dict``, so DDP and
-FSDP2 both work and a resume on another process count reshards). Rank 0 writes the rest (``state.pt``, with every
-rank's RNG state, and ``manifest.json``) once every rank's shards are written, then renames the directory.
+optimizer state, the best weights and the strategy's DTensors (checkpoint_dcp.py). Rank 0 writes the rest
+(``state.pt``, with every rank's RNG state, and ``manifest.json``) once every rank's shards are written, then
+renames the directory. How weights are stored (tied weights once, names and shapes that fit) is weights.py's.
 
 Nothing is stored twice. Best weights equal to the current ones (a checkpoint at the end of the best epoch so
 far) are not written: ``state.pt`` says ``"best": "model"`` and a resume copies them from the loaded weights.
@@ -41,7 +41,15 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from cl_runner.core import dist
 from cl_runner.core.files import disk_full_error, is_disk_full
+from cl_runner.engine.checkpoint_dcp import (
+    read_shards,
+    read_strategy_shards,
+    shard_shapes,
+    write_best_shards,
+    write_shards,
+)
 from cl_runner.engine.run_state import SAVED
+from cl_runner.engine.weights import copy_weights, retied, same_weights, untied, unwrap
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -96,29 +104,13 @@ def save_checkpoint(run_dir: Path, number: int, model: torch.nn.Module, state: d
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(exc):
-            raise disk_full_error(tmp, _tensor_bytes([_unwrap(model).state_dict(), best, state])) from exc
+            raise disk_full_error(tmp, _tensor_bytes([unwrap(model).state_dict(), best, state])) from exc
         raise
     if dist.world().main:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final, time.perf_counter() - started
-
-
-def same_weights(best: dict[str, torch.Tensor] | None, model: torch.nn.Module) -> bool:
-    """Whether the best weights are the model's current ones (the best epoch is the one just finished), on every
-    rank (each compares its own shards)."""
-    if best is None:
-        return False
-    current = _unwrap(model).state_dict()
-    same = best.keys() == current.keys() and all(torch.equal(_local(best[k]).cpu(), _local(v).cpu())
-                                                 for k, v in current.items())
-    return not dist.all_reduce_max([float(not same)])[0]
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor (a DTensor's local shard; a plain tensor itself)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -157,7 +149,7 @@ def on_main(action: Callable[[], None]) -> None:
 def _write_files(tmp: Path, model: torch.nn.Module, state: dict[str, Any],
                  best: dict[str, torch.Tensor] | None, best_from: Path | None) -> None:
     tmp.mkdir()
-    save_model(_unwrap(model), str(tmp / "model.safetensors"))
+    save_model(unwrap(model), str(tmp / "model.safetensors"))
     if best is not None and not link_best(best_from, tmp):
         save_file({k: v.contiguous() for k, v in untied(best, model).items()}, str(tmp / "best.safetensors"))
     _write_state(tmp, state)
@@ -206,44 +198,11 @@ def _write_sharded(tmp: Path, model: torch.nn.Module, state: dict[str, Any], bes
                    optimizer: torch.optim.Optimizer | None, best_from: Path | None) -> None:
     """Every rank: its shards through DCP (weights, optimizer, best weights, the strategy's DTensors); rank 0
     then writes ``state.pt`` (plain data, every rank's RNG state) and the manifest."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-    strategy, strategy_shards = split_dtensors(state["strategy"])
-    task = state["task"]
-    if task is not None and optimizer is not None:
-        weights, optim = get_state_dict(_unwrap(model), optimizer)
-        shards: dict[str, Any] = {"model": untied(weights, model), "optim": optim}
-        task = {k: v for k, v in task.items() if k != "optimizer"}
-    else:
-        shards = {"model": untied(get_model_state_dict(_unwrap(model)), model)}
-    shards |= {"strategy": strategy_shards} if strategy_shards else {}
-    dcp.save(shards, storage_writer=dcp.FileSystemWriter(str(tmp / SHARDS)))
+    state = write_shards(tmp / SHARDS, model, state, optimizer)
     if best is not None and not link_best(best_from, tmp):
-        dcp.save({"best": untied(best, model)}, storage_writer=dcp.FileSystemWriter(str(tmp / BEST_SHARDS)))
-    rng = dist.all_gather_objects(state["rng"])  # rank order
-    on_main(lambda: _write_state(tmp, {**state, "task": task, "strategy": strategy, "rng": rng}))
-
-
-def split_dtensors(obj: Any, found: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-    """``obj`` (nested dicts and lists) with each DTensor replaced by a plain placeholder (its DCP key, shape,
-    dtype and placements), and the DTensors by key: the shards every rank writes through DCP."""
-    found = {} if found is None else found
-    if hasattr(obj, "placements") and hasattr(obj, "to_local"):
-        key = str(len(found))
-        found[key] = obj
-        return {"__dcp__": key, "shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch."),
-                "placements": [_placement_code(p) for p in obj.placements]}, found
-    if isinstance(obj, dict):
-        return {k: split_dtensors(v, found)[0] for k, v in obj.items()}, found
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(split_dtensors(v, found)[0] for v in obj), found
-    return obj, found
-
-
-def _placement_code(placement: Any) -> str:
-    dim = getattr(placement, "dim", None)
-    return f"S{dim}" if placement.is_shard() and dim is not None else "R"
+        write_best_shards(tmp / BEST_SHARDS, best, model)
+    state = {**state, "rng": dist.all_gather_objects(state["rng"])}  # rank order
+    on_main(lambda: _write_state(tmp, state))
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -329,26 +288,14 @@ def read_checkpoint(path: Path, verify: bool = True) -> Checkpoint:
     if missing:
         raise CheckpointDamaged(f"state.pt: lacks {', '.join(missing)}")
     if (path / SHARDS).is_dir():
-        shapes = _read(path / SHARDS / ".metadata", _shard_shapes)
+        shapes = _read(path / SHARDS / ".metadata", lambda f: shard_shapes(f.parent))
         best_meta = path / BEST_SHARDS / ".metadata"
-        best = _read(best_meta, _shard_shapes).get("best") if best_meta.exists() else None
+        best = _read(best_meta, lambda f: shard_shapes(f.parent)).get("best") if best_meta.exists() else None
         return Checkpoint(path, state, None, shapes.get("model", {}), best, sharded=True)
     best_file = path / "best.safetensors"
     best = _read(best_file, lambda f: load_file(str(f))) if best_file.exists() else None
     best_shapes = {k: tuple(v.shape) for k, v in best.items()} if best is not None else None
     return Checkpoint(path, state, best, _read(path / "model.safetensors", _shapes), best_shapes)
-
-
-def _shard_shapes(file: Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """The global shapes of a DCP checkpoint's tensors, by part: ``{"model": {name: shape}, "best": ...}``."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    found: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, meta in FileSystemReader(str(file.parent)).read_metadata().state_dict_metadata.items():
-        part, _, name = key.partition(".")
-        if part in ("model", "best") and hasattr(meta, "size"):
-            found.setdefault(part, {})[name] = tuple(meta.size)
-    return found
 
 
 def _read(file: Path, load: Callable[[Path], Any]) -> Any:
@@ -385,121 +332,23 @@ def move_aside(path: Path, reason: str) -> Path:
     return target
 
 
-def weights_mismatch(checkpoint: Checkpoint, model: torch.nn.Module) -> str | None:
-    """How the checkpoint's weights (and best weights) fail to fit ``model``'s names and shapes, or None."""
-    expected = {k.removeprefix("_orig_mod."): v for k, v in _unwrap(model).state_dict().items()}
-    problem = _compare("model.safetensors", checkpoint.shapes, expected)
-    if problem is None and checkpoint.best_shapes is not None:
-        best = {k.removeprefix("_orig_mod."): v for k, v in checkpoint.best_shapes.items()}
-        problem = _compare("best.safetensors", best, expected)
-    return problem
-
-
-def _compare(file: str, shapes: dict[str, tuple[int, ...]], expected: dict[str, torch.Tensor]) -> str | None:
-    stored = {_local(expected[k]).data_ptr() for k in shapes if k in expected}  # tied weights are saved once
-    names = {"not in the model": sorted(set(shapes) - set(expected)),
-             "missing": sorted(k for k, t in expected.items()
-                               if k not in shapes and _local(t).data_ptr() not in stored)}
-    for what, found in names.items():
-        if found:
-            return f"{file}: {len(found)} weights {what} ({', '.join(found[:3])}{', ...' * (len(found) > 3)})"
-    wrong = [f"{file}: {k} is {list(shapes[k])}, the model's is {list(t.shape)}"
-             for k, t in expected.items() if k in shapes and tuple(t.shape) != shapes[k]]
-    return wrong[0] if wrong else None
-
-
 def load_weights(path: Path, model: torch.nn.Module) -> None:
     """Load the checkpoint's model weights into ``model`` (which must already have every module they name)."""
-    load_model(_unwrap(model), str(path / "model.safetensors"))
+    load_model(unwrap(model), str(path / "model.safetensors"))
 
 
 def load_shards(checkpoint: Checkpoint, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor] | None:
     """Every rank, together: load a distributed checkpoint's weights (and, with ``optimizer``, its state) into
-    this rank's shards, resharded to the current process count; returns its best weights (None if it has none),
-    laid out like ``model.state_dict()`` on CPU."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
-
-    bare = _unwrap(model)
-    if optimizer is not None:
-        weights, optim = get_state_dict(bare, optimizer)
-        shards: dict[str, Any] = {"model": untied(weights, model), "optim": optim}
-    else:
-        shards = {"model": untied(get_model_state_dict(bare), model)}
-    dcp.load(shards, storage_reader=dcp.FileSystemReader(str(checkpoint.path / SHARDS)))
-    weights = retied(shards["model"], model)
-    if optimizer is not None:
-        set_state_dict(bare, optimizer, model_state_dict=weights, optim_state_dict=shards["optim"])
-    else:
-        set_model_state_dict(bare, weights)
-    if checkpoint.best_shapes is None:
-        return None
-    best = {"best": untied(copy_weights(model), model)}  # filled in place
-    dcp.load(best, storage_reader=dcp.FileSystemReader(str(checkpoint.path / BEST_SHARDS)))
-    return retied(best["best"], model)
+    this rank's shards, resharded to the current process count; returns its best weights (None if it has none)."""
+    best = checkpoint.path / BEST_SHARDS if checkpoint.best_shapes is not None else None
+    return read_shards(checkpoint.path / SHARDS, model, optimizer, best)
 
 
 def load_strategy_shards(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
     """Every rank, together: put the strategy's DTensors (placeholders in ``state.pt``) back into the
     checkpoint's strategy state, sharded like the model's parameters (plain tensors if the model is not sharded)."""
-    templates: dict[str, Any] = {}
-    state = _fill(checkpoint.state["strategy"], templates, model)
-    if templates:
-        import torch.distributed.checkpoint as dcp
-
-        dcp.load({"strategy": templates}, storage_reader=dcp.FileSystemReader(str(checkpoint.path / SHARDS)))
-    checkpoint.state["strategy"] = state
-
-
-def _fill(obj: Any, templates: dict[str, Any], model: torch.nn.Module) -> Any:
-    if isinstance(obj, dict) and "__dcp__" in obj:
-        templates[obj["__dcp__"]] = _empty_like_saved(obj, model)
-        return templates[obj["__dcp__"]]
-    if isinstance(obj, dict):
-        return {k: _fill(v, templates, model) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_fill(v, templates, model) for v in obj)
-    return obj
-
-
-def _empty_like_saved(meta: dict[str, Any], model: torch.nn.Module) -> torch.Tensor:
-    """An empty tensor for a saved DTensor: a DTensor on the mesh of the model's sharded parameters."""
-    dtype = getattr(torch, meta["dtype"])
-    sharded = next((p for p in _unwrap(model).parameters() if hasattr(p, "device_mesh")), None)
-    if sharded is None:
-        return torch.empty(meta["shape"], dtype=dtype)
-    from torch.distributed.tensor import Replicate, Shard, empty
-
-    placements = [Shard(int(code[1:])) if code.startswith("S") else Replicate() for code in meta["placements"]]
-    return empty(*meta["shape"], dtype=dtype, device_mesh=sharded.device_mesh, placements=placements)
-
-
-def _tied(model: torch.nn.Module) -> dict[str, str]:
-    """The model's tied weights: each name of a parameter that an earlier name already holds -> that name."""
-    first: dict[int, str] = {}
-    tied = {}
-    for name, param in _unwrap(model).named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            tied[name] = first[id(param)]
-        first.setdefault(id(param), name)
-    return tied
-
-
-def untied(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``weights`` without the second names of tied weights (a copy of the weights holds them twice)."""
-    tied = _tied(model)
-    return {k: v for k, v in weights.items() if k not in tied}
-
-
-def retied(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``weights`` with the second names of tied weights back (the same tensor), as ``load_state_dict`` wants."""
-    return weights | {k: weights[first] for k, first in _tied(model).items() if k not in weights and first in weights}
+    checkpoint.state["strategy"] = read_strategy_shards(checkpoint.state["strategy"], checkpoint.path / SHARDS, model)
 
 
 def best_weights(checkpoint: Checkpoint, model: torch.nn.Module,
@@ -511,15 +360,6 @@ def best_weights(checkpoint: Checkpoint, model: torch.nn.Module,
     if checkpoint.sharded:
         return sharded_best
     return None if checkpoint.best is None else retied(checkpoint.best, model)
-
-
-def copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the model's weights, as the loop keeps its best weights (DTensors stay DTensors)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
 def newest_on_every_rank(run_dir: Path) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:

@@ -1,4 +1,5 @@
-"""The process side of a run: device and precision, seeding, the run directory's lock, and stop signals."""
+"""The process side of a run: the process group, device and precision, seeding, the run directory's lock, and
+stop signals."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cl_runner.config.schema import DeviceConfig
+from cl_runner.config.schema import Config, DeviceConfig
+from cl_runner.core import dist
 from cl_runner.core.errors import ConfigError, UserError
 
 
@@ -45,6 +47,13 @@ def resolve_device(cfg: DeviceConfig) -> tuple[torch.device, str]:
     return torch.device(kind), precision
 
 
+def join(cfg: Config) -> dist.World:
+    """Join the run's process group when ``distributed.kind`` asks for one (torchrun, srun, or a Slurm launcher job
+    with several tasks) and return this process's rank; once per process, before the run directory is claimed."""
+    use_cuda = resolve_device(cfg.device)[0].type == "cuda"
+    return dist.join(cfg.distributed.kind, use_cuda, cfg.distributed.timeout_s)
+
+
 def autocast_factory(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext
@@ -70,24 +79,12 @@ def package_versions() -> dict[str, str]:
             **{name: version(distribution) for name, distribution in installed.items()}}
 
 
-_HELD: dict[Path, list] = {}  # run directories this process has locked: path -> [open lock file, depth]
-
-
 @contextmanager
 def run_lock(run_dir: Path):
-    """Hold ``<run_dir>/.lock`` for the whole run: a second cl-run on the same directory fails at once and writes
-    nothing (a lock file it had to create is removed again). Re-entrant within a process: the CLI locks the
-    directory before it writes anything into it, and run() keeps holding that same lock."""
+    """Hold ``<run_dir>/.lock`` for the whole run: a second cl-run on the same directory (or a second run() in this
+    process) fails at once and writes nothing (a lock file it had to create is removed again)."""
     key = Path(run_dir).absolute()
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
-        return
     handle, created = _acquire(key)
-    _HELD[key] = [handle, 1]
     try:
         yield
     except UserError:
@@ -95,7 +92,6 @@ def run_lock(run_dir: Path):
             (key / ".lock").unlink(missing_ok=True)
         raise
     finally:
-        del _HELD[key]
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
 

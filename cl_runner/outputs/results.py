@@ -99,6 +99,28 @@ class RunWriter:
         return target
 
 
+class RankWriter(RunWriter):
+    """The writer of ranks other than 0: it keeps the rows like rank 0's and writes nothing (rank 0 writes)."""
+
+    def __init__(self, run_dir: Path, task_names: list[str]) -> None:
+        self.run_dir, self.task_names, self.rows = Path(run_dir), task_names, []
+
+    def set_rows(self, rows: list[list[float]]) -> None:
+        self.rows = list(rows)
+
+    def add_history(self, record: dict[str, Any]) -> None:
+        pass
+
+    def set_history(self, records: list[dict[str, Any]]) -> None:
+        pass
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def supersede(self) -> Path | None:
+        return None
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 

@@ -51,30 +51,41 @@ class MicroBatch:
 
 @dataclass
 class Context:
-    """Everything a hook may look at. The run (``engine/run.py``) builds it and sets ``task_index`` and
-    ``options`` before each task; the loop updates ``optimizer``, ``step``, ``epoch`` and ``micro`` as it goes;
-    hooks write ``extras`` (through ``log``) and ``artifacts``."""
+    """Everything a hook may look at. The engine owns it; each field says which engine code writes it (modules of
+    cl_runner/engine/; assembly.build_parts builds it, once per process). Hooks read it and write only ``extras``
+    (through ``log``) and ``artifacts``; the loop's fields change as a task trains."""
 
+    # assembly.build_parts; run._run swaps in its torch.compile wrapper (device.compile, CUDA). Strategies add
+    # modules to it in place (adapters, columns), never another model
     model: torch.nn.Module
-    device: torch.device
-    autocast: Callable[[], AbstractContextManager]  # a fresh autocast context (nullcontext on CPU/fp32)
-    collate: Callable[[list[Encoded]], dict[str, torch.Tensor]]  # encoded examples -> batch on device
-    task_names: list[str]
-    train_sets: list[list[Encoded]]  # encoded training examples of every task of the sequence
-    task_index: int = 0
-    batch_size: int = 1
-    seed: int = 0
-    optimizer: torch.optim.Optimizer | None = None
-    step: int = 0  # optimizer steps taken in the current task
-    epoch: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)  # what ``log`` recorded: name -> float or 0-dim tensor
-    artifacts: dict[str, str] = field(default_factory=dict)  # file name -> text the run writes to its directory
-    eos_id: int | None = None  # the tokenizer's EOS id (ends every target); None when unknown
-    decode: Callable[[list[int]], str] | None = None  # token ids -> text, for artifacts users read
-    micro: MicroBatch | None = None  # set by the loop around each micro-batch's forward pass and ``loss``
-    kind: ModelKind = CAUSAL_LM  # the model's kind, chosen when it is built: batch layout, forward inputs (kinds.py)
-    # the current task's own strategy options (tasks.tasks.<i>.strategy_overrides.<strategy>): option -> value, set
-    # by the run before each task; read them with ``Strategy.option``, which falls back on ``strategy.cfg``
+    device: torch.device  # assembly.build_parts (under torchrun on CUDA: this rank's device)
+    # assembly.build_parts: a fresh autocast context (nullcontext on CPU/fp32)
+    autocast: Callable[[], AbstractContextManager]
+    # assembly.build_parts: encoded examples -> batch on the device
+    collate: Callable[[list[Encoded]], dict[str, torch.Tensor]]
+    task_names: list[str]  # assembly.build_parts: the sequence's tasks, in order
+    train_sets: list[list[Encoded]]  # assembly.build_parts: the encoded training examples of every task
+    task_index: int = 0  # sequence.SequenceRun.train_task, before each task (0 while the init row is scored)
+    batch_size: int = 1  # assembly.build_parts: train.batch_size (examples per optimizer step)
+    seed: int = 0  # assembly.build_parts: the run's seed
+    optimizer: torch.optim.Optimizer | None = None  # loop: the current task's optimizer, at the task's start
+    step: int = 0  # loop: optimizer steps taken in the current task (a resumed task starts at its saved step)
+    epoch: int = 0  # loop: the epoch being trained, counted from 0
+    # what ``log`` recorded (name -> float or 0-dim tensor): strategies, through ``log``; the loop turns the values
+    # into floats in place where it reads them (loop.read_extras); resume.restore puts a checkpoint's back
+    extras: dict[str, Any] = field(default_factory=dict)
+    # file name -> text for the run's directory: strategies (LAMOL's pseudo-examples); sequence.SequenceRun
+    # writes them there at each task's end (rank 0)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    eos_id: int | None = None  # assembly.build_parts: the tokenizer's EOS id (ends every target); None when unknown
+    # assembly.build_parts: token ids -> text, for artifacts users read
+    decode: Callable[[list[int]], str] | None = None
+    micro: MicroBatch | None = None  # loop: the micro-batch around its forward pass and ``loss``; None otherwise
+    # assembly.build_parts: the model's kind, chosen once on the model as loaded (models/kinds.py): batch layout,
+    # forward inputs, generation, label scoring
+    kind: ModelKind = CAUSAL_LM
+    # sequence.for_task, before each task: the task's own strategy options (tasks.tasks.<i>.strategy_overrides.
+    # <strategy>), option -> value; read with ``Strategy.option``, which falls back on ``strategy.cfg``
     options: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -248,3 +248,50 @@ def test_signal_early_in_a_real_start_up_is_one_clean_line(tmp_path, signum, cod
     if run_dir.exists():  # the run had begun: resumable
         assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
         assert (run_dir / "config.yaml").is_file()
+
+
+@pytest.fixture
+def counted(monkeypatch, tmp_path):
+    """Compositions, validations and the engine's runs of cli.main in this process: the engine's run() is a
+    stand-in that claims the directory and returns, so only cl-run's own work is counted."""
+    from hydra._internal.hydra import Hydra
+
+    from cl_runner.config import validate as config_validate
+    from cl_runner.engine import run as engine
+
+    found = {"composed": 0, "validated": [], "run": []}
+    compose, validate = Hydra.compose_config, config_validate.validate
+
+    def counting_compose(self, *args, **kwargs):
+        found["composed"] += 1
+        return compose(self, *args, **kwargs)
+
+    def counting_validate(cfg):
+        found["validated"].append(validate(cfg))
+        return found["validated"][-1]
+
+    def engine_run(config, run_dir, config_yaml, *, hooks, **kwargs):
+        found["run"].append(config)
+        hooks.claimed(run_dir, False)
+        hooks.ended(run_dir, None)
+        return {}
+
+    monkeypatch.setattr(Hydra, "compose_config", counting_compose)
+    monkeypatch.setattr(config_validate, "validate", counting_validate)
+    monkeypatch.setattr(engine, "run", engine_run)
+    monkeypatch.chdir(tmp_path)
+    return found
+
+
+def test_a_single_run_is_composed_and_validated_once_and_the_engine_gets_that_config(counted, tmp_path):
+    cli.main(["device=cpu", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert counted["composed"] == 1 and len(counted["validated"]) == 1
+    assert len(counted["run"]) == 1 and counted["run"][0] is counted["validated"][0]
+    assert (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text() == "- device=cpu\n"  # Hydra's job files
+
+
+def test_each_sweep_job_runs_on_the_config_checked_before_the_sweep_started(counted, tmp_path):
+    cli.main(["-m", "device=cpu", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert len(counted["validated"]) == 2  # every job checked up front, none again when it starts
+    assert [c.seed for c in counted["run"]] == [1, 2]
+    assert all(a is b for a, b in zip(counted["run"], counted["validated"], strict=True))

@@ -132,7 +132,7 @@ def test_directories_are_searched_in_the_documented_order(tmp_path, monkeypatch)
         monkeypatch.chdir(tmp_path)
         monkeypatch.setenv(ENV_VAR, env[ENV_VAR])
         _, (search,) = search_path_args(first)
-        assert preflight(["tasks=mine", search], multirun=False) == ["tasks=mine", search]
+        assert preflight(["tasks=mine", search], multirun=False).overrides == ["tasks=mine", search]
         done = subprocess.run([sys.executable, "-m", "cl_runner", *first, "tasks=mine", "--cfg", "job"],
                               capture_output=True, text=True, timeout=120)
         assert yaml.safe_load(done.stdout)["tasks"]["name"] == expected, done.stderr
@@ -141,8 +141,8 @@ def test_directories_are_searched_in_the_documented_order(tmp_path, monkeypatch)
 def test_a_glob_sweep_matches_the_users_options(project):
     _, conf = project
     _, search = search_path_args(["-cd", str(conf)])
-    assert preflight(["strategy=glob(my_*)", *search]) == ["strategy=my_replay", *search]
-    everything = preflight(["strategy=glob(*)", *search])[0].split("=")[1].split(",")
+    assert preflight(["strategy=glob(my_*)", *search]).overrides == ["strategy=my_replay", *search]
+    everything = preflight(["strategy=glob(*)", *search]).overrides[0].split("=")[1].split(",")
     assert {"my_replay", "naive", "replay", "shared_lora"} <= set(everything) and everything == sorted(everything)
 
 

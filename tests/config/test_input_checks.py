@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from cl_runner.config.schema import ModelConfig, TaskConfig
 from cl_runner.core.checks import arch_errors, check_fraction, check_positive
 from cl_runner.core.errors import ConfigError, DataError, ModelError
-from cl_runner.engine.run import build_parts
+from cl_runner.engine.assembly import build_parts
 from cl_runner.models.kinds import CAUSAL_LM
 from cl_runner.models.load import _quiet_load, load_model, load_tokenizer
 from cl_runner.strategies.adapters import Adapters, AdaptersConfig

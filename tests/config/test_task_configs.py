@@ -16,7 +16,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from cl_runner.cli import CONF_DIR
-from cl_runner.config.schema import TaskConfig, as_dict, validate
+from cl_runner.config.schema import TaskConfig, as_dict
+from cl_runner.config.validate import validate
 from cl_runner.tasks.load import load_task
 
 TASK_CONFIGS = sorted(p.stem for p in (REPO / "conf" / "tasks").glob("*.yaml"))

@@ -14,8 +14,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from tiny_lm import one_thread, task_examples, tiny_context, tiny_model  # noqa: F401 (autouse fixture)
 
-from cl_runner.cli import CONF_DIR, _existing_run
-from cl_runner.config.schema import Config, TrainConfig, as_dict, register_configs, used_config, validate
+from cl_runner.cli import CONF_DIR
+from cl_runner.config.schema import Config, TrainConfig, as_dict, used_config
+from cl_runner.config.validate import register_configs, validate
+from cl_runner.engine.claim import RunHooks, claim
 from cl_runner.engine.loop import make_optimizer
 from cl_runner.models.lm import token_counts
 from cl_runner.models.load import parameter_count, train_tokenizer, trainable_count
@@ -46,7 +48,8 @@ def test_a_pretrained_model_saves_no_architecture_and_a_built_one_keeps_it():
 def test_a_saved_pretrained_config_still_matches_on_rerun_and_resume(tmp_path):
     overrides = ("model.name_or_path=/models/mine", "train.lr=1e-4")
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(used_config(composed(*overrides)), resolve=True))
-    assert _existing_run(tmp_path, OmegaConf.to_yaml(used_config(composed(*overrides)), resolve=True))
+    rerun = OmegaConf.to_yaml(used_config(composed(*overrides)), resolve=True)
+    assert claim(tmp_path, rerun, None, RunHooks()) is True  # the same experiment: continued, not refused
     resumed = validate(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(tmp_path / "config.yaml")))
     assert as_dict(resumed) == as_dict(validate(composed(*overrides)))  # cl-run resume=DIR: no key looks edited
 

@@ -9,7 +9,7 @@ from helpers import LOCAL_SEQUENCE, make_config, run_quietly, write_jsonl, write
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from cl_runner.core.errors import DataError, ModelError
-from cl_runner.engine import run as run_module
+from cl_runner.engine import assembly
 from cl_runner.models.load import train_tokenizer
 from cl_runner.scoring import cl_metrics
 from cl_runner.strategies.base import Strategy
@@ -104,7 +104,7 @@ def logged_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("logged")
     write_local_sequence(root)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_module, "build_strategy", LoggingStrategy)
+        patch.setattr(assembly, "build_strategy", LoggingStrategy)
         result = run_quietly(make_config("tasks.name=local", tasks=LOCAL_SEQUENCE), root / "run", base_dir=root)
     return result, root / "run"
 

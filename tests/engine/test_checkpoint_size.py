@@ -16,6 +16,7 @@ from cl_runner.core import rng
 from cl_runner.engine import checkpoint as ckpt
 from cl_runner.engine.run import run
 from cl_runner.engine.run_state import RunState
+from cl_runner.engine.weights import copy_weights, weights_mismatch
 
 
 class Tied(torch.nn.Module):
@@ -35,12 +36,12 @@ def payload() -> dict:
 
 def shifted(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Best weights that differ from the model's."""
-    return {k: v + 1 for k, v in ckpt.copy_weights(model).items()}
+    return {k: v + 1 for k, v in copy_weights(model).items()}
 
 
 def test_best_equal_to_the_weights_is_a_reference_and_comes_back_whole(tmp_path):
     model = Tied()
-    path, _ = ckpt.save_checkpoint(tmp_path, 1, model, payload(), ckpt.copy_weights(model), keep_last=2)
+    path, _ = ckpt.save_checkpoint(tmp_path, 1, model, payload(), copy_weights(model), keep_last=2)
     assert not (path / "best.safetensors").exists() and not ckpt.has_best(path)
     read = ckpt.read_checkpoint(path)
     assert read.best_is_model and read.best is None
@@ -56,7 +57,7 @@ def test_best_weights_of_tied_models_are_stored_once_and_come_back_tied(tmp_path
     path, _ = ckpt.save_checkpoint(tmp_path, 1, model, payload(), best, keep_last=2)
     read = ckpt.read_checkpoint(path)
     assert set(read.best) == {"emb.weight", "mid.weight", "mid.bias"}  # head.weight is emb.weight
-    assert ckpt.weights_mismatch(read, model) is None
+    assert weights_mismatch(model, read.shapes, read.best_shapes) is None
     back = ckpt.best_weights(read, model, None)
     assert back.keys() == best.keys() and all(torch.equal(back[k], v) for k, v in best.items())
     model.load_state_dict(back)  # what the loop does at the task's end

@@ -27,13 +27,14 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from cl_runner.cli import CONF_DIR
-from cl_runner.config.schema import register_configs, validate
+from cl_runner.config.validate import register_configs, validate
 from cl_runner.core import rng
 from cl_runner.core.errors import CheckpointMismatch, DiskFullError
 from cl_runner.core.files import is_disk_full, write_atomic
 from cl_runner.engine import checkpoint as ckpt
-from cl_runner.engine import run as run_module
+from cl_runner.engine import sequence
 from cl_runner.engine.run import run
+from cl_runner.engine.weights import weights_mismatch
 from cl_runner.outputs.results import RunWriter
 
 register_configs()
@@ -73,14 +74,14 @@ class Stop(Exception):
 
 
 def stop_at(monkeypatch, run_dir: Path, lines: int) -> None:
-    real = run_module._TaskCallbacks.on_epoch
+    real = sequence._TaskCallbacks.on_epoch
 
     def on_epoch(self, record):
         real(self, record)
         if len(history(run_dir)) >= lines:
             raise Stop(lines)
 
-    monkeypatch.setattr(run_module._TaskCallbacks, "on_epoch", on_epoch)
+    monkeypatch.setattr(sequence._TaskCallbacks, "on_epoch", on_epoch)
 
 
 def stopped_run(monkeypatch, run_dir: Path, lines: int, *overrides: str) -> None:
@@ -185,15 +186,16 @@ def test_damaged_checkpoint_is_moved_aside_with_one_warning(tmp_path, caplog):
 
 def test_weights_of_another_size_are_named():
     path_model = torch.nn.Linear(4, 2)
-    checkpoint = ckpt.Checkpoint(Path("x"), {}, None, {"weight": (2, 8), "bias": (2,)})
-    assert ckpt.weights_mismatch(checkpoint, path_model) == "model.safetensors: weight is [2, 8], the model's is [2, 4]"
-    missing = ckpt.Checkpoint(Path("x"), {}, None, {"weight": (2, 4)})
-    assert "1 weights missing (bias)" in ckpt.weights_mismatch(missing, path_model)
+    wider = {"weight": (2, 8), "bias": (2,)}
+    assert weights_mismatch(path_model, wider) == "model.safetensors: weight is [2, 8], the model's is [2, 4]"
+    assert "1 weights missing (bias)" in weights_mismatch(path_model, {"weight": (2, 4)})
+    assert weights_mismatch(path_model, {"weight": (2, 4), "bias": (2,)}, {"weight": (2, 4)}) == (
+        "best.safetensors: 1 weights missing (bias)")
     tied = torch.nn.Module()
     tied.a = torch.nn.Linear(3, 3, bias=False)
     tied.b = torch.nn.Linear(3, 3, bias=False)
     tied.b.weight = tied.a.weight  # saved once by safetensors
-    assert ckpt.weights_mismatch(ckpt.Checkpoint(Path("x"), {}, None, {"a.weight": (3, 3)}), tied) is None
+    assert weights_mismatch(tied, {"a.weight": (3, 3)}) is None
 
 
 @pytest.mark.parametrize(("exc", "full"), [

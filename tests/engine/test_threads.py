@@ -15,7 +15,7 @@ from helpers import cl_run, make_config
 from cl_runner import cli
 from cl_runner.core import checks
 from cl_runner.engine import threads
-from cl_runner.engine.run import build_parts, run_info
+from cl_runner.engine.assembly import build_parts, run_info
 
 M = 1_000_000
 

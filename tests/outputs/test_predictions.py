@@ -16,7 +16,7 @@ from rich.console import Console
 from scored_items import LABELS, items, tiny_scorer
 
 from cl_runner import report_cli
-from cl_runner.engine.run import SequenceRun
+from cl_runner.engine.sequence import SequenceRun
 from cl_runner.outputs import predictions, report
 from cl_runner.scoring.answers import normalize_answer
 from cl_runner.scoring.evaluate import Scorer, score_task

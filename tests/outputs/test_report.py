@@ -398,7 +398,7 @@ sys.modules["hydra_plugins"].__path__ = []
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from rich.console import Console
-from cl_runner.config.schema import register_configs
+from cl_runner.config.validate import register_configs
 register_configs()
 with initialize_config_dir({str(CONF_DIR)!r}, version_base="1.3"):
     cfg = compose("config", overrides=["seed=1"], return_hydra_config=True)

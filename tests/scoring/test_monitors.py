@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import make_config, run_quietly, write_jsonl
 
+from cl_runner.config.schema import as_dict
 from cl_runner.core.errors import ConfigError
 from cl_runner.engine import run as run_module
 from cl_runner.scoring import cl_metrics as metrics
@@ -141,4 +142,4 @@ def test_monitor_files_compose(tmp_path):
     assert list(cfg.tasks.monitor) == ["text_perplexity", "wordnet_probe", "mmlu"]
     assert cfg.tasks.monitor["wordnet_probe"].metric == "label_accuracy"
     assert (cfg.tasks.monitor["mmlu"].lm_eval, cfg.tasks.monitor["mmlu"].limit) == ("mmlu", 20)
-    assert json.dumps(run_module.as_dict(cfg))  # metrics.json's config holds them as plain data
+    assert json.dumps(as_dict(cfg))  # metrics.json's config holds them as plain data

@@ -18,7 +18,8 @@ from helpers import make_config, run_quietly
 from rich.console import Console
 
 from cl_runner import cli
-from cl_runner.engine.run import SequenceRun, run
+from cl_runner.engine.run import run
+from cl_runner.engine.sequence import SequenceRun
 from cl_runner.trackers import backends, fanout
 from cl_runner.trackers import schema as tracker_schema
 from cl_runner.trackers.backends import CsvTracker, Tracker

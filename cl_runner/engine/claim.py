@@ -1,0 +1,80 @@
+"""Claiming a run directory before a run writes into it: rank 0, holding the directory's lock, decides whether the
+run starts afresh, continues, or has nothing to do, and tells the other ranks, which wait for its word before
+loading anything; the caller's hooks run once the directory is claimed and when the run ends.
+
+No torch here: cl-run (cli.py) subclasses ``RunHooks`` and reads ``run_is_finished`` before the engine loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cl_runner.core import dist
+from cl_runner.core.errors import UserError
+
+
+class RunHooks:
+    """What the caller of ``run`` (engine/run.py) does at two moments only run() knows of; no-ops here. cl-run's
+    writes Hydra's files and points its job log at the directory once it is claimed; when the run ends it maps
+    how to its exit status and, while the directory is still locked, cleans up after a refused start."""
+
+    def claimed(self, run_dir: Path, resume: bool) -> None:
+        """``run_dir`` is this run's (rank 0 holds its lock; every rank is told): before the run writes into it."""
+
+    def ended(self, run_dir: Path, error: BaseException | None) -> None:
+        """The claimed run ended: ``error`` stopped it (and is raised again after this), or it finished (None).
+        Rank 0 still holds the lock."""
+
+
+def claim(run_dir: Path, config_yaml: str, resume: bool | None, hooks: RunHooks) -> bool | None:
+    """Rank 0, holding the lock: whether the run continues (True) or starts afresh (False), or None when it has
+    already finished. ``resume=None``: continue when ``run_dir`` holds this experiment (its config.yaml is
+    ``config_yaml``; another experiment's is refused with UserError, having written nothing), and leave a finished
+    run as it is. The other ranks wait for rank 0's word (None for them: rank 0 refused the start or found the run
+    finished, and says why). ``hooks.claimed`` then runs on every rank."""
+    world = dist.world()
+    if not world.main:
+        told = dist.broadcast_object(None)
+        if "resume" in told:
+            hooks.claimed(run_dir, told["resume"])
+        return told.get("resume")
+    told: dict[str, bool] = {}
+    try:
+        finished = False
+        if resume is None:
+            resume = _holds_this_run(run_dir, config_yaml)
+            finished = resume and run_is_finished(run_dir)
+        if not finished:
+            hooks.claimed(run_dir, resume)
+            told = {"resume": resume}
+    finally:  # after a refusal too: the other ranks must not wait for ever
+        if world.distributed:
+            dist.broadcast_object(told)
+    return told.get("resume")
+
+
+def _holds_this_run(run_dir: Path, config_yaml: str) -> bool:
+    """True when ``run_dir`` already holds this experiment (a re-run sweep resumes it); a different one is an error."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return False
+    if saved.read_text() != config_yaml:
+        raise UserError(f"{run_dir} already holds a different experiment (its config.yaml differs); "
+                        "choose another hydra.run.dir / hydra.sweep.dir")
+    return True
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """``run_dir``'s metrics.json ({} when there is none, or it does not read back)."""
+    import json  # here: cl-run imports this module before anything else, json included, is needed
+
+    try:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def run_is_finished(run_dir: Path) -> bool:
+    """Whether ``run_dir``'s metrics.json says the run completed."""
+    return read_metrics(run_dir).get("status") == "completed"
