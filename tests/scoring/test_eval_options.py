@@ -139,7 +139,7 @@ def test_a_tasks_own_generation_budget_wins_over_eval_max_new_tokens(monkeypatch
                         seen.append(budget) or {"score": 0.0, "examples": []})
     scorer = ev.Scorer(model=torch.nn.Linear(1, 1), pad_id=0, eos_id=1, device=torch.device("cpu"), autocast=None,
                        batch_size=1, cfg=EvalConfig(max_new_tokens=7), decode=str)
-    task = SimpleNamespace(test=[SimpleNamespace(target_ids=[1, 2, 3])], validation=[])
+    task = SimpleNamespace(test=[SimpleNamespace(target_ids=[1, 2, 3])], validation=[], stop_ids=[])
     ev.score_task(scorer, task, "exact_match", "\n", None, "test", 3)  # the task's own budget
     ev.score_task(scorer, task, "exact_match", "\n", None, "test", None)  # eval.max_new_tokens
     scorer.cfg = EvalConfig()
