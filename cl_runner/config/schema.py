@@ -330,7 +330,8 @@ class CheckpointConfig:
 # ----------------------------------------------------------------------------------------------- root
 PACK_REFUSED = ("lwf", "lamol",  # strategies whose ``loss`` hook forwards or reads the batch's rows itself
                 "prompt_tuning", "progressive_prompts",  # a soft prompt per example, not per packed row
-                "ilora")  # its consistency loss reads the replayed examples' rows
+                "ilora",  # its consistency loss reads the replayed examples' rows
+                "l2p")  # a query and prompts per example, not per packed row
 
 
 @dataclass

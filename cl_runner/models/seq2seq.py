@@ -41,6 +41,8 @@ REFUSED_STRATEGIES = {
     "progressive": "its columns adapt one stack of transformer blocks (a decoder-only model's); an encoder-decoder "
                    "has two",
     **dict.fromkeys(("der", "agem", "gem", "ilora"), "it runs the model on causal-layout batches (no decoder inputs)"),
+    "ogd": "it runs the model on causal-layout batches (no decoder inputs)",
+    "l2p": "its soft prompts hook the input embeddings, which T5's encoder and decoder share",
     **dict.fromkeys(("prompt_tuning", "progressive_prompts"),
                     "its soft prompts hook the input embeddings, which T5's encoder and decoder share"),
 }
