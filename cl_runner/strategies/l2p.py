@@ -30,7 +30,7 @@ from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.errors import ConfigError
 from cl_runner.models.lm import target_count
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
-from cl_runner.strategies.common import tensor_bytes
+from cl_runner.strategies.common import evaluating, tensor_bytes
 from cl_runner.strategies.prompts import PromptHooks, init_ids
 
 QUERIES = ("hidden", "embeddings")
@@ -89,8 +89,9 @@ def input_query(model: torch.nn.Module, kwargs: dict[str, Any], prompt_lengths: 
     if kind == "embeddings":
         states = model.get_input_embeddings()(ids)
     else:
-        states = model.base_model(input_ids=ids, attention_mask=kwargs.get("attention_mask"),
-                                  position_ids=kwargs.get("position_ids"), use_cache=False).last_hidden_state
+        with evaluating(model.base_model):  # the frozen model's feature: no dropout, also in a training forward
+            states = model.base_model(input_ids=ids, attention_mask=kwargs.get("attention_mask"),
+                                      position_ids=kwargs.get("position_ids"), use_cache=False).last_hidden_state
     weights = mask.unsqueeze(-1).to(states.dtype)
     return (states * weights).sum(1).float() / weights.sum(1).float().clamp_min(1)
 

@@ -98,6 +98,9 @@ def test_rows_of_one_batch_get_their_own_prompts_also_through_the_kv_cache():
 
 def test_a_training_example_picks_the_prompts_its_prompt_alone_picks_when_scored():
     model, ctx, strategy = pooled()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5  # dropout on in training: the query must still be the frozen model's, without it
     examples = ctx.train_sets[0][:3]
     batch = ctx.collate(examples)  # right-padded prompt + target, as the loop trains
     model.train()
