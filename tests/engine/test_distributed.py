@@ -35,7 +35,7 @@ DRIVER = REPO / "tests" / "dist_driver.py"
 DOCS = REPO / "docs" / "distributed.md"
 STRATEGIES = ["naive", "joint", "replay", "ewc", "l2", "lwf", "ewc_replay", "adapters", "shared_lora", "progressive",
               "mer", "lamol", "der", "agem", "gem", "si", "mas", "ilora", "prompt_tuning", "progressive_prompts",
-              "merge"]
+              "merge", "ogd", "l2p"]
 LOSS_RTOL = 1e-3
 LOSS_RTOL_OF = {("l2", "fsdp"): 5e-3, ("si", "ddp"): 2e-3, ("si", "fsdp"): 2e-3}  # see the module docstring
 

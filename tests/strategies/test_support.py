@@ -82,11 +82,11 @@ def test_a_refusal_that_depends_on_an_option_applies_only_to_its_values():
 def test_the_facts_are_those_the_central_lists_held():
     """The lists this replaces (schema.PACK_REFUSED, seq2seq.REFUSED_STRATEGIES and REFUSED_SAMPLINGS,
     task_overrides.PER_TASK_OPTIONS, Strategy.distributed_refusal): the same refusals, by name."""
-    assert refused("pack") == {"lwf", "lamol", "prompt_tuning", "progressive_prompts", "ilora"}
+    assert refused("pack") == {"lwf", "lamol", "prompt_tuning", "progressive_prompts", "ilora", "l2p"}
     by_name = {name for name, cls in CLASSES.items()
                if any(r.option == "name" for r in cls.supports.encoder_decoder)}
     # der, agem, gem and ilora run on encoder-decoders through the model kind (cl_runner/models/kinds.py)
-    assert by_name == {"lamol", "progressive", "prompt_tuning", "progressive_prompts"}
+    assert by_name == {"lamol", "progressive", "prompt_tuning", "progressive_prompts", "ogd", "l2p"}
     sampling = {name for name, cls in CLASSES.items() if "sampling" in options(cls)}
     assert sampling == {"replay", "der", "agem", "gem", "mer", "ewc_replay", "ilora"}
     for name in sampling:  # every buffer sampling too (importance and hardest score with the kind's forward)
@@ -94,7 +94,7 @@ def test_the_facts_are_those_the_central_lists_held():
         assert not [r for r in cls.supports.refusals("encoder_decoder", cls.Config(sampling="hardest"))
                     if r.option != "name"]
     assert {n for n, c in CLASSES.items() if "fisher" in options(c)} == {"ewc", "ewc_replay"}
-    assert refused("ddp") == set() and refused("fsdp") == {"lamol"}  # adapters: only with orthogonal_lambda > 0
+    assert refused("ddp") == set() and refused("fsdp") == {"lamol", "l2p"}  # adapters: only with orthogonal_lambda > 0
     assert {n: c.supports.per_task_options for n, c in CLASSES.items() if c.supports.per_task_options} == {
         "adapters": ("orthogonal_lambda",), "lamol": ("lm_lambda",)}
 
