@@ -24,3 +24,7 @@ def small_run(strategy: str, *overrides: str) -> Config:
     options = [o for o in SMALL if not o.startswith("strategy.") or strategy in BUFFERED]
     return make_config(f"strategy={strategy}", *options, *OPTIONS.get(strategy, []), *overrides, *NO_DROPOUT,
                        tasks=TASKS)
+# the one known drift, marked where it shows (tests/engine/test_grad_accum.py, tests/models/test_packing.py)
+JOINT_DRIFT = ("joint's 3rd task drifts 1.5% in its last 2 epochs (grad_accum or packing vs not) with "
+               "transformers 5.25 / torch 2.13 here, on e6abc6c too, where it passed at its CI: rounding amplified "
+               "over the longest training of the suite; to investigate (closing note of this round)")

@@ -28,6 +28,7 @@ import torch
 
 from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.errors import ConfigError
+from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import target_count
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.common import evaluating, tensor_bytes
@@ -60,12 +61,13 @@ class L2PConfig(StrategyConfig):
         return errs
 
 
-class PromptPool(torch.nn.Module):
-    """The prompts (pool_size, length, hidden) and their keys (pool_size, hidden), held by the model."""
-
-    def __init__(self, prompts: torch.Tensor, keys: torch.Tensor) -> None:
-        super().__init__()
-        self.prompts, self.keys = torch.nn.Parameter(prompts), torch.nn.Parameter(keys)
+def prompt_pool(prompts: torch.Tensor, keys: torch.Tensor) -> torch.nn.Module:
+    """The prompts (pool_size, length, hidden) and their keys (pool_size, hidden), held by the model: a plain
+    Module with the two parameters (no Module subclass at import: it would import torch, which ``cl-run --help``
+    and bad inputs never do, docs/development.md)."""
+    pool = torch.nn.Module()
+    pool.prompts, pool.keys = torch.nn.Parameter(prompts), torch.nn.Parameter(keys)
+    return pool
 
 
 def select(keys: torch.Tensor, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +79,7 @@ def select(keys: torch.Tensor, queries: torch.Tensor, top_k: int) -> tuple[torch
     return chosen, similarity.gather(1, chosen)
 
 
-@torch.no_grad()
+@no_grad
 def input_query(model: torch.nn.Module, kwargs: dict[str, Any], prompt_lengths: list[int] | None,
                 kind: str) -> torch.Tensor:
     """(B, hidden) query of each row of a forward's inputs: the mean, over its real tokens (only the first
@@ -101,7 +103,7 @@ class PoolHooks(PromptHooks):
     """``PromptHooks`` with a prompt per row: on a forward without KV cache, each row's query picks ``top_k``
     prompts of the pool; the similarities of the chosen keys wait in ``similarity`` for the ``loss`` hook."""
 
-    def __init__(self, model: torch.nn.Module, pool: PromptPool, strategy: L2P) -> None:
+    def __init__(self, model: torch.nn.Module, pool: torch.nn.Module, strategy: L2P) -> None:
         super().__init__(model, torch.nn.ModuleDict(), pool.prompts.shape[1])
         self.pool, self.strategy = pool, strategy
         self.rows: torch.Tensor | None = None  # (B, top_k * length, hidden): the running forward's prompts
@@ -174,7 +176,7 @@ class L2P(Strategy):
                               f"training example ({longest} tokens) exceed the model's context of {context} tokens; "
                               "lower strategy.top_k, strategy.length or train.max_length")
 
-    def _pool(self, ctx: Context) -> PromptPool:
+    def _pool(self, ctx: Context) -> torch.nn.Module:
         """The model's pool; the first call makes it (seeded) and its hooks. Prompts start as embeddings of random
         vocabulary tokens (TRACE's ``init_new_prompt``), keys uniform in [0, 1) (l2p-pytorch's ``uniform``)."""
         model = self._bare(ctx)
@@ -184,7 +186,7 @@ class L2P(Strategy):
             rows = torch.tensor(init_ids(ctx, 0, size * length, "vocab"), device=embeddings.weight.device)
             prompts = embeddings.weight.detach()[rows].reshape(size, length, -1).clone()
             keys = torch.rand((size, prompts.size(-1)), generator=ctx.generator(KEY_SALT, task=0))
-            pool = PromptPool(prompts.to(ctx.device), keys.to(ctx.device, prompts.dtype))
+            pool = prompt_pool(prompts.to(ctx.device), keys.to(ctx.device, prompts.dtype))
             model.add_module(ATTRIBUTE, pool)
             pool.hooks = PoolHooks(model, pool, self)
         self.hooks, self.made = getattr(model, ATTRIBUTE).hooks, True

@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from cl_runner.core.errors import ConfigError
-from cl_runner.models.kinds import EncoderDecoder, ModelKind
 
 SETTINGS = ("pack", "encoder_decoder", "ddp", "fsdp")
 
@@ -94,10 +93,13 @@ def support_errors(cls: type, configs: Iterable[Any], *, pack: bool = False, enc
     return list(dict.fromkeys(lines))
 
 
-def refuse_model(cls: type, cfg: Any, kind: ModelKind) -> None:
+def refuse_model(cls: type, cfg: Any, kind: Any) -> None:
     """Raise the first refusal of ``cls`` (with options ``cfg``) for the loaded model's ``kind``
     (cl_runner/models/kinds.py) as a one-line ConfigError: the safety net for a model whose kind the config check
-    could not read (a hub id not in the cache)."""
+    could not read (a hub id not in the cache). Imported here: config validation imports this module, and
+    kinds.py would import torch (``cl-run --help`` and bad inputs answer without it: tests/cli/test_startup.py)."""
+    from cl_runner.models.kinds import EncoderDecoder
+
     errors = support_errors(cls, [cfg], encoder_decoder=isinstance(kind, EncoderDecoder))
     if errors:
         raise ConfigError(errors[0])
