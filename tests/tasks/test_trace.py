@@ -16,9 +16,10 @@ from cl_runner.scoring.text_metrics import py150_code
 from cl_runner.tasks.load import load_sequence, load_task
 
 # folder -> (key, two rows (prompt, answer)) in TRACE's formats (LLM-CL_Benchmark/dataset_examples.txt, commit 4fc6233)
+STANCE = "判断以下文本对指定对象的态度。输出支持、反对或中立。\n文本：\n{}\n对象：\n饺子\n态度："
+SCIENCE = "Choose an answer for the following question and give your reasons.\nQuestion:\nIs {} cold?\nChoices:\n"
 ROWS = {
-    "C-STANCE": ("cstance", [("判断以下文本对指定对象的态度。输出支持、反对或中立。\n文本：\n好吃\n对象：\n饺子\n态度：", "支持"),
-                             ("判断以下文本对指定对象的态度。输出支持、反对或中立。\n文本：\n难吃\n对象：\n饺子\n态度：", "反对")]),
+    "C-STANCE": ("cstance", [(STANCE.format("好吃"), "支持"), (STANCE.format("难吃"), "反对")]),
     "FOMC": ("fomc", [("What is the monetary policy stance for the following text? Please answer 'dovish', 'hawkish' "
                        "or 'neutral'.\nText:\nRates rise.\nStance:", "hawkish"),
                       ("What is the monetary policy stance for the following text? Please answer 'dovish', 'hawkish' "
@@ -32,10 +33,8 @@ ROWS = {
                          "print ( <STR_LIT:hi> , <NUM_LIT> )"),
                         ("Complete the next line of the following Python code.\n<s> def f ( ) : <EOL> ",
                          "return <NUM_LIT:1>")]),
-    "ScienceQA": ("scienceqa", [("Choose an answer for the following question and give your reasons.\nQuestion:\nIs ice "
-                                 "cold?\nChoices:\nA. yes\nB. no\n", "A\nBecause ice is frozen water."),
-                                ("Choose an answer for the following question and give your reasons.\nQuestion:\nIs fire "
-                                 "cold?\nChoices:\nA. yes\nB. no\n", "B\nBecause fire is hot.")]),
+    "ScienceQA": ("scienceqa", [(SCIENCE.format("ice") + "A. yes\nB. no\n", "A\nBecause ice is frozen water."),
+                                (SCIENCE.format("fire") + "A. yes\nB. no\n", "B\nBecause fire is hot.")]),
     "NumGLUE-cm": ("numglue_cm", [("Solve the following math problem.\nQuestion: 2 apples and 3 apples?\nAnswer:", "5"),
                                   ("Solve the following math problem.\nQuestion: 4 cats and 1 cat?\nAnswer:", "5")]),
     "NumGLUE-ds": ("numglue_ds", [("Solve the following math problem.\nQuestion: 7 minus 2?\nAnswer:", "5"),
@@ -119,7 +118,8 @@ def _score(task_cfg, generated: str, reference: str, source: str = "") -> dict:
 def test_each_task_is_scored_as_trace_scores_it(trace_tasks):
     by_name = {t.name: t for t in trace_tasks}
     # accuracy: the whole answer, case and punctuation kept (metrics.py caculate_accuracy compares the strings)
-    for name, right, wrong in (("cstance", "支持", "支持。"), ("fomc", "hawkish", "Hawkish"), ("numglue_ds", "5", "5.0")):
+    cases = (("cstance", "支持", "支持。"), ("fomc", "hawkish", "Hawkish"), ("numglue_ds", "5", "5.0"))
+    for name, right, wrong in cases:
         assert _score(by_name[name], right, right)["correct"] and not _score(by_name[name], wrong, right)["correct"]
     # ScienceQA: the first character is the answer, the rationale does not count (eval_ScienceQA.py:10)
     science = by_name["scienceqa"]
