@@ -63,9 +63,18 @@ def trace_benchmark(root: Path, without: tuple[str, str] | None = None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trace_tasks():
-    """The sequence's eight task configs as composed (data_dir unset: no TRACE_BENCHMARK_DIR in the tests' env)."""
-    return make_config("tasks=trace", small=False).tasks.tasks
+def benchmark(tmp_path_factory):
+    """TRACE's layout in a folder, and the sequence's eight task configs composed with TRACE_BENCHMARK_DIR set to it
+    (the one setting, read by every task's data_dir)."""
+    root = trace_benchmark(tmp_path_factory.mktemp("trace") / "LLM-CL_Benchmark")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRACE_BENCHMARK_DIR", str(root))
+        return root, make_config("tasks=trace", small=False).tasks
+
+
+@pytest.fixture(scope="module")
+def trace_tasks(benchmark):
+    return benchmark[1].tasks
 
 
 def test_the_sequence_is_traces_order_with_its_metrics_and_epochs(trace_tasks):
@@ -76,10 +85,10 @@ def test_the_sequence_is_traces_order_with_its_metrics_and_epochs(trace_tasks):
     assert all(t.chat_template is False and t.stop == "" for t in trace_tasks)
 
 
-def test_the_released_layout_loads_with_one_setting(tmp_path, monkeypatch):
-    root = trace_benchmark(tmp_path / "LLM-CL_Benchmark")
-    monkeypatch.setenv("TRACE_BENCHMARK_DIR", str(root))
-    tasks = load_sequence(make_config("tasks=trace", small=False).tasks, seed=0, base_dir=tmp_path)
+def test_the_released_layout_loads_with_one_setting(benchmark, tmp_path):
+    root, sequence = benchmark
+    assert {t.data_dir for t in sequence.tasks} == {str(root)}
+    tasks = load_sequence(sequence, seed=0, base_dir=tmp_path)
     assert [t.name for t in tasks] == ORDER
     for task, (folder, (_, rows)) in zip(tasks, ROWS.items(), strict=True):
         assert task.info["source"] == "trace" and task.info["path"] == str(root / folder)
@@ -97,7 +106,7 @@ def test_a_folder_without_eval_json_holds_out_validation_rows(trace_tasks, tmp_p
 
 
 def test_a_missing_setting_folder_or_file_is_one_line_naming_it(trace_tasks, tmp_path):
-    cfg = trace_tasks[1]
+    cfg = type(trace_tasks[1])(**{**vars(trace_tasks[1]), "data_dir": None})  # TRACE_BENCHMARK_DIR unset
     with pytest.raises(DataError, match=r"^tasks\.tasks\.1\.data_dir: not set; .*set TRACE_BENCHMARK_DIR="):
         load_task(cfg, seed=0, base_dir=tmp_path, key="tasks.tasks.1")
     typo = type(cfg)(**{**vars(cfg), "data_dir": str(tmp_path / "LLM-CL_Benchmrk")})
@@ -154,8 +163,11 @@ def test_the_experiments_pin_traces_settings():
         assert cfg.paper["metric"] == "average_accuracy" and "unchecked" in cfg.paper["source"]
 
 
-def test_the_general_ability_preset_composes():
-    monitors = make_config("tasks=trace", "+tasks/monitor=trace_general", small=False).tasks.monitor
+def test_the_general_ability_preset_composes_and_no_setting_leaves_data_dir_unset(monkeypatch):
+    monkeypatch.delenv("TRACE_BENCHMARK_DIR", raising=False)
+    tasks = make_config("tasks=trace", "+tasks/monitor=trace_general", small=False).tasks
+    assert {t.data_dir for t in tasks.tasks} == {None}  # what the missing-setting error above starts from
+    monitors = tasks.monitor
     assert {k: m.lm_eval for k, m in monitors.items()} == {
         "mmlu": "mmlu", "gsm8k": "gsm8k", "bbh": "bbh", "tydiqa": "tydiqa_goldp_en", "boolq": "boolq", "piqa": "piqa"}
     assert all(m.limit is not None for m in monitors.values())  # small defaults: a sample at every stage
