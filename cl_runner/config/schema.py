@@ -128,7 +128,7 @@ class TaskConfig:
     relation: str | None = None  # which fictional relation (see cl_runner/tasks/facts.py)
     num_subjects: int = 64
     # --- source: datasets
-    path: str | None = None  # hub id, or a builder name (json, csv, parquet, text) with data_files
+    path: str | None = None  # hub id, a builder (json, csv, parquet, text) + data_files, or trace (<data_dir>/<subset>)
     subset: str | None = None  # dataset configuration name
     data_files: Any = None  # a path, a list, or {split: path}; relative paths resolve from the launch dir
     data_dir: str | None = None

@@ -3,7 +3,8 @@
 A task whose ``path`` is a folder of O-LoRA's released ``CL_Benchmark`` (``train.json``, ``dev.json``, ``test.json``
 of ``{"sentence", "label"}`` rows and ``labels.json``), or whose ``data_dir`` is that benchmark's root (the catalogue
 sets it from ``CL_BENCHMARK_DIR``), reads those files through the same ``datasets`` path: each row's ``sentence``
-takes the place of the template's body (see ``_sentence_template``), its ``label`` is the answer.
+takes the place of the template's body (see ``_sentence_template``), its ``label`` is the answer. A task whose
+``path`` is ``trace`` reads TRACE's released folder the same way (cl_runner/tasks/trace.py).
 
 Errors name the config key (``tasks.tasks.<i>.<key>``), the file and the row, and are raised before any model
 is loaded.
@@ -27,6 +28,7 @@ from cl_runner.tasks.facts import RELATIONS, fact_rows
 from cl_runner.tasks.files import check_files, check_utf8, local_files, not_text
 from cl_runner.tasks.formats import chat_of, check_format_rows, format_examples, needed_columns, with_sequence_defaults
 from cl_runner.tasks.offline import ensure_offline_data
+from cl_runner.tasks.trace import is_trace, trace_task
 
 Rows = list[dict[str, Any]]
 Source = tuple[TaskConfig, dict[str, Rows], list[str] | None, dict]  # task as read, rows per split, labels, provenance
@@ -70,7 +72,7 @@ def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
 
 
 def _source_rows(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Source:
-    """The task as it reads its rows (a CL_Benchmark folder rewrites it), its rows per split, label set and
+    """The task as it reads its rows (a CL_Benchmark or TRACE folder rewrites it), its rows per split, label set and
     provenance."""
     if cfg.source == "facts":
         if cfg.relation not in RELATIONS:
@@ -79,6 +81,10 @@ def _source_rows(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Source
         # Knowledge injection: the facts are the test, so every split holds the same facts.
         info = {"source": "facts", "relation": cfg.relation}
         return cfg, {"train": rows, "validation": rows, "test": rows}, labels, info
+    if is_trace(cfg):  # TRACE's released folder (cl_runner/tasks/trace.py)
+        cfg, folder = trace_task(cfg, base_dir, key)
+        info = {"source": "trace", "path": str(folder), "data_files": _plain(cfg.data_files)}
+        return cfg, _dataset_splits(cfg, seed, base_dir, key), None, info
     found = _cl_benchmark_folder(cfg, base_dir, key)
     if found is not None:
         cfg, labels = _cl_benchmark_task(cfg, found[0], f"{key}.{found[1]}")
