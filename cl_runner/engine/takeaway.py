@@ -48,6 +48,14 @@ def full_state_dict(model: torch.nn.Module, where: World) -> dict[str, torch.Ten
     return model.state_dict() if where.main else None
 
 
+def without_tied(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the second names of tied parameters (GPT-2's ``lm_head.weight`` is ``wte``'s): a gathered
+    state dict holds them as separate copies, which ``save_pretrained`` would write twice."""
+    first = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {key: value for key, value in state.items() if key not in tied}
+
+
 def is_lora_key(key: str) -> bool:
     return ".lora_" in key
 
@@ -108,6 +116,7 @@ def save_model(parts: Any, directory: Path, stage: str, stop_ids: list[int]) -> 
     state = full_state_dict(getattr(parts.model, "_orig_mod", parts.model), where)
     if not where.main:
         return {}
+    state = without_tied(getattr(parts.model, "_orig_mod", parts.model), state)
     adapters = sorted({a for names in (takeaway.adapters or {}).values() for a in names})
 
     def fill(tmp: Path) -> None:
