@@ -25,9 +25,9 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module", params=["causal", "t5"])
-def case(request) -> tuple[Scorer, list[list[int]]]:
+def case(request) -> tuple[Scorer, list[list[int]], list[list[int]]]:
     """A tiny model's scorer whose EOS is the token it generates most (so rows end at different steps) and whose
-    end-of-turn is the next most common one, and prompts of 1 to 11 tokens."""
+    end-of-turn is the next most common one, prompts of 1 to 11 tokens, and each prompt's tokens generated alone."""
     model = tiny_model() if request.param == "causal" else tiny_t5()
     if request.param == "t5":  # its fresh init answers the pad token to every prompt: weights that vary more
         gen = torch.Generator().manual_seed(0)
@@ -40,12 +40,12 @@ def case(request) -> tuple[Scorer, list[list[int]]]:
     prompts = _prompts(min(model.config.vocab_size, 48))
     free = [greedy_generate(scorer, [p], BUDGET)[0] for p in prompts]
     (eos, _), (turn_end, _) = Counter(t for row in free for t in row).most_common(2)
-    return replace(scorer, eos_id=eos, stop_ids=(turn_end,)), prompts
+    scorer = replace(scorer, eos_id=eos, stop_ids=(turn_end,))
+    return scorer, prompts, [greedy_generate(scorer, [p], BUDGET)[0] for p in prompts]
 
 
 def test_batched_generation_gives_the_one_by_one_tokens_with_rows_ending_at_different_steps(case):
-    scorer, prompts = case
-    alone = [greedy_generate(scorer, [p], BUDGET)[0] for p in prompts]
+    scorer, prompts, alone = case
     lengths = {len(row) for row in alone}
     assert len(lengths) >= 3 and min(lengths) < BUDGET  # early stops (EOS or end-of-turn) at several steps
     assert greedy_generate(scorer, prompts, BUDGET) == alone  # one batch, prompts of every length
@@ -56,8 +56,7 @@ def test_batched_generation_gives_the_one_by_one_tokens_with_rows_ending_at_diff
 
 
 def test_a_finished_row_leaves_the_batch(case):
-    scorer, prompts = case
-    alone = [greedy_generate(scorer, [p], BUDGET)[0] for p in prompts]
+    scorer, prompts, alone = case
     rows: list[int] = []
     hooked = scorer.model.get_decoder() if scorer.kind.name == "encoder-decoder" else scorer.model
     handle = hooked.register_forward_pre_hook(
