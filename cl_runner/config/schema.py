@@ -341,6 +341,13 @@ class CheckpointConfig:
         return errs
 
 
+@dataclass
+class SaveConfig:
+    final_model: bool = True  # model/: the final model as a save_pretrained directory (tokenizer, chat template;
+    #                           adapter strategies: the base and a peft adapter directory per adapter)
+    every_task: bool = False  # also models/after_<task>/ after every task but the last (one model copy each)
+
+
 # ----------------------------------------------------------------------------------------------- root
 @dataclass
 class Config:
@@ -352,6 +359,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)  # the model a user takes away (engine/takeaway.py)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers (conf/logger/)
     seed: int = 0
     experiment_name: str = "cl"  # free text, recorded in metrics.json

@@ -29,6 +29,7 @@ from cl_runner.engine.resume import start_state
 from cl_runner.engine.run_state import RunState
 from cl_runner.engine.runtime import RunInterrupted, StopRequest, join, resolve_device, run_lock, stop_signals
 from cl_runner.engine.sequence import SequenceRun
+from cl_runner.engine.takeaway import save_stage
 from cl_runner.models.load import parameter_counts
 from cl_runner.outputs import cost
 from cl_runner.outputs.plots import plot_run
@@ -132,13 +133,16 @@ def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, re
 
 
 def finish(parts: RunParts, state: RunState, writer: RunWriter, console: Console) -> dict[str, Any]:
-    """Summary metrics, final metrics.json, plots, the tokenizer of a model built from config, console table."""
+    """Summary metrics, the saved model (``save.final_model``), final metrics.json, plots, the tokenizer of a model
+    built from config, console table."""
     rows, metric_names = state.rows(), [t.metric for t in parts.tasks]
     state.results = cl_metrics.summarize(rows[1:], rows[0], [t.higher_is_better for t in parts.tasks], parts.names)
     state.results["strategy_accounting"] = parts.strategy.accounting()
     if parts.monitors.items:  # apart from ACC/forgetting/BWT/FWT, which are over the sequence only
         state.results["monitors"] = summarize_monitors(state.stages, parts.monitors.names)
     state.info["parameters"]["final"] = parameter_counts(parts.model)  # adapters and columns add parameters
+    if parts.cfg.save.final_model:  # every rank: FSDP gathers the shards; rank 0 writes model/
+        state.results["saved_model"] = save_stage(parts, state.stages[-1]["stage"], final=True)
     state.results["wall_time_s"] = round(state.elapsed(), 3)
     state.status = "completed"
     metrics = state.to_metrics()

@@ -20,6 +20,7 @@ from cl_runner.engine.checkpoint_policy import CheckpointPolicy
 from cl_runner.engine.loop import Boundary, EpochRecord, LoopCallbacks, TaskRun, train_task
 from cl_runner.engine.run_state import RunState
 from cl_runner.engine.runtime import StopRequest, stop_signals
+from cl_runner.engine.takeaway import save_stage
 from cl_runner.models.load import parameter_counts
 from cl_runner.outputs import cost
 from cl_runner.outputs.predictions import PredictionWriter
@@ -77,6 +78,9 @@ class SequenceRun:
         for file_name, text in parts.ctx.artifacts.items() if parts.world.main else ():  # e.g. pseudo-examples
             write_atomic(parts.run_dir / file_name, text)
         self.add_stage(f"after_{name}", self.scoring.score_after(i))
+        if parts.cfg.save.every_task and i < len(parts.tasks) - 1:  # the last one is model/ (finish)
+            saved = save_stage(parts, f"after_{name}", final=False)  # before the checkpoint: a resume rewrites it
+            state.info.setdefault("saved_models", {})[f"after_{name}"] = saved
         state.next_task = i + 1
         if parts.cfg.checkpoint.enabled:
             self.policy.save(state, None, None)

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from cl_runner.core.console import print_whole
 from cl_runner.core.errors import DiskFullError
-from cl_runner.core.files import disk_full_error, is_disk_full, write_atomic
+from cl_runner.core.files import disk_full_error, human_bytes, is_disk_full, write_atomic
 from cl_runner.outputs.cost import cost_rows
 
 log = logging.getLogger(__name__)
@@ -152,5 +152,9 @@ def print_summary(console: Console, task_names: list[str], rows: list[list[float
         summary.add_row(label, value)
     for key, value in (metrics.get("strategy_accounting") or {}).items():
         summary.add_row(escape(key.replace("_", " ")), escape(str(value)))
+    saved = metrics.get("saved_model")
+    if saved:  # save.final_model: the directory and its size (one model copy), or why nothing was saved
+        summary.add_row("saved model", escape(f"{saved['path']}/ ({human_bytes(saved['bytes'])})" if saved["path"]
+                                              else f"none: {saved['refused']}"))
     print_whole(console, summary)
     console.print(f"results: [bold]{run_dir}[/bold]")

@@ -10,7 +10,7 @@ import torch
 
 from cl_runner.core.checks import check_fraction, check_positive
 from cl_runner.core.dist import world
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig, not_made_before_sharding
+from cl_runner.strategies.base import Context, Strategy, StrategyConfig, Takeaway, not_made_before_sharding
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.lora import (
     activate,
@@ -175,6 +175,12 @@ class Adapters(Strategy):
 
     def accounting(self) -> dict[str, Any]:
         return dict(self.costs)
+
+    def takeaway(self, ctx: Context) -> Takeaway:
+        """The adapters ``before_eval`` makes active for each task (merge, shared_lora: all of them)."""
+        every = self.shared or self.cfg.merge or type(self).before_eval is not Adapters.before_eval
+        return Takeaway(adapters={name: self.names() if every else [adapter_name(j)] if j < self.created else []
+                                  for j, name in enumerate(ctx.task_names)})
 
     def state_dict(self) -> dict[str, Any]:
         return {"created": self.created, "base_parameters": self.base_parameters, "costs": dict(self.costs)}

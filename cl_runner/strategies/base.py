@@ -110,6 +110,17 @@ def derived_seed(seed: int, task: int, salt: int) -> int:
     return seed * 1_000_003 + task * 7919 + salt
 
 
+@dataclass(frozen=True)
+class Takeaway:
+    """What the model a run leaves for users is (``Strategy.takeaway``; engine/takeaway.py writes it): the model
+    itself (the default); the frozen base plus the peft LoRA adapters each task is scored with (``adapters``: per
+    task name, the adapters active when it is scored, [] for the base alone); or nothing, with the reason
+    (``refused``: modules of cl-runner's own that no Hugging Face class loads)."""
+
+    adapters: dict[str, list[str]] | None = None
+    refused: str | None = None
+
+
 @dataclass
 class StrategyConfig:
     """The options every strategy has; a strategy's own config subclasses it (beside the strategy's class)."""
@@ -227,6 +238,11 @@ class Strategy:
     def on_resume(self, ctx: Context) -> None:
         """After ``load_state_dict`` on resume, before the checkpoint's weights are loaded into ``ctx.model``:
         re-create any modules the strategy had added to the model (adapters), so the weights fit."""
+
+    def takeaway(self, ctx: Context) -> Takeaway:
+        """What the saved model is (``save.final_model``): the model as it is, unless the strategy added modules
+        (LoRA adapters: which ones score which task; prompts or columns: refused, with the reason)."""
+        return Takeaway()
 
 
 def not_made_before_sharding(name: str) -> ConfigError:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cl_runner.models.lm import Encoded
-from cl_runner.strategies.base import Context, Strategy
+from cl_runner.strategies.base import Context, Strategy, Takeaway
 
 
 def _forward(hook: str) -> Callable[..., None]:
@@ -41,6 +41,10 @@ class Composite(Strategy):
         super().check(ctx)  # the composite's own facts, then each part's checks
         for part in self.parts:
             part.check(ctx)
+
+    def takeaway(self, ctx: Context) -> Takeaway:
+        """The first part's that is not the plain model's (at most one part adds modules)."""
+        return next((t for t in (part.takeaway(ctx) for part in self.parts) if t != Takeaway()), Takeaway())
 
     before_shard = _forward("before_shard")
     before_task = _forward("before_task")

@@ -87,6 +87,7 @@ def test_two_processes_train_the_single_process_run_or_refuse_in_one_line(kind, 
             continue
         want = reference[strategy]
         assert got["matrix"] == want["matrix"], strategy
+        assert got["saved"] == want["saved"], strategy  # model/: the whole model gathered on rank 0, not a shard
         assert len(got["losses"]) == len(want["losses"])
         rtol = LOSS_RTOL_OF.get((strategy, kind), LOSS_RTOL)
         for a, b in zip(got["losses"], want["losses"], strict=True):
