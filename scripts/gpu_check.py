@@ -1,7 +1,7 @@
 """The first GPU's checklist, in one command: install what the machine lacks, run the GPU tests and the benchmarks,
 and write one JSON of figures. Made for a lent machine with one GPU, no network and a few minutes (docs/gpus.md).
 
-Steps, each a subprocess with its own time limit inside one overall budget (``--budget``, default 470 s: the whole
+Steps, each a subprocess with its own time limit inside one overall budget (``--budget``, default 450 s: the whole
 check stays under 8 minutes), in this order (cheap and essential first, so a cut-off still leaves figures):
 
 1. ``install``: when ``wheelhouse/`` exists (``scripts/build_wheelhouse.sh`` builds it where PyPI is reachable), ``pip
@@ -59,7 +59,7 @@ LIMITS = {"install": (60, 15), "install_datasets": (45, 10), "distributed": (100
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="the JSON report (default $OUT/gpu_check.json)")
-    p.add_argument("--budget", type=float, default=470.0, help="seconds for all the steps together")
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for all the steps together")
     p.add_argument("--wheelhouse", type=Path, default=REPO / "wheelhouse", help="wheels to install offline")
     p.add_argument("--steps", default=",".join(LIMITS), help=f"comma-separated subset of {','.join(LIMITS)}")
     p.add_argument("--dry-run", action="store_true", help="the same steps at tiny sizes on the CPU")
