@@ -44,20 +44,22 @@ LOSS_RTOL_OF = {("l2", "fsdp"): 5e-3, ("si", "ddp"): 2e-3, ("si", "fsdp"): 2e-3}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd: Path, timeout: float = 900, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([*TORCHRUN, *args], cwd=cwd,
+    return subprocess.run([*TORCHRUN[:-1], f"--nproc_per_node={nproc}", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def drive(out: Path, kind: str) -> dict:
-    """The driver's results for every strategy: in this process for ``none``, else a 2-process torchrun job."""
+def drive(out: Path, kind: str, strategies: list[str] = STRATEGIES, extra: tuple[str, ...] = (),
+          nproc: int = 2) -> dict:
+    """The driver's results for ``strategies``: in this process for ``none``, else an ``nproc``-process torchrun
+    job; ``extra``: more config overrides."""
+    job = [str(DRIVER), str(out), kind, ",".join(strategies), *extra]
     if kind == "none":
-        done = subprocess.run([sys.executable, str(DRIVER), str(out), kind, ",".join(STRATEGIES)], cwd=out.parent,
-                              capture_output=True, text=True, timeout=900)
+        done = subprocess.run([sys.executable, *job], cwd=out.parent, capture_output=True, text=True, timeout=900)
     else:
-        done = torchrun(str(DRIVER), str(out), kind, ",".join(STRATEGIES), cwd=out.parent)
+        done = torchrun(*job, cwd=out.parent, nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 
@@ -99,6 +101,33 @@ def test_two_processes_train_the_single_process_run_or_refuse_in_one_line(kind, 
     assert documented == observed, f"docs/distributed.md's {kind} column is out of date: observed {observed}"
     assert {"naive", "replay", "ewc", "lwf", "adapters"} <= {s for s, v in observed.items() if v == "same run"}
     assert {"mer", "lamol"} & {s for s, v in observed.items() if v == "same run"}
+
+
+# fsdp's mixed-precision policy as on a GPU: bf16 autocast, weights gathered in bf16, gradients reduced in fp32
+BF16 = ("device.precision=bf16", "distributed.param_dtype=bfloat16", "distributed.reduce_dtype=float32")
+
+
+@pytest.mark.slow
+def test_bf16_fsdp_over_gloo_on_one_and_two_processes_trains_the_same_run_within_bf16_rounding(reference, tmp_path):
+    """The GPU's bf16 path on CPU: 1 and 2 processes with the same bf16 policy. Tolerance: bf16 keeps 8 bits of
+    mantissa (relative rounding 4e-3), so splitting a step's batch over ranks changes its gradients' roundings far
+    more than in fp32. The first epoch's mean loss stays within 5e-4 relative (measured 1.1e-4), where a wrong
+    gradient (a rank's half missing or counted twice) moves it by more than 1e-2; over the whole run the drift
+    grows (measured 2.4e-2 relative at the last epoch; fp32 against bf16 differ by 0.25 there), so every epoch gets
+    5e-2; accuracy cells may differ by 6 of 64 answers (measured 4). bf16 must be in effect: its first epoch
+    differs from the fp32 reference by more than 2e-4 (measured 6.2e-4)."""
+    one, two = (drive(tmp_path / f"n{n}", "fsdp", ["naive"], BF16, nproc=n)["results"]["naive"] for n in (1, 2))
+    assert one["status"] == two["status"] == "ok", (one, two)
+    assert json.loads((tmp_path / "n2" / "naive" / "metrics.json").read_text())["precision"] == "bf16"
+    (first_one, *rest_one), (first_two, *rest_two) = one["losses"], two["losses"]
+    assert abs(first_two - first_one) <= 5e-4 * first_one, (one["losses"], two["losses"])
+    for a, b in zip(rest_one, rest_two, strict=True):
+        assert abs(a - b) <= 5e-2 * b, (one["losses"], two["losses"])
+    cells = [(float(a), float(b)) for ra, rb in zip(one["matrix"], two["matrix"], strict=True)
+             for a, b in zip(ra, rb, strict=True)]
+    assert all(abs(a - b) <= 6 / 64 + 1e-9 for a, b in cells), (one["matrix"], two["matrix"])
+    fp32 = reference["naive"]["losses"][0]
+    assert abs(first_one - fp32) > 2e-4 * fp32, (first_one, fp32)
 
 
 @pytest.mark.slow
