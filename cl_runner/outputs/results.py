@@ -153,4 +153,4 @@ def print_summary(console: Console, task_names: list[str], rows: list[list[float
     for key, value in (metrics.get("strategy_accounting") or {}).items():
         summary.add_row(escape(key.replace("_", " ")), escape(str(value)))
     print_whole(console, summary)
-    console.print(f"results: [bold]{run_dir}[/bold]")
+    console.print(f"results: [bold]{escape(str(run_dir))}[/bold]", soft_wrap=True)
