@@ -281,13 +281,17 @@ class TrainConfig:
     eval_batch_size: int = 64
     max_length: int = 256  # prompt + target tokens; longer prompts are cut in the middle, never the target
     keep_best: bool = True  # validate during the task, restore the best validated epoch's weights at its end
-    validate_every: int = 5  # keep_best: validate every N epochs, and always after the task's last epoch
+    validate_every: int = 5  # keep_best: validate every N epochs and after the last (only a task > N epochs long)
     max_validation_examples: int | None = None  # keep_best: validate on this many examples per task (seeded)
     eval_batch_tokens: int | None = 8192  # padded tokens per evaluation batch (eval_batch_size caps the examples)
 
     def validates(self, epoch: int, last_epoch: int) -> bool:
-        """Whether the task is validated after ``epoch`` (1-based) of ``last_epoch``."""
-        return self.keep_best and (epoch % self.validate_every == 0 or epoch == last_epoch)
+        """Whether the task is validated after ``epoch`` (1-based) of ``last_epoch``: with keep_best, every
+        ``validate_every``-th epoch and the last, but only when that makes two or more to choose between (a task of
+        ``validate_every`` epochs or fewer, e.g. epochs=1, keeps its last weights, which one validation could only
+        confirm)."""
+        chooses = last_epoch > self.validate_every  # validated epochs: ceil(last_epoch / validate_every) >= 2
+        return self.keep_best and chooses and (epoch % self.validate_every == 0 or epoch == last_epoch)
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
