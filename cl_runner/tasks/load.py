@@ -28,6 +28,7 @@ from cl_runner.tasks.files import check_files, check_utf8, local_files, not_text
 from cl_runner.tasks.formats import chat_of, check_format_rows, format_examples, needed_columns, with_sequence_defaults
 from cl_runner.tasks.offline import ensure_offline_data
 
+log = logging.getLogger(__name__)
 Rows = list[dict[str, Any]]
 Source = tuple[TaskConfig, dict[str, Rows], list[str] | None, dict]  # task as read, rows per split, labels, provenance
 
@@ -49,6 +50,7 @@ def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
     train = _subsample(train, cfg.max_train_examples, rng)
     validation = _subsample(validation, cfg.max_eval_examples, rng)
     test = _subsample(test, cfg.max_eval_examples, rng)
+    _warn_doubled_cue(cfg, [*train, *validation, *test], key)
     task = Task(
         name=cfg.name,
         metric=cfg.metric,
@@ -332,6 +334,32 @@ def _text(value: Any) -> Any:
     """A row's value as the prompt uses it: null as nothing; a byte-order mark that ``datasets`` keeps at the start
     of a text file's first row dropped (docs/tasks.md: a BOM is accepted)."""
     return "" if value is None else value.removeprefix("\ufeff") if isinstance(value, str) else value
+
+
+def doubled_cue(template: str, rows: Rows, input_column: str | None = None) -> tuple[str, int]:
+    """(the cue, the rows that already end with it): the text a ``columns`` template appends after its last
+    placeholder (``"{input}\\nAnswer:"`` appends ``Answer:``), and how many rows' value for that placeholder already
+    ends with it, so that the prompt would read ``...Answer:\\nAnswer:``. ("", 0) when the template ends with a
+    placeholder."""
+    parts = [(literal, name) for literal, name, _, _ in string.Formatter().parse(template)]
+    if len(parts) < 2 or parts[-1][1] is not None or parts[-2][1] is None or not parts[-1][0].strip():
+        return "", 0
+    cue, field = parts[-1][0].strip(), parts[-2][1]
+    column = input_column if field == "input" and input_column is not None else field
+    ends = sum(isinstance(row.get(column), str) and row[column].rstrip().endswith(cue) for row in rows)
+    return cue, ends
+
+
+def _warn_doubled_cue(cfg: TaskConfig, rows: Rows, key: str) -> None:
+    """One warning per task whose template repeats a cue its inputs already end with (nothing is changed: a
+    template that wants it twice keeps it)."""
+    if cfg.format != "columns" or cfg.source != "datasets":
+        return
+    cue, ends = doubled_cue(cfg.template, rows, cfg.input_column)
+    if ends:
+        log.warning("task %s: %d of %d examples already end with %r, which %s.template appends again "
+                    "(the prompt reads ...%s\\n%s); drop it from the template or from the data",
+                    cfg.name, ends, len(rows), cue, key, cue, cue)
 
 
 def _format(cfg: TaskConfig, rows: Rows, key: str, split: str) -> list[Example]:

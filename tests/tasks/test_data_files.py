@@ -15,7 +15,7 @@ from bad_files import GOOD, GOOD_LINES, write_data_files
 from cl_runner.config.schema import MIN_TOKENIZER_VOCAB, ModelConfig, TaskConfig
 from cl_runner.core.errors import DataError, ModelError
 from cl_runner.models.load import train_tokenizer
-from cl_runner.tasks.load import load_task
+from cl_runner.tasks.load import doubled_cue, load_task
 
 KEY = "tasks.tasks.0"
 
@@ -60,6 +60,22 @@ def test_numbers_and_booleans_read_as_their_text(tmp_path):
     (tmp_path / "numbers.jsonl").write_text('{"question": 2.5, "answer": 1}\n{"question": "q", "answer": 0}\n')
     assert [(e.prompt, e.target) for e in load(tmp_path, "numbers.jsonl").test] == [("2.5\nAnswer:", " 1"),
                                                                                    ("q\nAnswer:", " 0")]
+
+
+def test_a_cue_the_inputs_already_end_with_is_warned_about_once_per_task(tmp_path, caplog):
+    rows = [{"question": "Is it red?\nAnswer:", "answer": "yes"}, {"question": "Is it blue? Answer: ", "answer": "no"},
+            {"question": "Is it green?", "answer": "no"}]
+    (tmp_path / "cued.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="cl_runner.tasks.load"):
+        task = load(tmp_path, "cued.jsonl")
+    assert task.test[0].prompt == "Is it red?\nAnswer:\nAnswer:"  # nothing is changed, only said
+    (record,) = [r for r in caplog.records if "already end with" in r.getMessage()]  # once, for all splits
+    message = record.getMessage()
+    assert "\n" not in message and message.startswith("task t: 4 of 6 examples already end with 'Answer:', which "
+                                                      f"{KEY}.template appends again")
+    assert doubled_cue("Q: {input}", rows) == ("", 0)  # nothing after the input: nothing doubled
+    assert doubled_cue("{question}\nReply:", rows) == ("Reply:", 0)
+    assert doubled_cue("{input} Answer:", rows, input_column="question") == ("Answer:", 2)
 
 
 # ----------------------------------------------------------------------------------------- csv files
