@@ -268,6 +268,8 @@ class TasksConfig:
 class TrainConfig:
     epochs: int = 40  # per task
     max_steps: int | None = None  # optimizer steps per task; overrides epochs when set
+    max_examples: int | None = None  # per task: train on a seeded sample of this many (a task's max_train_examples
+    #                                  wins where set); null = all
     batch_size: int = 8  # examples per optimizer step (= micro-batch x grad_accum)
     grad_accum: int = 1  # micro-batches per optimizer step
     log_every: int = 10  # read the loss from the device (progress bar, finiteness check) every N optimizer steps
@@ -296,7 +298,7 @@ class TrainConfig:
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         for name in ("epochs", "batch_size", "grad_accum", "lr", "eval_batch_size", "max_length", "max_steps",
-                     "validate_every", "max_validation_examples", "eval_batch_tokens"):
+                     "max_examples", "validate_every", "max_validation_examples", "eval_batch_tokens"):
             _positive(errs, f"{key}.{name}", getattr(self, name))
         _fraction(errs, f"{key}.warmup_ratio", self.warmup_ratio, closed_right=False)
         _positive(errs, f"{key}.log_every", self.log_every)

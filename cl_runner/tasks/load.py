@@ -33,11 +33,16 @@ Rows = list[dict[str, Any]]
 Source = tuple[TaskConfig, dict[str, Rows], list[str] | None, dict]  # task as read, rows per split, labels, provenance
 
 
-def load_sequence(cfg: TasksConfig, seed: int, base_dir: Path | None = None) -> list[Task]:
-    """Every task of the sequence, in order. Relative data paths resolve against ``base_dir`` (the launch dir)."""
+def load_sequence(cfg: TasksConfig, seed: int, base_dir: Path | None = None,
+                  max_train_examples: int | None = None) -> list[Task]:
+    """Every task of the sequence, in order. Relative data paths resolve against ``base_dir`` (the launch dir).
+    ``max_train_examples`` (``train.max_examples``): the cap of every task that sets no ``max_train_examples`` of
+    its own (the same seeded sample as that task option would draw)."""
     base = Path(base_dir or Path.cwd())
-    return [load_task(with_sequence_defaults(task_cfg, cfg), seed, base, f"tasks.tasks.{i}")
-            for i, task_cfg in enumerate(cfg.tasks)]
+    tasks = [with_sequence_defaults(task_cfg, cfg) for task_cfg in cfg.tasks]
+    tasks = [t if t.max_train_examples is not None or max_train_examples is None
+             else dataclasses.replace(t, max_train_examples=max_train_examples) for t in tasks]
+    return [load_task(task_cfg, seed, base, f"tasks.tasks.{i}") for i, task_cfg in enumerate(tasks)]
 
 
 def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:

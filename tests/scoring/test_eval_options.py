@@ -78,8 +78,9 @@ def test_an_evaluation_pass_shows_a_bar_then_one_line_and_records_its_seconds(te
 @pytest.mark.slow
 def test_sequence_wide_max_examples_a_task_s_own_cap_wins_and_seconds_per_stage(tmp_path):
     cfg = make_config("train.epochs=1", "checkpoint.enabled=false", "eval.max_examples=5",
-                      "tasks.tasks.1.max_eval_examples=12")
+                      "tasks.tasks.1.max_eval_examples=12", "train.max_examples=16")
     result = run_quietly(cfg, tmp_path)
+    assert [result["examples"][name]["train"] for name in ("color", "city", "food")] == [16] * 3  # its training twin
     assert [{name: s["n"] for name, s in stage["scores"].items()} for stage in result["stages"]] == [
         {"color": 5, "city": 12, "food": 5}] * 4
     seconds = result["eval_seconds_per_stage"]

@@ -44,3 +44,19 @@ def test_keys_a_budget_does_not_set_keep_the_root_defaults():
     cfg = make_config("tasks=offline_lm_domains", small=False)
     assert "batch_size" not in budget("offline_lm_domains")["train"]
     assert cfg.train.batch_size == ROOT.train.batch_size and cfg.eval.full_every == ROOT.eval.full_every
+
+
+def test_train_max_examples_caps_every_task_and_a_tasks_own_cap_wins():
+    from dataclasses import replace
+
+    from cl_runner.config.schema import TrainConfig
+    from cl_runner.tasks.load import load_sequence
+
+    cfg = make_config("train.max_examples=10", "tasks.tasks.1.max_train_examples=20")
+    tasks = load_sequence(cfg.tasks, cfg.seed, None, cfg.train.max_examples)
+    assert [len(t.train) for t in tasks] == [10, 20, 10]
+    assert [t.info["sizes"]["test"] for t in tasks] == [64] * 3  # evaluation is eval.max_examples' business
+    own = replace(cfg.tasks, tasks=[replace(cfg.tasks.tasks[0], max_train_examples=10)])
+    assert load_sequence(own, cfg.seed)[0].train == tasks[0].train  # the same seeded sample as the task's option
+    assert [len(t.train) for t in load_sequence(cfg.tasks, cfg.seed)] == [64, 20, 64]  # no cap: all of them
+    assert TrainConfig(max_examples=0).errors("train") == ["train.max_examples: expected a positive number, got 0"]
