@@ -70,7 +70,9 @@ def check_json_lines(path: Path, key: str, columns: Collection[str] = ()) -> Non
         except json.JSONDecodeError as exc:
             if path.suffix == ".json" and rows == 0 and line.lstrip()[:1] == "{":  # an object over lines
                 return check_utf8(path, key, max_bytes=None)
-            raise DataError(f"{key}: {path} line {number} is not valid JSON ({exc.msg})") from None
+            # the position too: ``msg`` alone can end mid-phrase ("Unterminated string starting at")
+            raise DataError(f"{key}: {path} line {number} is not valid JSON ({exc.msg} at column {exc.colno})"
+                            ) from None
         if not isinstance(value, dict):
             raise DataError(f"{key}: {path} line {number} is not a JSON object but {_json_kind(value)}; each "
                             "line must hold one {...} row")
