@@ -87,8 +87,8 @@ CASES = [
     ("empty data file", [task("empty.jsonl")], "tasks.tasks.0.data_files.train: file is empty: {tmp}/empty.jsonl"),
     ("malformed jsonl line", [task("broken.jsonl")], "tasks.tasks.0.data_files: {tmp}/broken.jsonl line 3 is not"),
     ("jsonl string never closed", [task("unterminated.jsonl")],  # the reason whole: never "...starting at)"
-     "tasks.tasks.0.data_files: {tmp}/unterminated.jsonl line 3 is not valid JSON (Unterminated string starting at "
-     "column 14)"),
+     "tasks.tasks.0.data_files: {tmp}/unterminated.jsonl line 3 is not valid JSON (Invalid control character at "
+     "column 23; a value holds a line break, which JSON writes as \\n)"),
     ("missing column", [task("nocol.jsonl")], "tasks.tasks.0.target_column: column 'answer' not in"),
     ("label outside the label set", [task("good.jsonl", ",verbalizer:{yes:Y,no:N},metric:label_accuracy")],
      "tasks.tasks.0.verbalizer: train row 0 has label 'paris', not one of yes, no"),

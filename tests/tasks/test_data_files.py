@@ -15,6 +15,7 @@ from bad_files import GOOD, GOOD_LINES, write_data_files
 from cl_runner.config.schema import MIN_TOKENIZER_VOCAB, ModelConfig, TaskConfig
 from cl_runner.core.errors import DataError, ModelError
 from cl_runner.models.load import train_tokenizer
+from cl_runner.tasks.files import check_json_lines
 from cl_runner.tasks.load import doubled_cue, load_task
 
 KEY = "tasks.tasks.0"
@@ -136,3 +137,10 @@ def test_a_tokenizer_smaller_than_its_byte_symbols_is_refused_not_raised():
         train_tokenizer(["some text"] * 5, 256)
     assert str(info.value) == message + "256"
     assert len(train_tokenizer(["some text"] * 5, 257)) == 257
+
+
+def test_a_json_lines_error_gives_its_reason_whole_with_its_column(tmp_path):
+    (tmp_path / "tab.jsonl").write_text('{"question": "a\tb", "answer": "x"}\n')
+    with pytest.raises(DataError) as info:
+        check_json_lines(tmp_path / "tab.jsonl", KEY)
+    assert str(info.value).endswith("tab.jsonl line 1 is not valid JSON (Invalid control character at column 16)")
