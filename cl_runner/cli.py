@@ -173,7 +173,7 @@ def _exit_code(exc: BaseException, config, run_dir: Path) -> int | None:
         return _report(f"CUDA out of memory training {config.model.name_or_path or 'the model'} with "
                        f"batch_size={t.batch_size} (grad_accum={t.grad_accum}) and max_length={t.max_length}: "
                        f"raise train.grad_accum (same batch, less memory) or lower train.eval_batch_size "
-                       f"({str(exc).splitlines()[0][:80]})", EXIT_OOM)
+                       f"({str(exc).splitlines()[0]})", EXIT_OOM)  # whole: a cut reason reads as another
     if isinstance(exc, KeyboardInterrupt):
         return _report("interrupted at once (second Ctrl-C); resume from the last checkpoint with: "
                        f"cl-run resume={run_dir}", EXIT_INTERRUPTED)

@@ -88,10 +88,12 @@ def one_line(exc: BaseException) -> str:
         if full and "not in struct" not in str(cause) and "Key '" not in str(cause):
             return f"{full.group(1)}: {detail}"
         if "not in struct" in str(cause) or "Key '" in str(cause):
+            from cl_runner.config.validate import unknown_key
+
             key = re.search(r"Key '([^']+)'", str(cause))
             full = re.search(r"full_key: (\S+)", str(cause))
             name = full.group(1) if full else key.group(1) if key else "?"
-            return f"{name}: unknown key (see docs/configuration.md)"
+            return unknown_key(option_key(name), getattr(cause, "object_type", None))
         return f"{first}: {detail}"
     if "Could not override" in text:
         key = re.search(r"Could not override '([^']+)'", text)

@@ -268,6 +268,8 @@ class TasksConfig:
 class TrainConfig:
     epochs: int = 40  # per task
     max_steps: int | None = None  # optimizer steps per task; overrides epochs when set
+    max_examples: int | None = None  # per task: train on a seeded sample of this many (a task's max_train_examples
+    #                                  wins where set); null = all
     batch_size: int = 8  # examples per optimizer step (= micro-batch x grad_accum)
     grad_accum: int = 1  # micro-batches per optimizer step
     log_every: int = 10  # read the loss from the device (progress bar, finiteness check) every N optimizer steps
@@ -281,18 +283,22 @@ class TrainConfig:
     eval_batch_size: int = 64
     max_length: int = 256  # prompt + target tokens; longer prompts are cut in the middle, never the target
     keep_best: bool = True  # validate during the task, restore the best validated epoch's weights at its end
-    validate_every: int = 5  # keep_best: validate every N epochs, and always after the task's last epoch
+    validate_every: int = 5  # keep_best: validate every N epochs and after the last (only a task > N epochs long)
     max_validation_examples: int | None = None  # keep_best: validate on this many examples per task (seeded)
     eval_batch_tokens: int | None = 8192  # padded tokens per evaluation batch (eval_batch_size caps the examples)
 
     def validates(self, epoch: int, last_epoch: int) -> bool:
-        """Whether the task is validated after ``epoch`` (1-based) of ``last_epoch``."""
-        return self.keep_best and (epoch % self.validate_every == 0 or epoch == last_epoch)
+        """Whether the task is validated after ``epoch`` (1-based) of ``last_epoch``: with keep_best, every
+        ``validate_every``-th epoch and the last, but only when that makes two or more to choose between (a task of
+        ``validate_every`` epochs or fewer, e.g. epochs=1, keeps its last weights, which one validation could only
+        confirm)."""
+        chooses = last_epoch > self.validate_every  # validated epochs: ceil(last_epoch / validate_every) >= 2
+        return self.keep_best and chooses and (epoch % self.validate_every == 0 or epoch == last_epoch)
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         for name in ("epochs", "batch_size", "grad_accum", "lr", "eval_batch_size", "max_length", "max_steps",
-                     "validate_every", "max_validation_examples", "eval_batch_tokens"):
+                     "max_examples", "validate_every", "max_validation_examples", "eval_batch_tokens"):
             _positive(errs, f"{key}.{name}", getattr(self, name))
         _fraction(errs, f"{key}.warmup_ratio", self.warmup_ratio, closed_right=False)
         _positive(errs, f"{key}.log_every", self.log_every)

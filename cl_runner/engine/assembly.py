@@ -66,7 +66,7 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)  # one device per rank (torchrun's LOCAL_RANK)
     seed_everything(cfg.seed)
-    tasks = load_sequence(cfg.tasks, cfg.seed, base_dir)
+    tasks = load_sequence(cfg.tasks, cfg.seed, base_dir, cfg.train.max_examples)  # train.max_examples: per task
     monitors = Monitors(cfg, base_dir)  # their data errors too before the model loads
     tokenizer = load_tokenizer(cfg.model, [text for t in tasks for text in t.texts()])
     # encoding needs only the tokenizer: its errors (a chat template the tokenizer lacks) come before the model loads

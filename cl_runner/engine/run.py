@@ -113,7 +113,7 @@ def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, re
             log.warning("task %s: %s examples longer than train.max_length had their prompt cut", name, cut)
     console.print(f"[bold]cl-run[/bold] {cfg.strategy.name} on {cfg.tasks.name} ({len(parts.tasks)} tasks: "
                   f"{', '.join(parts.names)}) · {parts.device} {parts.precision} · "
-                  f"{state.info['parameters']['total']:,} parameters")
+                  f"{state.info['parameters']['total']:,} parameters", soft_wrap=True)  # a log file: one line
     trackers = open_trackers(parts, state, task_resume)  # logger=...: rank 0; a no-op without one
     try:
         SequenceRun(parts, state, writer, policy, trackers).train(console, task_resume)

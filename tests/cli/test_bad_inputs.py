@@ -35,6 +35,10 @@ CASES = [
     ("unknown strategy", ["strategy=bogus"], "strategy=bogus: unknown option; expected one of"),
     ("unknown key", ["train.bogus=1"], "train.bogus: unknown key"),
     ("unknown key added with +", ["+strategy.foo=1"], "strategy.foo: unknown key"),
+    ("misspelt strategy option", ["strategy=replay", "strategy.buffer_sise=4"],
+     "strategy.buffer_sise: unknown key; did you mean strategy.buffer_size? (see docs/"),
+    ("misspelt task key added with +", ["+tasks.tasks.0.templat=x"],
+     "tasks.tasks.0.templat: unknown key; did you mean tasks.tasks.0.template? (see docs/"),
     ("wrong type", ["train.lr=abc"], "train.lr: expected a float, got 'abc'"),
     ("wrong bool", ["train.keep_best=maybe"], "train.keep_best"),
     ("negative lr", ["train.lr=-1"], "train.lr: expected a positive number"),
@@ -82,6 +86,9 @@ CASES = [
     ("missing data file", [task("nope.jsonl")], "tasks.tasks.0.data_files.train: file not found: {tmp}/nope.jsonl"),
     ("empty data file", [task("empty.jsonl")], "tasks.tasks.0.data_files.train: file is empty: {tmp}/empty.jsonl"),
     ("malformed jsonl line", [task("broken.jsonl")], "tasks.tasks.0.data_files: {tmp}/broken.jsonl line 3 is not"),
+    ("jsonl string never closed", [task("unterminated.jsonl")],  # the reason whole: never "...starting at)"
+     "tasks.tasks.0.data_files: {tmp}/unterminated.jsonl line 3 is not valid JSON (Invalid control character at "
+     "column 23; a value holds a line break, which JSON writes as \\n)"),
     ("missing column", [task("nocol.jsonl")], "tasks.tasks.0.target_column: column 'answer' not in"),
     ("label outside the label set", [task("good.jsonl", ",verbalizer:{yes:Y,no:N},metric:label_accuracy")],
      "tasks.tasks.0.verbalizer: train row 0 has label 'paris', not one of yes, no"),
