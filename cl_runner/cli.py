@@ -169,11 +169,9 @@ def _exit_code(exc: BaseException, config, run_dir: Path) -> int | None:
     if isinstance(exc, FloatingPointError):
         return _report(f"{exc}; lower train.lr, or use bf16 instead of fp16", EXIT_DIVERGED)
     if isinstance(exc, torch_oom()):
-        t = config.train
-        return _report(f"CUDA out of memory training {config.model.name_or_path or 'the model'} with "
-                       f"batch_size={t.batch_size} (grad_accum={t.grad_accum}) and max_length={t.max_length}: "
-                       f"raise train.grad_accum (same batch, less memory) or lower train.eval_batch_size "
-                       f"({str(exc).splitlines()[0][:80]})", EXIT_OOM)
+        from cl_runner.engine.run import out_of_memory_line
+
+        return _report(out_of_memory_line(config, exc), EXIT_OOM)
     if isinstance(exc, KeyboardInterrupt):
         return _report("interrupted at once (second Ctrl-C); resume from the last checkpoint with: "
                        f"cl-run resume={run_dir}", EXIT_INTERRUPTED)
