@@ -272,15 +272,16 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     from cl_runner.config.schema import Config
     from cl_runner.config.validate import register_configs
     from cl_runner.core.errors import UserError
-    from cl_runner.engine.claim import run_is_finished
+    from cl_runner.engine.claim import neutral_overrides, run_is_finished
 
     if path.strip() in ("", "null", "None", "~"):
         return _report(f"resume: expected the path of a run directory, got {path.strip() or 'nothing'!r}",
                        EXIT_BAD_INPUT)
     run_dir = Path(path).expanduser().absolute()
-    if other_overrides:
-        return _report(f"resume: cannot be combined with overrides ({' '.join(other_overrides)}); the run continues "
-                       f"with the config saved in {run_dir}", EXIT_BAD_INPUT)
+    try:  # only options that cannot change a result (engine/claim.py's NEUTRAL_ON_RESUME)
+        changes = neutral_overrides(other_overrides)
+    except ValueError as exc:
+        return _report(str(exc), EXIT_BAD_INPUT)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return _report(f"resume: {run_dir} is not a cl-run run directory (no config.yaml)", EXIT_BAD_INPUT)
@@ -293,7 +294,7 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     register_configs()
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved), changes)
         config = checked(cfg)
     except UserError as exc:
         return _report(f"resume: {run_dir / 'config.yaml'}: {exc}", EXIT_BAD_INPUT)
