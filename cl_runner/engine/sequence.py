@@ -135,6 +135,7 @@ class _TaskCallbacks(LoopCallbacks):
             trainable = self.run.state.info["parameters"].setdefault("trainable_per_task", {})
             trainable[parts.names[parts.ctx.task_index]] = event["trainable"]
             self.progress.update(self.bar, total=event["total_steps"], completed=event["step"])
+            self.run.policy.start_task(event["step"], event["total_steps"])
         else:
             mfu = "" if event["mfu"] is None else f"MFU {event['mfu']:.1%} · "
             self.progress.update(self.bar, completed=event["step"], loss=f"{event['loss']:.3f}",
