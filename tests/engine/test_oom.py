@@ -22,6 +22,7 @@ def test_the_line_names_the_strategys_memory_options():
     assert "strategy." not in out_of_memory_line(make_config(), RuntimeError("x")).split("lower ")[1]  # naive
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(OOM is None, reason="torch without OutOfMemoryError")
 def test_an_out_of_memory_in_a_strategys_pass_ends_the_run_failed_with_that_line(tmp_path, monkeypatch):
     def estimate(self, ctx):
