@@ -156,7 +156,7 @@ def _write_files(tmp: Path, model: torch.nn.Module, state: dict[str, Any],
         save_file({k: v.contiguous() for k, v in untied(best, model).items()}, str(tmp / "best.safetensors"))
     stored = _shapes(tmp / "model.safetensors").keys()  # the names save_model kept (one of each tied pair)
     weights = {k: v for k, v in unwrap(model).state_dict().items() if k in stored}
-    _write_state(tmp, {**state, "strategy": by_reference(state["strategy"], weights)})
+    _write_state(tmp, {**state, "strategy": by_reference(state["strategy"], weights)} if "strategy" in state else state)
 
 
 def link_best(source: Path | None, tmp: Path) -> bool:

@@ -138,7 +138,8 @@ class AnchorPenalty(Strategy):
         if pattern is not None and not any(re.search(pattern, n) for n in names):
             example = f" (searched with re.search in names such as {names[0]!r})" if names else ""
             raise ConfigError(f"strategy.penalised_params: {pattern!r} matches no trainable parameter name{example}")
-        refuse_state_unless_fits(ctx.model, ctx.device, self.memory_need(ctx), f"{self.name}'s state and passes",
+        device = getattr(ctx, "device", None)  # None (a bare context in tests): nothing to compare with
+        refuse_state_unless_fits(ctx.model, device, self.memory_need(ctx), f"{self.name}'s state and passes",
                                  "strategy.penalised_params", "penalise fewer parameters (strategy.penalised_params), "
                                  "set strategy.state_dtype=bfloat16, or use a smaller model")
 

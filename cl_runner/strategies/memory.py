@@ -52,9 +52,11 @@ def check_batch(errors: list[str], key: str, value: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------- free memory
-def free_bytes(device: torch.device | str) -> int | None:
+def free_bytes(device: torch.device | str | None) -> int | None:
     """Bytes free for new tensors on ``device``: CUDA's free memory (``torch.cuda.mem_get_info``), else the host's
-    MemAvailable (/proc/meminfo; psutil where there is none); None where it cannot be told."""
+    MemAvailable (/proc/meminfo; psutil where there is none); None where it cannot be told (or no device)."""
+    if device is None:
+        return None
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
@@ -155,7 +157,7 @@ def estimation_batch(option: Any, params: Iterable[torch.Tensor], device: torch.
     return batch
 
 
-def refuse_unless_fits(need: int, device: torch.device | str, what: str, key: str, advice: str) -> None:
+def refuse_unless_fits(need: int, device: torch.device | str | None, what: str, key: str, advice: str) -> None:
     """``ConfigError`` (one line: ``key``, the option to change, what needs how much, ``advice``) when ``need``
     bytes exceed the memory free on ``device`` now; nothing where the free memory cannot be told."""
     free = free_bytes(device)
@@ -164,7 +166,7 @@ def refuse_unless_fits(need: int, device: torch.device | str, what: str, key: st
                           f"{torch.device(device).type}; {advice}")
 
 
-def refuse_state_unless_fits(model: torch.nn.Module, device: torch.device | str, state: int, what: str, key: str,
+def refuse_state_unless_fits(model: torch.nn.Module, device: torch.device | str | None, state: int, what: str, key: str,
                              advice: str) -> None:
     """``refuse_unless_fits`` for a strategy's ``state`` bytes plus AdamW's state of ``model``'s trainable
     parameters (which the loop allocates later); skipped under FSDP, where each rank holds shards."""
