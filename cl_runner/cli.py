@@ -169,11 +169,9 @@ def _exit_code(exc: BaseException, config, run_dir: Path) -> int | None:
     if isinstance(exc, FloatingPointError):
         return _report(f"{exc}; lower train.lr, or use bf16 instead of fp16", EXIT_DIVERGED)
     if isinstance(exc, torch_oom()):
-        t = config.train
-        return _report(f"CUDA out of memory training {config.model.name_or_path or 'the model'} with "
-                       f"batch_size={t.batch_size} (grad_accum={t.grad_accum}) and max_length={t.max_length}: "
-                       f"raise train.grad_accum (same batch, less memory) or lower train.eval_batch_size "
-                       f"({str(exc).splitlines()[0]})", EXIT_OOM)  # whole: a cut reason reads as another
+        from cl_runner.engine.run import out_of_memory_line
+
+        return _report(out_of_memory_line(config, exc), EXIT_OOM)
     if isinstance(exc, KeyboardInterrupt):
         return _report("interrupted at once (second Ctrl-C); resume from the last checkpoint with: "
                        f"cl-run resume={run_dir}", EXIT_INTERRUPTED)
@@ -274,15 +272,16 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     from cl_runner.config.schema import Config
     from cl_runner.config.validate import register_configs
     from cl_runner.core.errors import UserError
-    from cl_runner.engine.claim import run_is_finished
+    from cl_runner.engine.claim import neutral_overrides, run_is_finished
 
     if path.strip() in ("", "null", "None", "~"):
         return _report(f"resume: expected the path of a run directory, got {path.strip() or 'nothing'!r}",
                        EXIT_BAD_INPUT)
     run_dir = Path(path).expanduser().absolute()
-    if other_overrides:
-        return _report(f"resume: cannot be combined with overrides ({' '.join(other_overrides)}); the run continues "
-                       f"with the config saved in {run_dir}", EXIT_BAD_INPUT)
+    try:  # only options that cannot change a result (engine/claim.py's NEUTRAL_ON_RESUME)
+        changes = neutral_overrides(other_overrides)
+    except ValueError as exc:
+        return _report(str(exc), EXIT_BAD_INPUT)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return _report(f"resume: {run_dir} is not a cl-run run directory (no config.yaml)", EXIT_BAD_INPUT)
@@ -295,7 +294,7 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     register_configs()
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved), changes)
         config = checked(cfg)
     except UserError as exc:
         return _report(f"resume: {run_dir / 'config.yaml'}: {exc}", EXIT_BAD_INPUT)

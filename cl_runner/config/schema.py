@@ -337,13 +337,17 @@ class EvalConfig:
 class CheckpointConfig:
     enabled: bool = True  # checkpoint at the end of every task and within tasks (needed for resume)
     every_n_steps: int | None = None  # null = automatic: often enough to lose little, rarely enough to cost <2%
-    keep_last: int = 2  # newest checkpoints kept (the previous one is the fallback if the newest is damaged)
-    mid_task: bool = True  # false: checkpoints only at task ends (and on a stop signal); resume restarts the task
+    keep_last: int = 1  # newest checkpoints kept (2: the older is a fallback if the newest is damaged)
+    # auto: within a task only when it is long (every_n_steps set, or an estimated >= 30 min: checkpoint_policy.py);
+    # true: also within short tasks; false: only at task ends (and on a stop signal), a resume restarts the task
+    mid_task: Any = "auto"
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         _positive(errs, f"{key}.every_n_steps", self.every_n_steps)
         _positive(errs, f"{key}.keep_last", self.keep_last)
+        if self.mid_task not in (True, False, "auto"):
+            errs.append(f"{key}.mid_task: expected auto, true or false, got {self.mid_task!r}")
         return errs
 
 

@@ -1,6 +1,7 @@
 """Claiming a run directory before a run writes into it: rank 0, holding the directory's lock, decides whether the
 run starts afresh, continues, or has nothing to do, and tells the other ranks, which wait for its word before
-loading anything; the caller's hooks run once the directory is claimed and when the run ends.
+loading anything; the caller's hooks run once the directory is claimed and when the run ends. A resume continues
+the saved config; only the options in ``NEUTRAL_ON_RESUME`` (which cannot change a result) may be given with it.
 
 No torch here: cl-run (cli.py) subclasses ``RunHooks`` and reads ``run_is_finished`` before the engine loads."""
 
@@ -78,3 +79,45 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
 def run_is_finished(run_dir: Path) -> bool:
     """Whether ``run_dir``'s metrics.json says the run completed."""
     return read_metrics(run_dir).get("status") == "completed"
+
+
+# Options a resume may change (``cl-run resume=DIR key=value``): each changes how a run computes or reports, never
+# what it computes. Every other key is refused: the checkpoint continues the saved config. One place, with why:
+NEUTRAL_ON_RESUME = {
+    # scoring: each example is scored with its own mask and positions (docs/evaluation.md#batches, tested in
+    # tests/scoring/test_evaluate.py): the same accuracies, perplexities equal up to float rounding
+    "train.eval_batch_size": "evaluation batching",
+    "train.eval_batch_tokens": "evaluation batching",
+    # estimation passes: each example's gradient is its own; the batch only regroups the sum (equal up to float
+    # rounding; tests/strategies/test_memory.py)
+    "strategy.fisher_batch_size": "Fisher batching",
+    "strategy.mas_batch_size": "MAS importance batching",
+    # losses are added to the epoch's sums in step order wherever the reads fall (engine/loop.py)
+    "train.log_every": "how often the loss is read",
+    # CPU threads: the same operations (float sums may be ordered differently: equal up to rounding)
+    "device.threads": "CPU threads",
+    # when checkpoints are written and how many are kept: a resume from any of them is exact (tests/e2e)
+    "checkpoint.every_n_steps": "checkpoint timing",
+    "checkpoint.keep_last": "checkpoints kept",
+    "checkpoint.mid_task": "checkpoint timing",
+    # what is reported where, not what is computed
+    "logger": "experiment trackers",
+    "debug": "tracebacks",
+    "eval.save_predictions": "prediction files",
+}
+
+
+def neutral_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``key=value`` overrides a resume may apply (``NEUTRAL_ON_RESUME``: a key, or one under a listed group), as
+    a nested dict to merge into the saved config. ValueError (one line) names the first key that could change the
+    results, or an override that is not ``key=value``."""
+    from omegaconf import OmegaConf
+
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or not key or key[0] in "+~":
+            raise ValueError(f"resume: expected key=value overrides, got {override!r}")
+        if not any(key == k or key.startswith(k + ".") for k in NEUTRAL_ON_RESUME):
+            raise ValueError(f"resume: {key} cannot change on resume (it can change the results; the run continues "
+                             f"with its saved config); a resume may change only {', '.join(NEUTRAL_ON_RESUME)}")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(overrides))

@@ -37,6 +37,7 @@ from cl_runner.outputs.results import RankWriter, RunWriter, print_summary
 from cl_runner.scoring import cl_metrics
 from cl_runner.scoring.monitors import print_monitors
 from cl_runner.scoring.monitors import summarize as summarize_monitors
+from cl_runner.strategies.memory import MEMORY_OPTIONS
 from cl_runner.trackers.fanout import open_trackers
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,22 @@ def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, re
         raise
     except BaseException as exc:
         state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):  # older torch: a RuntimeError, left as it is
+            state.error = out_of_memory_line(cfg, exc)
         writer.write_metrics(state.to_metrics())
         trackers.close(state)
         raise
+
+
+def out_of_memory_line(cfg: Config, exc: BaseException) -> str:
+    """One line for a CUDA out-of-memory: what ran, and the options that lower the memory (the training
+    batch's, evaluation's, and the strategy's own: ``strategies.memory.MEMORY_OPTIONS``)."""
+    t = cfg.train
+    own = [f"strategy.{k}" for k in MEMORY_OPTIONS if getattr(cfg.strategy, k, None) is not None]
+    lower = ", ".join(["train.eval_batch_size", "train.max_length", *own])
+    return (f"CUDA out of memory running {cfg.strategy.name} on {cfg.model.name_or_path or 'the model'} with "
+            f"batch_size={t.batch_size} (grad_accum={t.grad_accum}): raise train.grad_accum (same batch, less "
+            f"memory) or lower {lower} ({str(exc).splitlines()[0]})")  # whole: a cut reason reads as another
 
 
 def finish(parts: RunParts, state: RunState, writer: RunWriter, console: Console) -> dict[str, Any]:

@@ -125,6 +125,7 @@ class _TaskCallbacks(LoopCallbacks):
             trainable = self.run.state.info["parameters"].setdefault("trainable_per_task", {})
             trainable[parts.names[parts.ctx.task_index]] = event["trainable"]
             self.bar.start(event["total_steps"], event["epochs"], event["step"])
+            self.run.policy.start_task(event["step"], event["total_steps"])
         else:
             mfu = "" if event["mfu"] is None else f"MFU {event['mfu']:.1%} · "
             self.bar.report(event["step"], event["epoch"], event["loss"], event["tokens_per_s"],

@@ -3,7 +3,7 @@ O-LoRA's orthogonality penalty), or one adapter trained through the whole sequen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,6 +48,9 @@ class SharedLoRAConfig(StrategyConfig):
 @dataclass
 class AdaptersConfig(SharedLoRAConfig):
     name: str = "adapters"
+    # O-LoRA's (and IncLoRA's) layers: the attention's query and value projections (lora.resolve_targets names
+    # them per model: T5 q, v; Llama-like q_proj, v_proj; GPT-2 the fused c_attn, which adapts k too)
+    target_modules: list[str] | None = field(default_factory=lambda: ["q", "v"])
     merge: bool = False  # evaluate the merged model (every adapter at once, no task identity)
     orthogonal_lambda: float = 0.0  # O-LoRA: weight of sum |A_old A_new^T| (0 = off)
 

@@ -36,6 +36,7 @@ from cl_runner.strategies.base import Context, trainable_parameters
 from cl_runner.strategies.buffer import BufferConfig, BufferGradients
 from cl_runner.strategies.common import evaluating
 from cl_runner.strategies.gem import examples_gradient, step_gradients
+from cl_runner.strategies.memory import der_logits_bytes, refuse_state_unless_fits
 
 DISTANCES = ("mse", "kl")
 LOGIT_DTYPES = ("float16", "bfloat16", "float32")
@@ -116,6 +117,18 @@ class DER(BufferGradients):
         self.logits: dict[int, Stored] = {}  # der_id -> the stored logits of a buffer example
         self.next_id = 0  # the der_id of the next example offered
         self._distance = torch.zeros(())  # the logit term of the current step, summed over positions
+
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        examples = [e for task in ctx.train_sets for e in task]
+        positions = sum(sum(1 for t in e["labels"] if t != -100) for e in examples) // max(len(examples), 1)
+        head = ctx.model.get_output_embeddings() if hasattr(ctx.model, "get_output_embeddings") else None
+        vocab = head.weight.shape[0] if head is not None else getattr(ctx.model.config, "vocab_size", 0)
+        need = der_logits_bytes(self.cfg.buffer_size, positions, vocab, self.cfg.top_k,
+                                getattr(torch, self.cfg.logit_dtype).itemsize)
+        refuse_state_unless_fits(ctx.model, ctx.device, need, f"DER's stored logits ({self.cfg.buffer_size} "
+                                 f"examples x ~{positions} target tokens)", "strategy.top_k",
+                                 "store the k largest logits (strategy.top_k) or lower strategy.buffer_size")
 
     def after_task(self, ctx: Context) -> None:
         first = self.next_id

@@ -39,6 +39,7 @@ from cl_runner.models.lm import Encoded, target_count, token_nll
 from cl_runner.strategies.base import Context, trainable_parameters
 from cl_runner.strategies.buffer import BufferConfig, BufferGradients
 from cl_runner.strategies.common import local
+from cl_runner.strategies.memory import gradient_memory_bytes, numel_and_itemsize, refuse_state_unless_fits
 
 RIDGE = 1e-3  # added to the diagonal of G G^T (as GEM's reference code does): a unique dual solution
 SolveInfo = dict[str, float]
@@ -213,6 +214,10 @@ class GEM(BufferGradients):
                               f"{params:,} parameters) and runs as many extra backward passes per step; this "
                               f"sequence has {tasks} tasks, above max_tasks={self.cfg.max_tasks} (raise it or use "
                               "strategy=agem)")
+        numel, itemsize = numel_and_itemsize(p for _, p in trainable_parameters(ctx.model))
+        refuse_state_unless_fits(ctx.model, ctx.device, gradient_memory_bytes(numel, tasks, itemsize),
+                                 f"GEM's {tasks - 1} reference gradients", "strategy",
+                                 "use strategy=agem (one reference gradient) or a shorter sequence")
 
     def after_task(self, ctx: Context) -> None:
         super().after_task(ctx)

@@ -12,6 +12,7 @@ from cl_runner.core.checks import check_positive
 from cl_runner.strategies.base import Context, Strategy, StrategyConfig
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.distill import distillation_kl
+from cl_runner.strategies.memory import refuse_state_unless_fits, teacher_bytes
 from cl_runner.strategies.support import Refused, Supports
 
 
@@ -91,6 +92,12 @@ class LwF(Strategy):
         super().__init__(cfg)
         self.teacher: torch.nn.Module | None = None
         self._pending: dict[str, torch.Tensor] | None = None  # teacher weights loaded before a model exists
+
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        model_bytes = tensor_bytes([*ctx.model.parameters(), *ctx.model.buffers()])
+        refuse_state_unless_fits(ctx.model, ctx.device, teacher_bytes(model_bytes), "LwF's teacher (a frozen copy "
+                                 "of the model)", "model.dtype", "load the model in bfloat16 or use a smaller model")
 
     def after_task(self, ctx: Context) -> None:
         self.teacher, self._pending = frozen_copy(ctx.model), None

@@ -151,7 +151,7 @@ CASES = [
      "strategy.target_modules: 'ln_f' is a LayerNorm, which LoRA cannot adapt"),
     # --- resume
     ("resume a directory that is no run", ["resume={tmp}"], "resume: {tmp} is not a cl-run run directory"),
-    ("resume with overrides", ["resume={tmp}/done", "train.lr=1"], "resume: cannot be combined with overrides"),
+    ("resume with overrides", ["resume={tmp}/done", "train.lr=1"], "resume: train.lr cannot change on resume"),
     ("resume=null", ["resume=null"], "resume: expected the path of a run directory, got 'null'"),
     ("resume= (empty)", ["resume="], "resume: expected the path of a run directory, got 'nothing'"),
     ("resume a directory that does not exist", ["resume={tmp}/nowhere"], "resume: {tmp}/nowhere is not a cl-run run"),

@@ -144,7 +144,7 @@ def test_every_refused_start_leaves_a_real_run_byte_identical(unfinished_run, ca
         (["device=cpu", "train.epochs=1", "train.lr=0.01", f"hydra.run.dir={run_dir}"], "different experiment"),
         (["device=cpu", "train.epochs=1", "train.lr=-1", f"hydra.run.dir={run_dir}"], "train.lr: expected a positive"),
         (["device=cpu", "model.name_or_path=/does/not/exist", f"hydra.run.dir={run_dir}"], "different experiment"),
-        ([f"resume={run_dir}", "train.lr=0.01"], "resume: cannot be combined with overrides"),
+        ([f"resume={run_dir}", "train.lr=0.01"], "resume: train.lr cannot change on resume"),
     ]
     for argv, message in refusals:
         code, lines = main_exit(argv, capsys)

@@ -91,7 +91,7 @@ def test_resume_answers(tmp_path):
     not_a_run = cl_run(f"resume={tmp_path}", cwd=tmp_path)
     assert not_a_run.returncode == 2 and "is not a cl-run run directory" in not_a_run.stderr
     changed = cl_run(f"resume={run_dir}", "train.lr=1", cwd=tmp_path)
-    assert changed.returncode == 2 and "cannot be combined with overrides" in changed.stderr
+    assert changed.returncode == 2 and "resume: train.lr cannot change on resume" in changed.stderr
 
 
 @pytest.mark.slow
