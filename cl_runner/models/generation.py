@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -56,8 +56,9 @@ def _all_done(done: bool) -> bool:
     return all_reduce_max([0.0 if done else 1.0])[0] == 0.0
 
 
-Forward = Callable[[torch.Tensor | None, Any], tuple[torch.Tensor, Any]]
-Select = Callable[[torch.Tensor, Any], Any]
+if TYPE_CHECKING:  # evaluated, the aliases would load torch when a config check imports kinds.py (start-up)
+    Forward = Callable[[torch.Tensor | None, Any], tuple[torch.Tensor, Any]]
+    Select = Callable[[torch.Tensor, Any], Any]
 
 
 def greedy_loop(scorer: Any, n: int, max_new_tokens: int, dummy: bool, forward: Forward,
