@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ from tiny_t5 import hf_target_logits, split, t5_context, task_perplexity, tiny_t
 
 from cl_runner.config.schema import TrainConfig
 from cl_runner.engine.loop import TaskRun, train_task
-from cl_runner.models.lm import collate
-from cl_runner.strategies.der import DER, ID, DERConfig, logit_distance
+from cl_runner.models.lm import collate, pack
+from cl_runner.strategies.der import DER, ID, DERConfig, example_rows, logit_distance
 
 STUDENT = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
 STORED = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
@@ -112,6 +113,14 @@ def test_bad_options_are_reported_one_line_each():
                     "strategy.logit_dtype: expected one of float16, bfloat16, float32, got 'int8'",
                     "strategy.alpha: expected a non-negative number, got -1.0"]
     assert DERConfig(alpha=0.0, beta=0.0).errors("strategy")[0].startswith("strategy.alpha: alpha and beta are both 0")
+    assert DERConfig(insertion="epoch").errors("strategy") == [
+        "strategy.insertion: expected one of step, task_end, got 'epoch'"]
+    assert DERConfig(sampling="hardest", per_task=True).errors("strategy") == [
+        "strategy.sampling: insertion=step fills the buffer by reservoir sampling at every step, got 'hardest'; set "
+        "sampling=reservoir or insertion=task_end",
+        "strategy.per_task: insertion=step keeps one reservoir over every example seen; set per_task=false or "
+        "insertion=task_end"]
+    assert DERConfig(sampling="hardest", per_task=True, insertion="task_end").errors("strategy") == []
 
 
 def test_on_an_encoder_decoder_der_stores_and_replays_the_decoders_logits_on_the_targets():
@@ -219,11 +228,14 @@ class SavedEveryStep(DER):
         self.load_state_dict(torch.load(saved, weights_only=True))
 
 
-@pytest.mark.parametrize(("cls", "size", "batch"), [(DER, 4, 2), (SavedEveryStep, 2, 4)])  # the second: slots shared
-def test_the_default_update_is_mammoths_derpp_step_by_step(cls, size, batch):
+# the second: slots shared within a step, the state saved and reloaded after every step, packed micro-batches
+@pytest.mark.parametrize(("cls", "size", "batch", "layout"), [(DER, 4, 2, {}),
+                                                              (SavedEveryStep, 2, 6, {"pack": True, "grad_accum": 2})])
+def test_the_default_update_is_mammoths_derpp_step_by_step(cls, size, batch, layout):
     """Two tasks through the real loop with DER++'s defaults (insertion=step) end with the parameters of mammoth's
     update replayed by hand (test-owned model copy, buffer and optimizer): reservoir slots, the two draws, the
-    MSE and CE terms, the stored logits of each example's own step, replay from the first task's second step."""
+    MSE and CE terms, the stored logits of each example's own step, replay from the first task's second step;
+    also with packed rows (the logits of each example found in them) and two micro-batches per step."""
     model, data = tiny_model(), examples(12)
     # the keys' weights and bias have directions whose true gradient is 0 (softmax ignores a shift shared by every
     # key), where AdamW turns float rounding into steps of about lr: frozen, so the comparison can be tight
@@ -233,7 +245,8 @@ def test_the_default_update_is_mammoths_derpp_step_by_step(cls, size, batch):
     cfg = DERConfig(buffer_size=size, replay_batch_size=3, alpha=0.3, beta=0.7, logit_dtype="float32")
     der, ctx = cls(cfg), context(model, data)
     ctx.task_names, ctx.train_sets = ["a", "b"], tasks
-    train_cfg = TrainConfig(epochs=2, batch_size=batch, lr=1e-2, warmup_ratio=0.0, keep_best=False, max_grad_norm=None)
+    train_cfg = TrainConfig(epochs=2, batch_size=batch, lr=1e-2, warmup_ratio=0.0, keep_best=False, max_grad_norm=None,
+                            max_length=12, **layout)
     for task in (0, 1):
         ctx.task_index = task
         train_task(TaskRun(ctx, der, tasks[task], train_cfg, validate=lambda tasks: 0.0))
@@ -247,3 +260,25 @@ def test_the_default_update_is_mammoths_derpp_step_by_step(cls, size, batch):
         # 1e-4: an entry with a near-zero gradient moves by AdamW's rounding-amplified step (measured 4e-5); a
         # wrong update (one shared draw, another slot, end-of-task logits) moves thousands of entries by ~1e-3
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_each_examples_logits_are_found_in_packed_rows():
+    """Packed first fit puts example 2 beside example 0 (rows [0, 2], [1]): its targets come second in the
+    row-major target order, and they are the logits of the packed forward at its own positions."""
+    model, data = tiny_model(), [examples(3)[i] for i in (0, 2, 1)]
+    sizes = [len(e["input_ids"]) for e in data]
+    length = sizes[0] + sizes[2]
+    assert sizes[0] + sizes[1] > length >= sizes[1]  # example 1 does not fit beside example 0: a second row
+    rows = example_rows(data, length)
+    counts = [sum(1 for x in e["labels"][1:] if x != -100) for e in data]
+    assert rows == {0: (0, counts[0]), 2: (counts[0], counts[0] + counts[2]),
+                    1: (counts[0] + counts[2], sum(counts))}
+    assert example_rows(data, None) == {0: (0, counts[0]), 1: (counts[0], counts[0] + counts[1]),
+                                        2: (counts[0] + counts[1], sum(counts))}
+    batch = pack(data, length, partial(collate, pad_id=0))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        flat = logits[:, :-1][batch["labels"][:, 1:] != -100]
+        for i, example in enumerate(data):
+            start, end = rows[i]
+            torch.testing.assert_close(flat[start:end], model_logits(model, example), atol=1e-5, rtol=1e-4)
