@@ -253,8 +253,9 @@ class ReplayBuffer:
 
 
 class BufferGradients(Strategy):
-    """What A-GEM, GEM and DER share: a buffer filled in ``after_task``, seeded per-step draws from it, and the
-    chunk size of reference gradients (the step's largest micro-batch, seen in ``loss``)."""
+    """What A-GEM, GEM and DER share: a buffer filled in ``after_task`` (DER's default fills it at every step
+    instead), seeded per-step draws from it, and the chunk size of reference gradients (the step's largest
+    micro-batch, seen in ``loss``)."""
 
     supports = Supports()  # what a strategy built on it adds to its own facts (nothing refused)
 
