@@ -5,8 +5,8 @@ they compute reference gradients on buffer examples and change the step's gradie
 before clipping) so that, to first order, the step does not increase the loss on the buffer.
 
 - A-GEM: one reference gradient ``r`` per optimizer step, on ``ref_batch_size`` examples drawn uniformly from the
-  whole buffer, every task's examples together (as the paper's ``P_ref`` examples "randomly sampled from the
-  episodic memory" and mammoth's ``agem.py``); when ``g.r < 0``, ``g <- g - (g.r / r.r) r`` (``agem_project``).
+  whole buffer, every task's examples together (as the paper's reference batch, sampled at random from the whole
+  episodic memory, and mammoth's ``agem.py``); when ``g.r < 0``, ``g <- g - (g.r / r.r) r`` (``agem_project``).
   One extra forward and backward per step.
 - GEM: one reference gradient ``g_k`` per earlier task k, over that task's whole episodic memory (its buffer
   examples; ``reference: memory``, the paper's and mammoth's ``gem.py``), or over ``ref_batch_size`` of them drawn
