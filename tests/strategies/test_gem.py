@@ -259,3 +259,20 @@ def test_gem_constrains_on_each_earlier_tasks_whole_memory_by_default(reference)
     else:
         assert float((got - want).abs().max()) > 1e-3  # 2 of 6 examples: another constraint
     assert gem.changed == 1
+
+
+def test_gem_leaves_a_gradient_that_agrees_with_every_task_even_slightly():
+    """0 < g.g_k < 1 for every earlier task: no projection (a rule ``g.g_k < 1`` would project here)."""
+    model, data = tiny_model(), examples(8)
+    ctx = context(model, data)
+    ctx.task_names, ctx.train_sets = ["a", "b"], [data[:4], data[4:]]
+    gem = GEM(GEMConfig(buffer_size=4))
+    gem.after_task(ctx)
+    ctx.task_index = 1
+    ref = flat(examples_gradient(ctx, data[:4], 4))
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6))
+    g = g - (torch.dot(g, ref) - 0.5) / torch.dot(ref, ref) * ref  # g.g_1 = 0.5
+    set_gradient(model, g)
+    gem.after_backward(ctx)
+    assert torch.equal(flat(p.grad for p in model.parameters()), g)
+    assert gem.changed == 0 and gem.steps == 1 and float(ctx.extras["gem_projected"]) == 0.0
