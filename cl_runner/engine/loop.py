@@ -322,9 +322,10 @@ class _TaskTrainer:
         gradient is multiplied by the number of ranks, which DDP and FSDP average over: the sum over ranks of
         the weighted micro-batch gradients is the step's gradient, as in one process."""
         ctx, scaler = self.ctx, self.job.scaler
-        ctx.micro = MicroBatch(examples, step, weight)
+        pack_length = self.cfg.max_length if self.cfg.pack else None
+        ctx.micro = MicroBatch(examples, step, weight, pack_length)
         # the batch as the model's kind reads it: packed rows (lm.pack), or an encoder-decoder's two sides
-        batch, inputs = ctx.kind.training_batch(examples, ctx.collate, self.cfg.max_length if self.cfg.pack else None)
+        batch, inputs = ctx.kind.training_batch(examples, ctx.collate, pack_length)
         with ctx.autocast():
             outputs = self.module(**inputs)
             loss = causal_lm_loss(outputs.logits, batch["labels"], self.cfg.loss_chunk_tokens)

@@ -47,6 +47,7 @@ class MicroBatch:
     examples: list[Encoded]  # this micro-batch's encoded examples
     step: list[Encoded]  # every example of its optimizer step (what ``train_batches`` yielded)
     weight: float  # the factor the loop multiplies the returned loss by: its share of the step's target tokens
+    pack_length: int | None = None  # train.pack: the row length the examples were packed to (lm.pack); else None
 
 
 @dataclass

@@ -15,7 +15,8 @@ Without clipping the same comparison gives 1.6e-4, and one process with grad_acc
 si gets 2e-3 (measured 2.9e-4 with ddp, 2.6e-4 with fsdp; one process with grad_accum=2 drifted as far, 1.0e-3 in
 one run): its importance is the sum over steps of -g x (the step's weight change), so a rounding difference in an
 early gradient changes every later task's penalty weights as well as the weights themselves. der and gem
-(measured up to 1.7e-4) add a gradient from a second backward pass, summed across ranks in another order.
+(measured up to 1.7e-4; der with per-step insertion 6.2e-4 ddp, 2.9e-4 fsdp: the logits it stores come from each
+rank's own forward, rounded to fp16) add a gradient from a second backward pass, summed across ranks in another order.
 The accuracy matrix is compared exactly: its cells are counts of correct answers out of 64, and a flip of one
 answer is 1.6e-2."""
 
