@@ -78,9 +78,9 @@ class RunLogFile(logging.FileHandler):
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    """One line and exit: a bad input, found before anything runs. Under torchrun every rank finds the same
+    """One line and exit: a bad input, found before anything runs. Under torchrun or srun every rank finds the same
     error, and only the first rank of each node prints it."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if dist.printing_rank():
         print(f"cl-run: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(code)
 
@@ -164,8 +164,9 @@ def _exit_code(exc: BaseException, config, run_dir: Path) -> int | None:
         saved = "checkpoint written" if exc.checkpointed else "no checkpoint yet (a resume starts from the beginning)"
         print(f"cl-run: {exc}; {saved}. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
         return 128 + exc.signum
-    if isinstance(exc, UserError):
-        return _report(str(exc), exc.exit_code)
+    if isinstance(exc, UserError):  # a refusal every rank agreed on (engine/claim.py): rank 0 alone says why
+        silent = getattr(exc, "agreed", False) and not dist.world().main
+        return exc.exit_code if silent else _report(str(exc), exc.exit_code)
     if isinstance(exc, FloatingPointError):
         return _report(f"{exc}; lower train.lr, or use bf16 instead of fp16", EXIT_DIVERGED)
     if isinstance(exc, torch_oom()):
@@ -375,7 +376,9 @@ def _help(overrides: list[str]) -> int:
 def _main(argv: list[str]) -> None:
     from cl_runner.config.preflight import search_path_args, with_overrides
     from cl_runner.core.errors import UserError
+    from cl_runner.engine.launch import start as start_workers
 
+    given = list(argv)  # the workers cl-run starts itself (distributed.nproc_per_node) get the same arguments
     try:  # --config-dir DIR, hydra.searchpath, ./cl-conf, $CL_RUNNER_CONFIG_PATH: one hydra.searchpath override
         argv, search = search_path_args(argv)
     except ValueError as exc:
@@ -393,9 +396,13 @@ def _main(argv: list[str]) -> None:
     try:
         plan = preflight(overrides, multirun)  # glob() sweeps written out over the whole search path
         path = output_dir(plan.jobs[0].composed, multirun)
-        _world(plan.jobs[0].config)  # under torchrun: the process group, before the ranks agree on the directory
+        ended = start_workers([job.config for job in plan.jobs], given)  # distributed.nproc_per_node=N
+        if ended is None:
+            _world(plan.jobs[0].config)  # under torchrun: the process group, before the ranks agree on the directory
     except (ValueError, UserError) as exc:
         _fail(str(exc))
+    if ended is not None:  # the workers ran the job (and said why, if it failed)
+        sys.exit(ended)
     if multirun:
         _sweep(plan, [a for a in argv if a.startswith("-")], _same_on_every_rank(path))
     else:
