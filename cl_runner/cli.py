@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cl_runner.config.preflight import CONF_DIR, checked, job_key, one_line, output_dir, preflight, split_args
 from cl_runner.core import dist
-from cl_runner.engine.claim import RunHooks
+from cl_runner.engine.claim import RunHooks, record_failure
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 2, 1, 3, 4, 130
 CLAIMED: list[Path] = []  # run directories this process has locked and writes into
@@ -133,7 +133,7 @@ class CliHooks(RunHooks):
         if self.code == EXIT_BAD_INPUT and self.single:
             _undo_start(run_dir, self.before)
         else:
-            _record_failure(run_dir, self.code, LAST_ERROR[0])
+            record_failure(run_dir, self.code, LAST_ERROR[0])
 
 
 def _start(config, run_dir: Path, config_yaml: str, resume: bool | None, job: CliHooks) -> int:
@@ -187,22 +187,6 @@ def torch_oom() -> type[BaseException]:
     import torch
 
     return getattr(torch, "OutOfMemoryError", RuntimeError)
-
-
-def _record_failure(run_dir: Path, code: int, message: str) -> None:
-    """A job that failed before its run wrote anything still leaves a metrics.json saying why (for cl-report)."""
-    import json
-
-    from cl_runner.core.errors import UserError
-    from cl_runner.core.files import write_atomic
-
-    metrics = run_dir / "metrics.json"
-    if code and code not in (EXIT_INTERRUPTED, 143) and run_dir.is_dir() and not metrics.exists():
-        try:
-            write_atomic(metrics, json.dumps({"status": "failed", "exit_code": code, "error": message}, indent=2)
-                         + "\n")
-        except (UserError, OSError):  # a full disk: the one-line error already said why
-            pass
 
 
 def _undo_start(run_dir: Path, before: set[str]) -> None:
@@ -276,6 +260,8 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     from cl_runner.config.validate import register_configs
     from cl_runner.core.errors import UserError
     from cl_runner.engine.claim import run_is_finished
+    from cl_runner.engine.launch import resume_processes
+    from cl_runner.engine.launch import start as start_workers
 
     if path.strip() in ("", "null", "None", "~"):
         return _report(f"resume: expected the path of a run directory, got {path.strip() or 'nothing'!r}",
@@ -297,13 +283,15 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+        workers = resume_processes(cfg, run_dir)  # a distributed run: resumed on cl-run's own workers
         config = checked(cfg)
+        ended = start_workers([config], [f"resume={run_dir}"]) if workers else None
     except UserError as exc:
-        return _report(f"resume: {run_dir / 'config.yaml'}: {exc}", EXIT_BAD_INPUT)
+        return _report(str(exc) if str(exc).startswith("resume:") else f"resume: {saved}: {exc}", EXIT_BAD_INPUT)
     except Exception as exc:
         return _report(f"resume: {saved} is not a valid cl-run config ({one_line(exc)})", EXIT_BAD_INPUT)
     _check_stop()
-    return _start(config, run_dir, saved.read_text(), True, CliHooks(config))
+    return ended if ended is not None else _start(config, run_dir, saved.read_text(), True, CliHooks(config))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -374,7 +362,7 @@ def _help(overrides: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> None:
-    from cl_runner.config.preflight import search_path_args, with_overrides
+    from cl_runner.config.preflight import flag_error, search_path_args, with_overrides
     from cl_runner.core.errors import UserError
     from cl_runner.engine.launch import start as start_workers
 
@@ -391,6 +379,8 @@ def _main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         sys.exit(_help(overrides))
     if introspect:  # --cfg job, --info, --hydra-help, ...: Hydra's own
+        if flag_error(argv):
+            _fail(flag_error(argv))
         _hydra_main(argv)
         return
     try:

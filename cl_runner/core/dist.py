@@ -73,11 +73,7 @@ def launch_error(kind: str, nproc_per_node: int | None = None) -> str | None:
     if kind == "none" and found is not None and found["size"] > 1:
         return (f"distributed.kind: none, but {found['size']} processes were started (torchrun/srun); "
                 "add distributed=ddp or distributed=fsdp, or start one process")
-    local = os.environ.get("LOCAL_WORLD_SIZE")
-    if found is not None and nproc_per_node is not None and local is not None and int(local) != nproc_per_node:
-        return (f"distributed.nproc_per_node: {nproc_per_node}, but the launcher started {local} processes on "
-                "this node; leave distributed.nproc_per_node out under torchrun/srun")
-    return None
+    return None  # under torchrun/srun, distributed.nproc_per_node is not used: theirs is the count
 
 
 def printing_rank() -> bool:

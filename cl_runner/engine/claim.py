@@ -113,6 +113,22 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     return metrics if isinstance(metrics, dict) else {}
 
 
+def record_failure(run_dir: Path, code: int, message: str) -> None:
+    """A job that failed before its run wrote anything still leaves a metrics.json saying why (for cl-report);
+    not for a stop by SIGINT/SIGTERM (exit status 130/143), which a resume continues."""
+    import json
+
+    from cl_runner.core.files import write_atomic
+
+    metrics = run_dir / "metrics.json"
+    if code and code not in (130, 143) and run_dir.is_dir() and not metrics.exists():
+        try:
+            write_atomic(metrics, json.dumps({"status": "failed", "exit_code": code, "error": message}, indent=2)
+                         + "\n")
+        except (UserError, OSError):  # a full disk: the one-line error already said why
+            pass
+
+
 def run_is_finished(run_dir: Path) -> bool:
     """Whether ``run_dir``'s metrics.json says the run completed."""
     return read_metrics(run_dir).get("status") == "completed"

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import uuid
+from pathlib import Path
 
 from cl_runner.core.errors import ConfigError
 
@@ -45,6 +46,26 @@ def start(configs: list, argv: list[str]) -> int | None:
         return None
     use_cuda = resolve_device(configs[0].device)[0].type == "cuda"
     return launch(nproc, argv, use_cuda)
+
+
+def resume_processes(cfg, run_dir: Path) -> int | None:
+    """``cl-run resume=DIR`` of a distributed run in a plain process: the number of workers to resume it on (the
+    saved ``distributed.nproc_per_node``, else the world size its metrics.json recorded), set in ``cfg`` (the saved
+    config, not yet validated) so that it validates here; None for a single-process run or under a launcher.
+    Raises ConfigError with the command that resumes this directory when the count is not known."""
+    from cl_runner.core.dist import launch_env
+    from cl_runner.engine.claim import read_metrics
+
+    kind = cfg.distributed.kind
+    if kind == "none" or launch_env() is not None:
+        return None
+    recorded = read_metrics(run_dir).get("distributed") or {}
+    count = cfg.distributed.nproc_per_node or (recorded.get("world_size") if isinstance(recorded, dict) else None)
+    if not isinstance(count, int) or count < 1:
+        raise ConfigError(f"resume: {run_dir} is a distributed={kind} run whose number of processes was not recorded; "
+                          f"resume it with: torchrun --nproc_per_node=<devices> -m cl_runner resume={run_dir}")
+    cfg.distributed.nproc_per_node = count
+    return count
 
 
 def device_errors(nproc: int, use_cuda: bool) -> str | None:

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bad_files import write_model_dirs
 from helpers import REPO, cl_run, hydra_config
 
 DRIVER = REPO / "tests" / "dist_driver.py"
@@ -100,18 +101,75 @@ def test_two_processes_train_the_single_process_run_or_refuse_in_one_line(kind, 
     assert {"mer", "lamol"} & {s for s, v in observed.items() if v == "same run"}
 
 
-@pytest.mark.slow
-def test_cli_under_torchrun_one_run_directory_rank_logs_and_results_from_rank_0(tmp_path):
-    done = torchrun("-m", "cl_runner", "distributed=ddp", "train.epochs=1", "train.keep_best=false",
-                    "checkpoint.enabled=false", cwd=tmp_path)
+CLI_RUN = ("distributed=ddp", "model=tiny", "train.epochs=1", "train.keep_best=false", "checkpoint.enabled=false")
+
+
+def one_run(cwd: Path, done: subprocess.CompletedProcess) -> Path:
+    """The one run directory a 2-process CLI job left, checked as rank 0 alone writes it."""
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    runs = [p for p in (cwd / "outputs").glob("*/*") if p.is_dir()]
     assert len(runs) == 1, runs  # both ranks took rank 0's time-stamped directory
-    run_dir = runs[0]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["distributed"] == {"kind": "ddp", "world_size": 2}
-    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank1.log"]  # rank 0 logs to cl-run's log
+    assert sorted(p.name for p in (runs[0] / "logs").iterdir()) == ["rank1.log"]  # rank 0 logs to cl-run's log
     assert done.stdout.count("Score matrix") == 1  # only rank 0 prints the table
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def torchrun_cli_run(tmp_path_factory) -> Path:
+    """cl-run under torchrun (2 processes, gloo): the run directory."""
+    cwd = tmp_path_factory.mktemp("torchrun_cli")
+    return one_run(cwd, torchrun("-m", "cl_runner", *CLI_RUN, cwd=cwd))
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_one_run_directory_rank_logs_and_results_from_rank_0(torchrun_cli_run):
+    assert (torchrun_cli_run / "accuracy_matrix.csv").is_file()
+
+
+@pytest.mark.slow
+def test_cl_runs_own_workers_train_the_torchrun_run(torchrun_cli_run, tmp_path):
+    """distributed.nproc_per_node=2: cl-run starts the 2 ranks itself (torch's elastic launcher) and they train
+    the run torchrun's ranks train, into one directory, rank 0 alone writing and printing."""
+    done = cl_run(*CLI_RUN, "distributed.nproc_per_node=2", cwd=tmp_path, timeout=600)
+    run_dir = one_run(tmp_path, done)
+    own = (run_dir / "accuracy_matrix.csv").read_text()
+    assert own == (torchrun_cli_run / "accuracy_matrix.csv").read_text()
+    assert "ChildFailedError" not in done.stderr and "torchelastic" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_model_the_workers_refuse_is_one_line_exit_2_and_leaves_nothing_behind(tmp_path):
+    """A bad input only the ranks find (a truncated safetensors file, read after the process group is joined):
+    the ranks agree on the refusal before any leaves, rank 0 undoes the start (no .hydra/, config.yaml, logs/,
+    .lock, metrics.json; the directories the run path needed are removed), rank 0 alone prints, and the job's
+    exit status is the rank's own 2."""
+    write_model_dirs(tmp_path)
+    done = cl_run("distributed=ddp", "distributed.nproc_per_node=2", f"model.name_or_path={tmp_path}/model-truncated",
+                  "hydra.run.dir=new/run", cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("cl-run: error: model.name_or_path: "), done.stderr[-3000:]
+    assert "damaged or truncated" in errors[0] and "Traceback" not in done.stderr
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_bad_input_is_one_line_per_node_before_the_group_is_joined(tmp_path):
+    """Every rank checks the config and its devices before joining the process group (device=cuda without CUDA
+    used to crash in torch.cuda.set_device on every rank); the first rank of the node alone prints. torchrun
+    itself exits 1 and adds its ChildFailedError report, which names the ranks' own status 2."""
+    import torch
+
+    bad = ["train.bogus=1"] if torch.cuda.is_available() else ["device=cuda"]
+    done = torchrun("-m", "cl_runner", "distributed=ddp", *bad, "hydra.run.dir=new/run", cwd=tmp_path, timeout=300)
+    assert done.returncode == 1  # torchrun's status for any failed worker; the rank's own is in its report
+    assert done.stderr.count("cl-run: error:") == 1, done.stderr
+    line = next(line for line in done.stderr.splitlines() if line.startswith("cl-run: error:"))
+    assert ("train.bogus: unknown key" if torch.cuda.is_available() else "device.type: cuda") in line
+    assert "exitcode  : 2" in done.stderr and "set_device" not in done.stderr and "[rank" not in done.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_distributed_run_started_without_torchrun_says_how_to_start_it(tmp_path):
@@ -119,6 +177,7 @@ def test_a_distributed_run_started_without_torchrun_says_how_to_start_it(tmp_pat
     assert done.returncode == 2
     line = done.stderr.strip()
     assert "\n" not in line and "torchrun --nproc_per_node=" in line and "distributed=ddp" in line, line
+    assert "distributed.nproc_per_node=<devices>" in line
     assert not (tmp_path / "outputs").exists()
 
 
