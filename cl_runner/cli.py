@@ -57,6 +57,8 @@ def _stopped(signum: int) -> None:
     name = signal.Signals(signum).name
     if not CLAIMED:
         _remove_new_dirs()  # Hydra creates the run directory before the run claims it
+        if LAST_ERROR[0]:  # a refused start, stopped by its launcher: its one line already said why
+            sys.exit(128 + signum)
     where = (f"; resume with: cl-run resume={CLAIMED[-1]}" if CLAIMED
              else " before any run started; nothing was written")
     print(f"cl-run: stopped by {name}{where}", file=sys.stderr)
@@ -164,9 +166,12 @@ def _exit_code(exc: BaseException, config, run_dir: Path) -> int | None:
         saved = "checkpoint written" if exc.checkpointed else "no checkpoint yet (a resume starts from the beginning)"
         print(f"cl-run: {exc}; {saved}. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
         return 128 + exc.signum
-    if isinstance(exc, UserError):  # a refusal every rank agreed on (engine/claim.py): rank 0 alone says why
-        silent = getattr(exc, "agreed", False) and not dist.world().main
-        return exc.exit_code if silent else _report(str(exc), exc.exit_code)
+    if isinstance(exc, UserError) and getattr(exc, "agreed", False):  # every rank refused (engine/claim.py)
+        CLAIMED.clear()  # the start is undone: a stop signal from the launcher now has nothing to resume
+        LAST_ERROR[0] = " ".join(str(exc).split())
+        return _report(str(exc), exc.exit_code) if dist.world().main else exc.exit_code  # rank 0 alone says why
+    if isinstance(exc, UserError):
+        return _report(str(exc), exc.exit_code)
     if isinstance(exc, FloatingPointError):
         return _report(f"{exc}; lower train.lr, or use bf16 instead of fp16", EXIT_DIVERGED)
     if isinstance(exc, torch_oom()):
@@ -302,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     previous = {s: signal.signal(s, _stop_now) for s in (signal.SIGINT, signal.SIGTERM)}
     for found in (CLAIMED, NEW_DIRS, FAILURES, STOP_SIGNAL, PLANNED):  # main() may run more than once (tests)
         found.clear()
+    LAST_ERROR[0] = ""
     try:
         ended = _main_until_exit(list(sys.argv[1:] if argv is None else argv))
     finally:

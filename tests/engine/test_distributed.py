@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,18 +141,23 @@ def test_cl_runs_own_workers_train_the_torchrun_run(torchrun_cli_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_model_the_workers_refuse_is_one_line_exit_2_and_leaves_nothing_behind(tmp_path):
-    """A bad input only the ranks find (a truncated safetensors file, read after the process group is joined):
-    the ranks agree on the refusal before any leaves, rank 0 undoes the start (no .hydra/, config.yaml, logs/,
-    .lock, metrics.json; the directories the run path needed are removed), rank 0 alone prints, and the job's
-    exit status is the rank's own 2."""
+def test_a_model_one_worker_refuses_is_one_line_exit_2_and_leaves_nothing_behind(tmp_path):
+    """A bad input only a rank finds after the process group is joined, and only rank 1 (its model path names
+    its rank: a truncated safetensors file; rank 0's model is good): the ranks agree on the refusal before any
+    leaves, so rank 0 is not killed by the launcher halfway through its start but undoes it (no .hydra/,
+    config.yaml, logs/, .lock, metrics.json; the directories the run path needed are removed); rank 0 alone
+    prints, and the job's exit status is the rank's own 2."""
     write_model_dirs(tmp_path)
-    done = cl_run("distributed=ddp", "distributed.nproc_per_node=2", f"model.name_or_path={tmp_path}/model-truncated",
-                  "hydra.run.dir=new/run", cwd=tmp_path, timeout=300)
+    shutil.copytree(tmp_path / "model-ok", tmp_path / "model-0")
+    shutil.copytree(tmp_path / "model-truncated", tmp_path / "model-1")
+    done = cl_run("distributed=ddp", "distributed.nproc_per_node=2", "model.name_or_path=model-${oc.env:RANK,ok}",
+                  "train.max_length=64", "hydra.run.dir=new/run", cwd=tmp_path, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("cl-run: error: model.name_or_path: "), done.stderr[-3000:]
-    assert "damaged or truncated" in errors[0] and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower() or "stopped" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("cl-run: error: rank 1: model.name_or_path: model-1/model.safetensors is damaged "
+                                "or truncated"), errors
+    assert "Traceback" not in done.stderr
     assert not (tmp_path / "new").exists()
 
 
