@@ -164,7 +164,8 @@ def _exit_code(exc: BaseException, config, run_dir: Path) -> int | None:
 
     if isinstance(exc, RunInterrupted):
         saved = "checkpoint written" if exc.checkpointed else "no checkpoint yet (a resume starts from the beginning)"
-        print(f"cl-run: {exc}; {saved}. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
+        if dist.world().main:  # every rank stopped at the same step: one line for the job
+            print(f"cl-run: {exc}; {saved}. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
         return 128 + exc.signum
     if isinstance(exc, UserError) and getattr(exc, "agreed", False):  # every rank refused (engine/claim.py)
         CLAIMED.clear()  # the start is undone: a stop signal from the launcher now has nothing to resume

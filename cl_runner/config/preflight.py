@@ -267,11 +267,6 @@ def _parse(parser, overrides: list[str]) -> list:
     for text in overrides:
         try:
             parsed.extend(parser.parse_overrides([text]))
-            if not parsed[-1].key_or_group:
-                raise ValueError(f"{text}: not an override: the key before '=' is missing (expected key=value, "
-                                 "e.g. strategy=ewc)")
-        except ValueError:
-            raise
         except Exception as exc:
             key, _, value = text.partition("=")
             quote = '"' if "'" in value else "'"
@@ -279,6 +274,9 @@ def _parse(parser, overrides: list[str]) -> list:
                 raise ValueError(f"{text}: not an override (expected key=value): {one_line(exc)}") from None
             raise ValueError(f"{key}: cannot parse the value {value!r} (spaces and characters such as # ! & ; ( ) "
                              f"need quotes); quote it: {key}={quote}{value}{quote}") from None
+        if not parsed[-1].key_or_group:  # "=5": Hydra would take it for a config group named ""
+            raise ValueError(f"{text}: not an override: the key before '=' is missing (expected key=value, "
+                             "e.g. strategy=ewc)")
     return parsed
 
 
@@ -378,12 +376,12 @@ def _group_value(exc: BaseException, parsed: list) -> str | None:
     """Hydra's "Config group override must be a string or a list. Got int" as one line naming the group."""
     if "Config group override must be" not in str(exc):
         return None
+    groups = _groups()
     for override in parsed:
-        value = override.value()
-        if not isinstance(value, str | list) and override.get_key_element().lstrip("+~") in _groups():
-            group = override.get_key_element().lstrip("+~")
+        group, value = override.get_key_element().lstrip("+~"), override.value()
+        if group in groups and not isinstance(value, str | list):
             return (f"{group}: expected the name of a {group} option (a file of conf/{group}/, e.g. "
-                    f"{group}={_groups()[group][0]}), got {value!r}")
+                    f"{group}={groups[group][0]}), got {value!r}")
     return None
 
 

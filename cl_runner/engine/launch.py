@@ -97,8 +97,9 @@ def launch(nproc: int, argv: list[str], use_cuda: bool) -> int:
         raise ConfigError(problem)
     # the agent's own reports (start-up settings, "Sending process ... closing signal", the failure table): the
     # ranks print their errors themselves, and this process maps the outcome to one exit status
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:  # each module's has its own level
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun does: N processes on one node share its cores
     config = LaunchConfig(

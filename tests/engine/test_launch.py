@@ -74,6 +74,19 @@ def test_the_job_exits_with_the_first_failing_ranks_own_status(monkeypatch):
     assert config.rdzv_backend == "c10d" and config.rdzv_endpoint == "localhost:0"  # torchrun --standalone
 
 
+def test_a_signal_to_cl_run_ends_the_job_with_its_status(monkeypatch):
+    """SIGTERM to cl-run while the workers run: torch's agent passes it on to them (they checkpoint and stop) and
+    raises SignalException; the job's status is 143, as a single process's."""
+    import torch.distributed.launcher.api as api
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def stopped(*args):
+        raise SignalException("stopped", sigval=signal.SIGTERM)
+
+    monkeypatch.setattr(api, "elastic_launch", lambda config, entrypoint: stopped)
+    assert launch.launch(2, [], use_cuda=False) == 143
+
+
 def test_more_cuda_workers_than_devices_are_refused_before_any_starts(monkeypatch):
     import torch
 
