@@ -104,10 +104,17 @@ class DistributedConfig:
     #                                 null = the weights' own dtype (autocast still follows device.precision)
     reduce_dtype: str | None = None  # fsdp: dtype of the gradient reduce-scatter; null = the gradients' dtype
     cpu_offload: bool = False  # fsdp: keep sharded weights, gradients and optimizer state in host memory
+    nproc_per_node: int | None = None  # cl-run starts this many processes itself (one node); null: started by
+    #                                    torchrun or srun (engine/launch.py)
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         _choice(errs, f"{key}.kind", self.kind, ("none", "ddp", "fsdp"))
+        if self.nproc_per_node is not None:
+            _positive(errs, f"{key}.nproc_per_node", self.nproc_per_node)
+            if self.kind == "none" and self.nproc_per_node > 1:
+                errs.append(f"{key}.nproc_per_node: {self.nproc_per_node} processes need distributed=ddp or "
+                            "distributed=fsdp (distributed.kind is none)")
         _choice(errs, f"{key}.wrap", self.wrap, ("block", "model"))
         for name in ("param_dtype", "reduce_dtype"):
             value = getattr(self, name)
@@ -392,7 +399,7 @@ class Config:
         errs += self.logger.errors("logger")
         if not 0 <= self.seed <= SEED_MAX:
             errs.append(f"seed: expected a non-negative integer, at most {SEED_MAX}, got {self.seed}")
-        launch = launch_error(self.distributed.kind)
+        launch = launch_error(self.distributed.kind, self.distributed.nproc_per_node)
         if launch:
             errs.append(launch)
         if self.distributed.kind == "fsdp" and self.device.precision == "fp16":

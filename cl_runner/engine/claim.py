@@ -1,17 +1,55 @@
 """Claiming a run directory before a run writes into it: rank 0, holding the directory's lock, decides whether the
 run starts afresh, continues, or has nothing to do, and tells the other ranks, which wait for its word before
-loading anything; the caller's hooks run once the directory is claimed and when the run ends. A resume continues
-the saved config; only the options in ``NEUTRAL_ON_RESUME`` (which cannot change a result) may be given with it.
+loading anything; the caller's hooks run once the directory is claimed and when the run ends. Once loaded, the
+ranks agree that every one of them accepted the inputs (``agreed``) before any of them goes on or gives up, so that
+a start one rank refuses is undone by rank 0 while every rank still lives. A resume continues the saved config;
+only the options in ``NEUTRAL_ON_RESUME`` (which cannot change a result) may be given with it.
 
 No torch here: cl-run (cli.py) subclasses ``RunHooks`` and reads ``run_is_finished`` before the engine loads."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cl_runner.core import dist
 from cl_runner.core.errors import UserError
+
+T = TypeVar("T")
+
+
+class Refused(UserError):
+    """A start that some rank refused (bad data, model, option), raised on every rank with the first refusing
+    rank's line and exit status; ``agreed``: every rank knows, so only rank 0 prints it."""
+
+    agreed = True
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def agreed(load: Callable[[], T]) -> T:
+    """``load()`` on every rank, then the ranks compare: when any rank refused its inputs (a UserError), or failed,
+    every rank raises Refused with the lowest such rank's line, so that none leaves before the others know (under
+    torchrun a rank that exits first gets the others killed, rank 0 among them, in the middle of its clean-up).
+    One process: ``load()`` as it is. ``load`` must run no collective before the point where it can fail."""
+    if not dist.world().distributed:
+        return load()
+    try:
+        result, mine = load(), None
+    except UserError as exc:
+        result, mine, error = None, (str(exc), exc.exit_code), exc
+    except Exception as exc:  # noqa: BLE001 - an unexpected error on one rank: every rank must still leave in order
+        result, mine, error = None, (f"{type(exc).__name__}: {exc}", 1), exc
+    found = [(rank, told) for rank, told in enumerate(dist.all_gather_objects(mine)) if told is not None]
+    if not found:
+        return result
+    rank, (message, code) = found[0]
+    if mine is not None and not isinstance(error, UserError) and rank == dist.world().rank:
+        raise error  # this rank's own unexpected error, with its traceback under debug=true
+    raise Refused(message if rank == 0 else f"rank {rank}: {message}", code)
 
 
 class RunHooks:
@@ -74,6 +112,22 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return metrics if isinstance(metrics, dict) else {}
+
+
+def record_failure(run_dir: Path, code: int, message: str) -> None:
+    """A job that failed before its run wrote anything still leaves a metrics.json saying why (for cl-report);
+    not for a stop by SIGINT/SIGTERM (exit status 130/143), which a resume continues."""
+    import json
+
+    from cl_runner.core.files import write_atomic
+
+    metrics = run_dir / "metrics.json"
+    if code and code not in (130, 143) and run_dir.is_dir() and not metrics.exists():
+        try:
+            write_atomic(metrics, json.dumps({"status": "failed", "exit_code": code, "error": message}, indent=2)
+                         + "\n")
+        except (UserError, OSError):  # a full disk: the one-line error already said why
+            pass
 
 
 def run_is_finished(run_dir: Path) -> bool:

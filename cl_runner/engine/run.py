@@ -24,7 +24,7 @@ from cl_runner.core import dist
 from cl_runner.core.files import write_atomic
 from cl_runner.engine.assembly import RunParts, build_parts
 from cl_runner.engine.checkpoint_policy import CheckpointPolicy
-from cl_runner.engine.claim import RunHooks, claim, read_metrics
+from cl_runner.engine.claim import Refused, RunHooks, agreed, claim, read_metrics
 from cl_runner.engine.resume import start_state
 from cl_runner.engine.run_state import RunState
 from cl_runner.engine.runtime import RunInterrupted, StopRequest, join, resolve_device, run_lock, stop_signals
@@ -58,17 +58,22 @@ def run(cfg: Config, run_dir: Path, config_yaml: str = "", console: Console | No
     run_dir, hooks = Path(run_dir), hooks or RunHooks()
     resolve_device(cfg.device)  # a device that is not there: refused before the directory is touched
     world = dist.world() if dist.world().kind == cfg.distributed.kind else join(cfg)
-    with run_lock(run_dir) if world.main else nullcontext():  # rank 0 holds the lock and writes the files
-        resume = claim(run_dir, config_yaml, resume, hooks)
-        if resume is None:
-            return read_metrics(run_dir) if world.main else {}
-        try:
-            metrics = _start(cfg, run_dir, config_yaml, console or Console(quiet=not world.main), base_dir, resume)
-        except BaseException as exc:
-            hooks.ended(run_dir, exc)
-            raise
-        hooks.ended(run_dir, None)
-        return metrics
+    try:
+        with run_lock(run_dir) if world.main else nullcontext():  # rank 0 holds the lock and writes the files
+            resume = claim(run_dir, config_yaml, resume, hooks)
+            if resume is None:
+                return read_metrics(run_dir) if world.main else {}
+            try:
+                metrics = _start(cfg, run_dir, config_yaml, console or Console(quiet=not world.main), base_dir,
+                                 resume)
+            except BaseException as exc:
+                hooks.ended(run_dir, exc)
+                raise
+            hooks.ended(run_dir, None)
+            return metrics
+    except Refused:  # every rank waits until rank 0 has undone the refused start and let go of the lock
+        dist.barrier()
+        raise
 
 
 def _start(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_dir: Path | None,
@@ -101,7 +106,7 @@ def _mark_interrupted(run_dir: Path) -> None:
 
 def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    parts = build_parts(cfg, run_dir, base_dir)
+    parts = agreed(lambda: build_parts(cfg, run_dir, base_dir))  # every rank accepted the inputs, or none goes on
     cost.start(parts.device)  # CUDA's peak memory counts from here (the cost block of metrics.json)
     writer = (RunWriter(run_dir, parts.names, parts.monitors.names) if parts.world.main
               else RankWriter(run_dir, parts.names))

@@ -207,6 +207,27 @@ CASES = [
      "tasks/null_target.yaml: target_column: expected a string, got null"),
     ("csv quote never closed", [csv_task("open_quote.csv")],
      "tasks.tasks.0.data_files: {tmp}/open_quote.csv line 3 opens a quoted value (\") that is never closed"),
+    # --- round three: weak messages of the command line
+    ("unknown flag", ["--nonsense"], "cl-run: error: --nonsense: unknown option; see cl-run --help"),
+    ("flag with a value it does not take", ["--cfg", "bogus"],
+     "argument --cfg/-c: invalid choice: 'bogus' (choose from 'job', 'hydra', 'all'); see cl-run --help"),
+    ("override without a key", ["=5"], "=5: not an override: the key before '=' is missing (expected key=value"),
+    ("number for a config group", ["strategy=5"],
+     "strategy: expected the name of a strategy option (a file of conf/strategy/, e.g. strategy=adapters), got 5"),
+    # --- several processes started by cl-run itself (distributed.nproc_per_node): refused before any starts
+    ("bad key with cl-run's own workers", ["distributed=ddp", "distributed.nproc_per_node=2", "train.bogus=1"],
+     "train.bogus: unknown key"),
+    ("workers without a distributed kind", ["distributed.nproc_per_node=2"],
+     "distributed.nproc_per_node: 2 processes need distributed=ddp or distributed=fsdp"),
+    ("no workers", ["distributed=fsdp", "distributed.nproc_per_node=0"],
+     "distributed.nproc_per_node: expected a positive number, got 0"),
+    ("cuda workers without CUDA", ["distributed=ddp", "distributed.nproc_per_node=2", "device=cuda"],
+     "device.type: cuda was requested but no CUDA device is visible"),
+    ("distributed run in one plain process", ["distributed=ddp"],
+     "distributed.kind: ddp needs one process per device: add distributed.nproc_per_node=<devices>"),
+    ("resume a distributed run of unknown size", ["resume={tmp}/distrun"],
+     "resume: {tmp}/distrun is a distributed=ddp run whose number of processes was not recorded; resume it with: "
+     "torchrun --nproc_per_node=<devices> -m cl_runner resume={tmp}/distrun"),
     # --- cl-report: it writes only where asked, so a refusal writes nothing
     ("cl-report --paper on an empty directory", ["cl-report", "--paper", "{tmp}/empty"],
      "cl-report: error: {tmp}/empty: no runs found"),
@@ -275,6 +296,11 @@ def write_runs(root):
         (run / "checkpoints" / "ckpt-000001").mkdir(parents=True)
         (run / "checkpoints" / "ckpt-000001" / "manifest.json").write_text("{}\n")
         (run / "cli.log").write_text("the run's own log\n")
+    distrun = root / "distrun"  # a distributed run killed before its metrics.json said on how many processes
+    distrun.mkdir()
+    with initialize_config_dir(str(cli.CONF_DIR), version_base="1.3"):
+        (distrun / "config.yaml").write_text(OmegaConf.to_yaml(compose("config", overrides=["distributed=ddp"]),
+                                                               resolve=True))
     (root / "busy" / ".lock").write_text("")
     (root / "readonly").chmod(0o555)
     (root / "empty").mkdir()
@@ -321,4 +347,4 @@ def test_bad_input_exits_2_with_one_line(case, args, message, workspace, monkeyp
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) >= 119
+    assert len(CASES) >= 129
