@@ -181,7 +181,7 @@ class Adapters(Strategy):
 
     def takeaway(self, ctx: Context) -> Takeaway:
         """The adapters ``before_eval`` makes active for each task (merge, shared_lora: all of them)."""
-        every = self.shared or self.cfg.merge or type(self).before_eval is not Adapters.before_eval
+        every = self.shared or type(self).before_eval is not Adapters.before_eval or self.cfg.merge  # merge: no .merge
         return Takeaway(adapters={name: self.names() if every else [adapter_name(j)] if j < self.created else []
                                   for j, name in enumerate(ctx.task_names)})
 

@@ -71,7 +71,8 @@ def check_targets(model: torch.nn.Module, targets: list[str] | None) -> None:
     modules = dict(model.named_modules())
     choices = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, adaptable)})
     for target in targets:
-        matched = [m for n, m in modules.items() if n == target or n.endswith(f".{target}")]
+        # a layer peft already wrapped (FSDP injects adapters before sharding, so before this check): its base
+        matched = [getattr(m, "base_layer", m) for n, m in modules.items() if n == target or n.endswith(f".{target}")]
         if not any(isinstance(m, adaptable) for m in matched):
             what = f"is a {type(matched[0]).__name__}, which LoRA cannot adapt" if matched else "matches no module"
             raise ConfigError(f"strategy.target_modules: {target!r} {what}{close_match(target, choices)} "

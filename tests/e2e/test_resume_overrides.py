@@ -47,7 +47,13 @@ def test_a_neutral_override_resumes_to_the_same_matrix_and_another_is_refused(ru
         cli.main([f"resume={run_dir}", "strategy.fisher_batch_size=4", "train.eval_batch_size=5",
                   "train.log_every=3"])
     assert ended.value.code in (0, None)
-    assert outcome(run_dir) == expected
+    # the matrix and metrics; not the saved weights' bytes: a Fisher summed in batches of 4 instead of 16 rounds
+    # differently in its last bits (docs/checkpoints.md: batching options are neutral up to float rounding)
+    (matrix, metrics), (want_matrix, want_metrics) = outcome(run_dir), expected
+    assert matrix == want_matrix
+    assert {k: v for k, v in metrics.items() if k != "saved_model"} == {
+        k: v for k, v in want_metrics.items() if k != "saved_model"}
+    assert metrics["saved_model"].keys() == want_metrics["saved_model"].keys()
 
 
 def test_the_allowed_keys_and_groups():

@@ -178,7 +178,7 @@ def test_what_cannot_work_with_an_encoder_decoder_is_refused(overrides, line):
 def test_a_strategy_is_refused_once_the_model_is_loaded_when_the_config_could_not_tell(t5):
     model, _ = t5
     assert not config_is_encoder_decoder(ModelConfig(name_or_path="google-t5/t5-large"))  # not cached: no network
-    loaded = SimpleNamespace(model=model, kind=kind_of(model))  # what Strategy.check reads of the context
+    loaded = SimpleNamespace(model=model, kind=kind_of(model), device=torch.device("cpu"))  # what Strategy.check reads
     with pytest.raises(ConfigError, match="strategy.name: progressive is not supported with an encoder-decoder"):
         strategy_class("progressive")(strategy_class("progressive").Config()).check(loaded)
     with pytest.raises(ConfigError, match="strategy.fisher: sampled is not supported with an encoder-decoder"):
