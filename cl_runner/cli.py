@@ -89,7 +89,7 @@ def _report(message: str, code: int) -> int:
     rank = "" if dist.world().main else f"[rank {dist.world().rank}] "
     print(f"cl-run: {rank}error: {' '.join(message.split())}", file=sys.stderr)
     LAST_ERROR[0] = " ".join(message.split())
-    return code
+    return 0
 
 
 def _world(config) -> dist.World:
@@ -372,6 +372,29 @@ def _help(overrides: list[str]) -> int:
     return 0
 
 
+def _plan(overrides: list[str], multirun: bool) -> int:
+    """``cl-run ... --plan``: every job's memory plan per rank (engine/memory_plan.py), nothing loaded or run;
+    exit 0, or 2 (its one line) when a job cannot fit."""
+    from cl_runner.core.errors import UserError
+    from cl_runner.engine import memory_plan
+    from cl_runner.engine.runtime import resolve_device
+
+    try:
+        jobs = preflight(overrides, multirun).jobs
+        for job in jobs:
+            device, precision = resolve_device(job.config.device)
+            memory = memory_plan.plan(job.config, device=device, precision=precision)
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(("" if len(jobs) == 1 else f"{job.key}\n") + memory.text())
+            if not memory.fits():
+                _fail(memory_plan.refusal(memory, job.config))
+    except (ValueError, UserError) as exc:
+        _fail(str(exc))
+    except OSError as exc:  # the model's config cannot be read (a hub model not in the local cache)
+        _fail(f"memory plan: cannot read the model's config ({one_line(exc)})")
+    return 0
+
+
 def _main(argv: list[str]) -> None:
     from cl_runner.config.preflight import search_path_args, with_overrides
     from cl_runner.core.errors import UserError
@@ -380,13 +403,16 @@ def _main(argv: list[str]) -> None:
         argv, search = search_path_args(argv)
     except ValueError as exc:
         _fail(str(exc))
-    overrides, multirun, introspect = split_args(argv)
+    plan_only = "--plan" in argv
+    overrides, multirun, introspect = split_args([a for a in argv if a != "--plan"])
     resume = [o for o in overrides if o.split("=", 1)[0] == "resume"]
     if resume:  # the saved config is complete: config directories do not matter
         sys.exit(resume_run(resume[0].split("=", 1)[1], [o for o in argv if o != resume[0]]))
     overrides, argv = [*overrides, *search], with_overrides(argv, search)
     if "--help" in argv or "-h" in argv:
         sys.exit(_help(overrides))
+    if plan_only:
+        sys.exit(_plan(overrides, multirun))
     if introspect:  # --cfg job, --info, --hydra-help, ...: Hydra's own
         _hydra_main(argv)
         return

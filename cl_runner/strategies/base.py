@@ -111,6 +111,36 @@ def derived_seed(seed: int, task: int, salt: int) -> int:
 
 
 @dataclass
+class ModelSize:
+    """The model a memory plan is made for, before anything loads (engine/memory_plan.py): ``model`` is built on
+    the meta device (shapes only, no memory); ``parameters`` counts shared ones once."""
+
+    model: torch.nn.Module
+    parameters: int
+    param_bytes: int  # bytes per weight element (model.dtype)
+    tasks: int
+    max_length: int
+    vocab: int
+
+
+@dataclass
+class StateNeeds:
+    """What a strategy adds to one rank's memory beyond the model, its gradients and its optimizer (``Strategy.
+    memory_needs``). ``sharded_bytes``: copies of parameters (anchors, teachers, stored gradients), divided
+    among the ranks under FSDP as the weights are; ``local_bytes``: what every rank holds whole (buffers);
+    ``trainable``: the parameters the optimizer updates (None: all of the model's)."""
+
+    sharded_bytes: int = 0
+    local_bytes: int = 0
+    trainable: int | None = None
+
+    def __add__(self, other: StateNeeds) -> StateNeeds:
+        both = [t for t in (self.trainable, other.trainable) if t is not None]
+        return StateNeeds(self.sharded_bytes + other.sharded_bytes, self.local_bytes + other.local_bytes,
+                          max(both) if both else None)
+
+
+@dataclass
 class StrategyConfig:
     """The options every strategy has; a strategy's own config subclasses it (beside the strategy's class)."""
 
@@ -160,6 +190,11 @@ class Strategy:
         first: it refuses a model the strategy does not support (``supports``) when the config check could not
         tell the model's kind."""
         refuse_model(type(self), self.cfg, ctx.kind)
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """What this strategy will hold during the run, estimated before the model loads (the memory plan):
+        nothing by default. Count the largest it gets over ``size.tasks`` tasks."""
+        return StateNeeds()
 
     def before_shard(self, ctx: Context) -> None:
         """Under FSDP only, once, before the model is sharded (``ctx.model`` whole, nothing evaluated or trained

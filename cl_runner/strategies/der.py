@@ -32,7 +32,7 @@ import torch
 from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import Encoded, target_mask, token_nll
-from cl_runner.strategies.base import Context, trainable_parameters
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, trainable_parameters
 from cl_runner.strategies.buffer import BufferConfig, BufferGradients
 from cl_runner.strategies.common import evaluating
 from cl_runner.strategies.gem import examples_gradient, step_gradients
@@ -116,6 +116,14 @@ class DER(BufferGradients):
         self.logits: dict[int, Stored] = {}  # der_id -> the stored logits of a buffer example
         self.next_id = 0  # the der_id of the next example offered
         self._distance = torch.zeros(())  # the logit term of the current step, summed over positions
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """The buffer, and its logits at up to ``max_length`` positions per example (``top_k``: the k largest
+        with their int64 indices)."""
+        per_position = (self.cfg.top_k * (getattr(torch, self.cfg.logit_dtype).itemsize + 8) if self.cfg.top_k
+                        else size.vocab * getattr(torch, self.cfg.logit_dtype).itemsize)
+        return super().memory_needs(size) + StateNeeds(
+            local_bytes=self.cfg.buffer_size * size.max_length * per_position)
 
     def after_task(self, ctx: Context) -> None:
         first = self.next_id

@@ -89,6 +89,7 @@ class L2(AnchorPenalty):
 
     name = "l2"
     Config = L2Config
+    copies = 1  # the anchor
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, lam=cfg.l2_lambda)

@@ -119,6 +119,7 @@ class SI(AnchorPenalty):
     during a step two transient copies (the gradient, the weights before the step)."""
 
     name = "si"
+    copies = 6  # anchor, importance, omega, the task's start; the step's gradient and weights (transient)
     Config = SIConfig
 
     def __init__(self, cfg: Any) -> None:
