@@ -372,29 +372,6 @@ def _help(overrides: list[str]) -> int:
     return 0
 
 
-def _plan(overrides: list[str], multirun: bool) -> int:
-    """``cl-run ... --plan``: every job's memory plan per rank (engine/memory_plan.py), nothing loaded or run;
-    exit 0, or 2 (its one line) when a job cannot fit."""
-    from cl_runner.core.errors import UserError
-    from cl_runner.engine import memory_plan
-    from cl_runner.engine.runtime import resolve_device
-
-    try:
-        jobs = preflight(overrides, multirun).jobs
-        for job in jobs:
-            device, precision = resolve_device(job.config.device)
-            memory = memory_plan.plan(job.config, device=device, precision=precision)
-            if os.environ.get("LOCAL_RANK", "0") == "0":
-                print(("" if len(jobs) == 1 else f"{job.key}\n") + memory.text())
-            if not memory.fits():
-                _fail(memory_plan.refusal(memory, job.config))
-    except (ValueError, UserError) as exc:
-        _fail(str(exc))
-    except OSError as exc:  # the model's config cannot be read (a hub model not in the local cache)
-        _fail(f"memory plan: cannot read the model's config ({one_line(exc)})")
-    return 0
-
-
 def _main(argv: list[str]) -> None:
     from cl_runner.config.preflight import search_path_args, with_overrides
     from cl_runner.core.errors import UserError
@@ -411,13 +388,15 @@ def _main(argv: list[str]) -> None:
     overrides, argv = [*overrides, *search], with_overrides(argv, search)
     if "--help" in argv or "-h" in argv:
         sys.exit(_help(overrides))
-    if plan_only:
-        sys.exit(_plan(overrides, multirun))
     if introspect:  # --cfg job, --info, --hydra-help, ...: Hydra's own
         _hydra_main(argv)
         return
     try:
         plan = preflight(overrides, multirun)  # glob() sweeps written out over the whole search path
+        if plan_only:  # each job's memory plan, nothing loaded; a job that cannot fit: its one line, exit 2
+            from cl_runner.engine.memory_plan import print_plans
+
+            sys.exit(print_plans(plan.jobs))
         path = output_dir(plan.jobs[0].composed, multirun)
         _world(plan.jobs[0].config)  # under torchrun: the process group, before the ranks agree on the directory
     except (ValueError, UserError) as exc:

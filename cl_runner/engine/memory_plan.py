@@ -224,3 +224,22 @@ def check(cfg: Config, device: torch.device, precision: str) -> MemoryPlan | Non
         raise ConfigError(refusal(memory, cfg) if memory is not None and not memory.fits() else
                           "memory plan: the run does not fit another rank's memory (its own line says by how much)")
     return memory
+
+
+def print_plans(jobs: list) -> int:
+    """``cl-run ... --plan``: print every job's plan (preflight's jobs), nothing loaded; returns 0, or raises
+    ConfigError (the refusal's line) when a job cannot fit."""
+    from cl_runner.engine.runtime import resolve_device
+
+    for job in jobs:
+        device, precision = resolve_device(job.config.device)
+        try:
+            memory = plan(job.config, device=device, precision=precision)
+        except OSError as exc:  # a hub model's config not in the local cache
+            raise ConfigError(f"memory plan: cannot read the model's config ({' '.join(str(exc).split())[:200]})"
+                              ) from None
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(("" if len(jobs) == 1 else f"{job.key}\n") + memory.text())
+        if not memory.fits():
+            raise ConfigError(refusal(memory, job.config))
+    return 0
