@@ -89,7 +89,7 @@ def _report(message: str, code: int) -> int:
     rank = "" if dist.world().main else f"[rank {dist.world().rank}] "
     print(f"cl-run: {rank}error: {' '.join(message.split())}", file=sys.stderr)
     LAST_ERROR[0] = " ".join(message.split())
-    return 0
+    return code
 
 
 def _world(config) -> dist.World:
