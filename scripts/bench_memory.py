@@ -25,7 +25,7 @@ GPT2_SMALL = ["model.arch.n_layer=12", "model.arch.n_embd=768", "model.arch.n_he
 CASES = {
     "tiny": [],
     "tiny_ewc": ["strategy=ewc"],
-    "gpt2_small": [*GPT2_SMALL, "train.batch_size=4", "train.max_length=256"],
+    "gpt2_small": [*GPT2_SMALL, "train.batch_size=2", "train.max_length=256"],
 }
 
 

@@ -6,19 +6,50 @@ RAM shared by the ranks on it) is refused in one line naming what would make it 
 The parameters come from the model's config alone: the model is built on the meta device (shapes, no memory), from
 ``model.arch`` (its vocabulary at most ``model.tokenizer_vocab_size``) or the pretrained model's config.json (a hub
 model's from the local cache only). Under FSDP the weights, gradients, optimizer states and the strategy's parameter
-copies are divided among the ranks, plus the blocks FSDP gathers at a time. Activations are the usual transformer
-count per token and layer (at full ``train.max_length``: the longest batch; Korthikanti et al., 2022: the block's
-input, norms, q/k/v, attention output and the MLP's hidden states; with fused attention, no sequence-squared term),
-in the autocast dtype, plus the fp32 logits, their log-softmax and their gradient; with
-``train.activation_checkpointing`` one input per block plus one block recomputed at a time. What it leaves out: the
-framework itself (Python, torch, the tokenizer: a few hundred MB of host memory), evaluation's batches
-(``train.eval_batch_size``) and allocator fragmentation."""
+copies are divided among the ranks, plus the blocks FSDP gathers at a time.
+
+Activations: what autograd saves for the backward of one micro-batch of ``b`` examples of ``L`` tokens (at full
+``train.max_length``, plus the soft-prompt tokens of prompt strategies: the longest batch), in the autocast dtype
+(``a`` bytes; ``n``: a dropout's saved noise, ``a`` bytes on CPU, where torch multiplies by a float noise tensor,
+1 on CUDA, a bool mask), per token, with ``h`` the hidden width, ``q`` and ``kv`` the query and key/value widths
+(heads x head size), ``i`` the MLP's width, ``H`` the heads, ``V`` the vocabulary:
+
+- per block ``6h + 2q + 2kv + m i + H + c`` elements: the two norms' inputs and outputs (an RMSNorm also its
+  normalised input), q, k, v and the attention's output, the MLP's hidden states (``m = s + 1``, gated ``s + 3``,
+  with ``s`` what the activation function itself saves per element, probed once on a small tensor: 1 for
+  GELU/SiLU, 4 for GPT-2's tanh ``gelu_new``), the attention's log-sum-exp (H), the norms' statistics
+  (``c`` = 4 for LayerNorm, 2 for RMSNorm);
+- plus ``2h`` noise elements per block with a hidden dropout (the two residual branches' dropouts);
+- unfused attention (``attn_implementation=eager``, or sdpa with attention dropout on CPU, where torch's sdpa
+  falls back to its math path): the probabilities, ``H L`` elements per token instead of the log-sum-exp, and with
+  attention dropout also its noise and its output (``H L (a + n)`` bytes): the sequence-squared term;
+- once: the final norm (``2h + 2`` elements, RMSNorm ``3h + 1``), the embedding dropout's noise (``h``), the
+  loss's fp32 log-softmax (``4 V`` bytes).
+
+Measured with ``torch.autograd.graph.saved_tensors_hooks`` (the bytes autograd keeps, exact and independent of
+load), this matches GPT-2 and Llama (GQA, eager or sdpa, dropout or not) within 1-7% (tests/engine/
+test_memory_plan.py checks it). The backward's peak adds the logits the loop holds (``a V``) and the fp32
+gradients of the log-softmax and of its input (``8 V``). With ``train.activation_checkpointing`` each block
+keeps only its input (``h`` elements) and one block is recomputed at a time. With ``train.loss_chunk_tokens``
+the log-softmax exists for one chunk at a time. A strategy's batched per-example-gradient pass at a task's end
+(EWC's Fisher, MAS: ``StateNeeds.gradient_examples``) holds one gradient of the trained parameters per example
+and, under ``torch.func.vmap(grad(...))``, more than the eval-mode activations of those examples with unfused
+attention (``VMAP_FACTOR`` = 1.25 of them: measured by peak RSS 1.1-1.3x after training steps in
+scripts/bench_memory.py, where the pass reuses memory the allocator kept, and 1.7-2.0x for the pass alone in a
+fresh process, GPT-2 and Llama at 128 and 256 tokens), while the training's gradients and activations are gone:
+the plan's activation row is the larger of the two passes.
+
+What it leaves out: the framework itself (Python, torch, the tokenizer: a few hundred MB of host memory; the
+measured figures of scripts/bench_memory.py are the rise from just before the model is built), evaluation's
+batches (``train.eval_batch_size``), the rotary tables, allocator fragmentation, and that a frozen layer (adapters,
+prompts) saves no input for its weight's gradient (the plan over-counts those). On CUDA under bf16 autocast,
+a linear layer's input is also kept in its bf16 copy (not modelled)."""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -31,18 +62,33 @@ from cl_runner.strategies import build_strategy
 from cl_runner.strategies.base import ModelSize, StateNeeds
 
 GIB = 2**30
-LOGIT_COPIES = 3  # fp32 logits, the cross-entropy's log-softmax, the logits' gradient
+# dropout rates under the names configs give them (the first one present is used)
+HIDDEN_DROPOUT = ("resid_pdrop", "hidden_dropout", "hidden_dropout_prob", "dropout", "dropout_rate")
+ATTENTION_DROPOUT = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")
+EMBEDDING_DROPOUT = ("embd_pdrop", *HIDDEN_DROPOUT)
+# torch.func's vmap(grad) of a batch keeps more than a plain backward of it does with unfused attention (the
+# module docstring: 1.1-1.3x within a training process, up to 2x for the pass alone in a fresh one)
+VMAP_FACTOR = 1.25
 
 
 @dataclass
 class Shape:
-    """The dimensions activations depend on, from the model's config."""
+    """The dimensions and choices activations depend on, from the model's config (see the module docstring)."""
 
     hidden: int
     layers: int
     intermediate: int
     vocab: int
-    gated: bool = False  # a gated MLP (Llama's gate_proj): one more hidden state of the MLP's width
+    heads: int = 1
+    q_width: int = 0  # heads x head size (0: hidden)
+    kv_width: int = 0  # key/value heads x head size (0: hidden)
+    gated: bool = False  # a gated MLP (Llama's gate_proj): two more hidden states of the MLP's width
+    act_saved: float = 1.0  # elements the MLP's activation function saves per element
+    rms_norm: bool = False  # RMSNorm (its normalised input kept too) rather than LayerNorm
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    attention: str = "sdpa"  # the config's attention implementation (eager: always unfused)
 
 
 @dataclass
@@ -102,23 +148,82 @@ def build_meta(cfg: Config) -> tuple[torch.nn.Module, object]:
 
 
 def shape_of(model: torch.nn.Module, config) -> Shape:
+    """The activation ``Shape`` of ``model`` (on the meta device) and its transformers ``config``."""
     hidden = config.hidden_size
     layers = config.num_hidden_layers + (getattr(config, "num_decoder_layers", 0) or 0)  # T5: both stacks
     intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
                     or getattr(config, "d_ff", None) or 4 * hidden)
+    heads = _first(config, ("num_attention_heads", "n_head", "num_heads"), 1)
+    head = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     gated = any(name.endswith("gate_proj") for name, _ in model.named_modules())
-    return Shape(hidden, layers, intermediate, config.vocab_size, gated)
+    rms = any("RMSNorm" in type(module).__name__ for module in model.modules())
+    act = _first(config, ("hidden_act", "activation_function", "dense_act_fn"), "gelu")
+    return Shape(hidden, layers, intermediate, config.vocab_size, heads, heads * head, kv_heads * head, gated,
+                 activation_saved(act), rms, float(_first(config, HIDDEN_DROPOUT, 0.0)),
+                 float(_first(config, ATTENTION_DROPOUT, 0.0)), float(_first(config, EMBEDDING_DROPOUT, 0.0)),
+                 str(getattr(config, "_attn_implementation", None) or "sdpa"))
 
 
-def activation_bytes(shape: Shape, tokens: int, act_bytes: int, checkpointed: bool,
-                     chunk_tokens: int | None = None) -> int:
-    """Activations kept for the backward of one micro-batch of ``tokens`` tokens (see the module docstring)."""
-    per_layer = 9 * shape.hidden + (3 if shape.gated else 2) * shape.intermediate  # elements per token
-    blocks = (shape.layers * shape.hidden + per_layer) if checkpointed else shape.layers * per_layer
-    embeddings = 2 * shape.hidden  # the embedding's output and the final norm's
-    logits = tokens * shape.vocab * 4
-    loss = (2 * logits + min(tokens, chunk_tokens) * shape.vocab * 4) if chunk_tokens else LOGIT_COPIES * logits
-    return tokens * (blocks + embeddings) * act_bytes + loss
+def _first(config, names: tuple[str, ...], default):
+    return next((v for v in (getattr(config, n, None) for n in names) if v is not None), default)
+
+
+def activation_saved(name: str) -> float:
+    """Elements transformers' activation function ``name`` saves for its backward per element of its input
+    (its input, and whatever intermediates it computes in Python), measured on a small tensor; 1 if unknown."""
+    from transformers.activations import ACT2FN
+
+    if not isinstance(name, str) or name not in ACT2FN:
+        return 1.0
+    x, kept = torch.zeros(64, requires_grad=True), {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ACT2FN[name](x)
+    return sum(kept.values()) / x.numel()
+
+
+def saved_bytes(shape: Shape, batch: int, length: int, act_bytes: int, *, training: bool = True,
+                device_type: str = "cpu", checkpointed: bool = False) -> int:
+    """The bytes autograd saves in the forward and loss of ``batch`` examples of ``length`` tokens (the module
+    docstring's terms; ``checkpointed``: each block's input only)."""
+    h, heads = shape.hidden, shape.heads
+    noise = act_bytes if device_type == "cpu" else 1  # CPU: a float noise tensor; CUDA: a bool mask
+    hidden_drop, attn_drop = (training and shape.hidden_dropout > 0), (training and shape.attention_dropout > 0)
+    mlp = shape.act_saved + (3 if shape.gated else 1)
+    block = ((6 * h + 2 * (shape.q_width or h) + 2 * (shape.kv_width or h) + mlp * shape.intermediate + heads
+              + (2 if shape.rms_norm else 4)) * act_bytes + (2 * h * noise if hidden_drop else 0))
+    if shape.attention == "eager" or (attn_drop and device_type == "cpu"):  # unfused: the probabilities
+        block += heads * (length - 1) * act_bytes + (heads * length * (act_bytes + noise) if attn_drop else 0)
+    final = ((3 * h + 1) if shape.rms_norm else (2 * h + 2)) * act_bytes
+    once = final + (h * noise if training and shape.embedding_dropout > 0 else 0) + 4 * shape.vocab
+    blocks = shape.layers * h * act_bytes if checkpointed else shape.layers * block
+    return int(batch * length * (blocks + once))
+
+
+def activation_bytes(shape: Shape, batch: int, length: int, act_bytes: int, checkpointed: bool = False,
+                     chunk_tokens: int | None = None, *, training: bool = True, device_type: str = "cpu") -> int:
+    """The peak of activations in the backward of one micro-batch (see the module docstring): what the forward
+    saved, the logits the loop holds and the fp32 gradients of the log-softmax and of its input; with
+    ``checkpointed`` also the one block recomputed at a time."""
+    tokens = batch * length
+    saved = saved_bytes(shape, batch, length, act_bytes, training=training, device_type=device_type,
+                        checkpointed=checkpointed)
+    if checkpointed:  # one block's activations while it is recomputed
+        one_block = saved_bytes(replace(shape, layers=1), batch, length, act_bytes, training=training,
+                                device_type=device_type)
+        saved += one_block - saved_bytes(replace(shape, layers=0), batch, length, act_bytes, training=training,
+                                         device_type=device_type)
+    logits = tokens * shape.vocab * (act_bytes + 8)  # held by the loop; the log-softmax's and its input's gradients
+    if chunk_tokens:  # the log-softmax (and its gradients) of one chunk at a time
+        chunk = min(tokens, chunk_tokens) * shape.vocab * 4
+        # held: the logits, their accumulating gradient and one chunk's full-size gradient of its slice
+        return saved - tokens * shape.vocab * 4 + 3 * tokens * shape.vocab * act_bytes + 3 * chunk
+    return saved + logits
 
 
 def planned_world_size(cfg: Config) -> int:
@@ -158,12 +263,22 @@ def plan(cfg: Config, world_size: int | None = None, device: torch.device | None
         rows["weights"] += min(2 * largest, parameters) * param_bytes
     micro = math.ceil(cfg.train.batch_size / world_size / cfg.train.grad_accum)
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    rows["activations"] = activation_bytes(shape, micro * cfg.train.max_length, act_bytes,
-                                           cfg.train.activation_checkpointing, cfg.train.loss_chunk_tokens)
     device = device or torch.device("cpu")
+    length = cfg.train.max_length + needs.extra_tokens
+    rows["activations"] = activation_bytes(shape, micro, length, act_bytes, cfg.train.activation_checkpointing,
+                                           cfg.train.loss_chunk_tokens, device_type=device.type)
+    notes = [f"{parameters:,} parameters ({trainable:,} trained), micro-batch {micro} x {length} tokens, {precision}"]
+    if needs.gradient_examples and not sharded:  # FSDP runs the pass one example at a time (fisher.py)
+        examples = needs.gradient_examples
+        vmapped = activation_bytes(replace(shape, attention="eager"), examples, cfg.train.max_length, act_bytes,
+                                   training=False, device_type=device.type)
+        task_end = (int(VMAP_FACTOR * vmapped) + examples * trainable * param_bytes
+                    - rows["gradients"])  # training's gradients are gone by then
+        if task_end > rows["activations"]:
+            rows["activations"] = task_end
+            notes.append(f"activations: the task-end pass of {examples} per-example gradients (larger than a "
+                         "training step's)")
     available, ranks = device_memory(device, world_size)
-    notes = [f"{parameters:,} parameters ({trainable:,} trained), micro-batch {micro} x {cfg.train.max_length} "
-             f"tokens, {precision}"]
     return MemoryPlan(rows, world_size, sharded, device.type, available, ranks, notes)
 
 

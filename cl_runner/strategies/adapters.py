@@ -91,7 +91,6 @@ class Adapters(Strategy):
         self._pairs: list | None = None  # (old A stacked, new A) per layer, for the orthogonality loss
         self.costs: dict[str, Any] = {}  # accounting, updated after each task
 
-
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         """Only the adapter trains; an adapter per task is kept (shared_lora: one)."""
         one = lora_size(size.model, self.cfg)

@@ -128,16 +128,22 @@ class StateNeeds:
     """What a strategy adds to one rank's memory beyond the model, its gradients and its optimizer (``Strategy.
     memory_needs``). ``sharded_bytes``: copies of parameters (anchors, teachers, stored gradients), divided
     among the ranks under FSDP as the weights are; ``local_bytes``: what every rank holds whole (buffers);
-    ``trainable``: the parameters the optimizer updates (None: all of the model's)."""
+    ``trainable``: the parameters the optimizer updates (None: all of the model's); ``gradient_examples``: the
+    examples of one batched per-example-gradient pass at a task's end (EWC's Fisher, MAS: their activations
+    and one gradient per example at once; 0: none); ``extra_tokens``: tokens each training example gains
+    (soft prompts put in front of it)."""
 
     sharded_bytes: int = 0
     local_bytes: int = 0
     trainable: int | None = None
+    gradient_examples: int = 0
+    extra_tokens: int = 0
 
     def __add__(self, other: StateNeeds) -> StateNeeds:
         both = [t for t in (self.trainable, other.trainable) if t is not None]
         return StateNeeds(self.sharded_bytes + other.sharded_bytes, self.local_bytes + other.local_bytes,
-                          max(both) if both else None)
+                          max(both) if both else None, max(self.gradient_examples, other.gradient_examples),
+                          self.extra_tokens + other.extra_tokens)
 
 
 @dataclass

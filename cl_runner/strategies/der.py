@@ -118,12 +118,14 @@ class DER(BufferGradients):
         self._distance = torch.zeros(())  # the logit term of the current step, summed over positions
 
     def memory_needs(self, size: ModelSize) -> StateNeeds:
-        """The buffer, and its logits at up to ``max_length`` positions per example (``top_k``: the k largest
-        with their int64 indices)."""
-        per_position = (self.cfg.top_k * (getattr(torch, self.cfg.logit_dtype).itemsize + 8) if self.cfg.top_k
-                        else size.vocab * getattr(torch, self.cfg.logit_dtype).itemsize)
+        """The buffer, and its logits at the examples' target positions (``top_k``: the k largest with their
+        int32 indices). An upper bound: the answers' lengths are not known before the tasks load, so every
+        position but the first of a ``max_length``-token example counts as a target (a prompt-answer task
+        stores only its answer tokens: far fewer)."""
+        itemsize = getattr(torch, self.cfg.logit_dtype).itemsize
+        per_position = self.cfg.top_k * (itemsize + 4) if self.cfg.top_k else size.vocab * itemsize
         return super().memory_needs(size) + StateNeeds(
-            local_bytes=self.cfg.buffer_size * size.max_length * per_position)
+            local_bytes=self.cfg.buffer_size * (size.max_length - 1) * per_position)
 
     def after_task(self, ctx: Context) -> None:
         first = self.next_id

@@ -13,7 +13,7 @@ import torch
 
 from cl_runner.core.checks import check_choice, check_fraction, check_positive
 from cl_runner.strategies.anchor import AnchorConfig, AnchorPenalty
-from cl_runner.strategies.base import Context
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds
 from cl_runner.strategies.fisher import MODES, fisher_diagonal
 from cl_runner.strategies.support import Refused, Supports
 
@@ -70,6 +70,11 @@ class EWC(AnchorPenalty):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, lam=cfg.ewc_lambda)
         self.online, self.gamma = cfg.online, cfg.gamma
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """The anchor and Fisher, and the Fisher's pass: ``fisher_batch_size`` examples' gradients at once."""
+        return super().memory_needs(size) + StateNeeds(
+            gradient_examples=min(self.cfg.fisher_batch_size, self.cfg.fisher_samples))
 
     def estimate_fisher(self, ctx: Context) -> dict[str, torch.Tensor]:
         """The diagonal Fisher of the model on the current task: deterministic given the run seed and task."""

@@ -158,11 +158,10 @@ class AGEM(BufferGradients):
     Config = AGEMConfig
     supports = BufferGradients.supports
 
-    @no_grad
-
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         return super().memory_needs(size) + StateNeeds(sharded_bytes=4 * size.parameters)  # the reference gradient
 
+    @no_grad
     def after_backward(self, ctx: Context) -> None:
         if len(self.buffer) == 0:
             return

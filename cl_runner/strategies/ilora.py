@@ -98,7 +98,6 @@ class ILoRA(Replay):
         self._hook: Any = None  # the forward pre-hook asking for hidden states (training with a buffer only)
         self._replayed: set[int] = set()  # ids of the buffer's examples: which rows of a micro-batch are replayed
 
-
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         """The buffer and the fast and slow adapters; only the fast one trains."""
         one = lora_size(size.model, self.cfg)

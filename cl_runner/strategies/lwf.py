@@ -92,7 +92,6 @@ class LwF(Strategy):
         self.teacher: torch.nn.Module | None = None
         self._pending: dict[str, torch.Tensor] | None = None  # teacher weights loaded before a model exists
 
-
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         return StateNeeds(sharded_bytes=size.parameters * size.param_bytes)  # the teacher
 

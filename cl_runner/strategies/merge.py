@@ -102,7 +102,6 @@ class FullMerge(Strategy):
         self.numel = 0
         self._params: list[torch.Tensor] = []
 
-
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         """theta_0, the method's running state and the latest task vector, in ``state_dtype``."""
         return StateNeeds(sharded_bytes=3 * self.dtype.itemsize * size.parameters)

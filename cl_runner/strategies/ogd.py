@@ -131,7 +131,6 @@ class OGD(Strategy):
         self.gradients = 0  # per-example gradients computed at task ends (one forward and backward each)
         self._params: tuple[int, list[torch.Tensor]] | None = None  # cached (id(model), parameters)
 
-
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         """The basis: ``directions_per_task`` per earlier task, at most ``max_basis_mb``."""
         directions = self.cfg.directions_per_task * max(size.tasks - 1, 0)

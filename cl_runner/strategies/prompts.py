@@ -186,11 +186,12 @@ class PromptTuning(Strategy):
         self.costs: dict[str, Any] = {}
         self._preparing = False  # in ``before_shard``: prompts may be made though the run is sharded
 
-
     def memory_needs(self, size: ModelSize) -> StateNeeds:
-        """Only the new prompt trains (``length`` x the embedding width); one kept per task."""
+        """Only the new prompt trains (``length`` x the embedding width); one kept per task; the most prompts in
+        front of an example at once lengthen it."""
         one = self.cfg.length * size.model.get_input_embeddings().embedding_dim
-        return StateNeeds(sharded_bytes=size.tasks * one * 4, trainable=one)
+        front = len(self.training_prompts(size.tasks - 1)) * self.cfg.length
+        return StateNeeds(sharded_bytes=size.tasks * one * 4, trainable=one, extra_tokens=front)
 
     def key(self, task: int) -> str:
         return "0" if getattr(self.cfg, "shared", False) else str(task)

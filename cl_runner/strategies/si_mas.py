@@ -33,7 +33,7 @@ from cl_runner.core.dist import world
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import target_mask
 from cl_runner.strategies.anchor import AnchorConfig, AnchorPenalty
-from cl_runner.strategies.base import Context
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds
 from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view
 from cl_runner.strategies.fisher import gradient_mean
 
@@ -102,6 +102,11 @@ class MAS(AnchorPenalty):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, lam=cfg.mas_lambda)
         self.online, self.gamma = cfg.online, cfg.gamma
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """The anchor and Omega, and Omega's pass: ``mas_batch_size`` examples' gradients at once."""
+        return super().memory_needs(size) + StateNeeds(
+            gradient_examples=min(self.cfg.mas_batch_size, self.cfg.mas_samples))
 
     def importance(self, ctx: Context, names: list[str]) -> list[torch.Tensor]:
         examples = ctx.train_sets[ctx.task_index]
