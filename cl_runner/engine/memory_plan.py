@@ -1,7 +1,7 @@
-"""The memory plan: what one rank will hold while it trains, estimated from the config before anything loads
-(weights, gradients, AdamW's two states, the strategy's own state, activations), printed at a run's start and by
-``cl-run --plan``; a run whose plan exceeds the device's memory (a GPU's total memory, or the host's available
-RAM shared by the ranks on it) is refused in one line naming what would make it fit.
+"""The memory plan: what one rank will hold while it trains, estimated from the config before anything loads (weights,
+gradients, AdamW's two states, the strategy's own state, activations), printed at a run's start and by ``cl-run
+--plan``; a run whose plan exceeds the device's memory (a GPU's total memory, or the host's available RAM shared by
+the ranks on it) is refused in one line naming what would make it fit.
 
 The parameters come from the model's config alone: the model is built on the meta device (shapes, no memory), from
 ``model.arch`` (its vocabulary at most ``model.tokenizer_vocab_size``) or the pretrained model's config.json (a hub
@@ -10,40 +10,43 @@ copies are divided among the ranks, plus the blocks FSDP gathers at a time.
 
 Activations: what autograd saves for the backward of one micro-batch of ``b`` examples of ``L`` tokens (at full
 ``train.max_length``, plus the soft-prompt tokens of prompt strategies: the longest batch), in the autocast dtype
-(``a`` bytes; ``n``: a dropout's saved noise, ``a`` bytes on CPU, where torch multiplies by a float noise tensor,
-1 on CUDA, a bool mask), per token, with ``h`` the hidden width, ``q`` and ``kv`` the query and key/value widths
+(``a`` bytes; ``n``: a dropout's saved noise, ``a`` bytes on CPU, where torch multiplies by a float noise tensor, 1
+on CUDA, a bool mask), per token, with ``h`` the hidden width, ``q`` and ``kv`` the query and key/value widths
 (heads x head size), ``i`` the MLP's width, ``H`` the heads, ``V`` the vocabulary:
 
 - per block ``6h + 2q + 2kv + m i + H + c`` elements: the two norms' inputs and outputs (an RMSNorm also its
-  normalised input), q, k, v and the attention's output, the MLP's hidden states (``m = s + 1``, gated ``s + 3``,
-  with ``s`` what the activation function itself saves per element, probed once on a small tensor: 1 for
-  GELU/SiLU, 4 for GPT-2's tanh ``gelu_new``), the attention's log-sum-exp (H), the norms' statistics
-  (``c`` = 4 for LayerNorm, 2 for RMSNorm);
+  normalised input), q, k, v and the attention's output, the MLP's hidden states (``m = s + 1``, gated ``s + 3``, with
+  ``s`` what the activation function itself saves per element, probed once on a small tensor: 1 for GELU/SiLU, 4 for
+  GPT-2's tanh ``gelu_new``), the attention's log-sum-exp (H), the norms' statistics (``c`` = 4 for LayerNorm, 2 for
+  RMSNorm);
 - plus ``2h`` noise elements per block with a hidden dropout (the two residual branches' dropouts);
-- unfused attention (``attn_implementation=eager``, or sdpa with attention dropout on CPU, where torch's sdpa
-  falls back to its math path): the probabilities, ``H L`` elements per token instead of the log-sum-exp, and with
+- unfused attention (``attn_implementation=eager``, or sdpa with attention dropout on CPU, where torch's sdpa falls
+  back to its math path): the probabilities, ``H L`` elements per token instead of the log-sum-exp, and with
   attention dropout also its noise and its output (``H L (a + n)`` bytes): the sequence-squared term;
-- once: the final norm (``2h + 2`` elements, RMSNorm ``3h + 1``), the embedding dropout's noise (``h``), the
-  loss's fp32 log-softmax (``4 V`` bytes).
+- once: the final norm (``2h + 2`` elements, RMSNorm ``3h + 1``), the embedding dropout's noise (``h``), the loss's
+  fp32 log-softmax (``4 V`` bytes).
 
 Measured with ``torch.autograd.graph.saved_tensors_hooks`` (the bytes autograd keeps, exact and independent of
-load), this matches GPT-2 and Llama (GQA, eager or sdpa, dropout or not) within 1-7% (tests/engine/
-test_memory_plan.py checks it). The backward's peak adds the logits the loop holds (``a V``) and the fp32
-gradients of the log-softmax and of its input (``8 V``). With ``train.activation_checkpointing`` each block
-keeps only its input (``h`` elements) and one block is recomputed at a time. With ``train.loss_chunk_tokens``
-the log-softmax exists for one chunk at a time. A strategy's batched per-example-gradient pass at a task's end
-(EWC's Fisher, MAS: ``StateNeeds.gradient_examples``) holds one gradient of the trained parameters per example
-and, under ``torch.func.vmap(grad(...))``, more than the eval-mode activations of those examples with unfused
-attention (``VMAP_FACTOR`` = 1.25 of them: measured by peak RSS 1.1-1.3x after training steps in
-scripts/bench_memory.py, where the pass reuses memory the allocator kept, and 1.7-2.0x for the pass alone in a
-fresh process, GPT-2 and Llama at 128 and 256 tokens), while the training's gradients and activations are gone:
-the plan's activation row is the larger of the two passes.
+load), this matches GPT-2 and Llama (GQA, eager or sdpa, dropout or not) within 1-7%
+(tests/engine/test_memory_plan.py checks it). The backward's peak adds the logits the loop holds (``a V``) and the
+fp32 gradients of the log-softmax and of its input (``8 V``). With ``train.activation_checkpointing`` each block
+keeps only its input (``h`` elements) and one block is recomputed at a time, after the loss's gradients are gone.
+With ``train.loss_chunk_tokens`` the log-softmax exists for one chunk at a time. A strategy's batched
+per-example-gradient pass at a task's end (EWC's Fisher, MAS: ``StateNeeds.gradient_examples``) holds one gradient
+of the trained parameters per example and, under ``torch.func.vmap(grad(...))``, more than the eval-mode activations
+of those examples with unfused attention (``VMAP_FACTOR`` = 1.25 of them: measured by peak RSS 1.1-1.3x after
+training steps in scripts/bench_memory.py, where the pass reuses memory the allocator kept, and 1.7-2.0x for the
+pass alone in a fresh process, GPT-2 and Llama at 128 and 256 tokens), while the training's gradients and
+activations are gone: the plan's activation row is the larger of the two passes.
 
 What it leaves out: the framework itself (Python, torch, the tokenizer: a few hundred MB of host memory; the
-measured figures of scripts/bench_memory.py are the rise from just before the model is built), evaluation's
-batches (``train.eval_batch_size``), the rotary tables, allocator fragmentation, and that a frozen layer (adapters,
-prompts) saves no input for its weight's gradient (the plan over-counts those). On CUDA under bf16 autocast,
-a linear layer's input is also kept in its bf16 copy (not modelled)."""
+measured figures of scripts/bench_memory.py are the rise from just before the model is built), evaluation's batches
+(``train.eval_batch_size``), the rotary tables, allocator slack (on CPU, glibc's heap keeps freed activations it
+cannot return: peak RSS measured up to 2x the live peak with activation checkpointing, which frees and reallocates a
+block at a time; ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment returns large tensors to the system as they are
+freed, and the measured peak then follows the plan), and that a frozen layer (adapters, prompts) saves no input for
+its weight's gradient (the plan over-counts those). On CUDA under bf16 autocast, a linear layer's input is also kept
+in its bf16 copy (not modelled)."""
 
 from __future__ import annotations
 
@@ -209,21 +212,21 @@ def activation_bytes(shape: Shape, batch: int, length: int, act_bytes: int, chec
                      chunk_tokens: int | None = None, *, training: bool = True, device_type: str = "cpu") -> int:
     """The peak of activations in the backward of one micro-batch (see the module docstring): what the forward
     saved, the logits the loop holds and the fp32 gradients of the log-softmax and of its input; with
-    ``checkpointed`` also the one block recomputed at a time."""
-    tokens = batch * length
+    ``checkpointed`` the larger of those gradients and the one block recomputed at a time (later, without them)."""
+    tokens, vocab = batch * length, shape.vocab
     saved = saved_bytes(shape, batch, length, act_bytes, training=training, device_type=device_type,
                         checkpointed=checkpointed)
-    if checkpointed:  # one block's activations while it is recomputed
-        one_block = saved_bytes(replace(shape, layers=1), batch, length, act_bytes, training=training,
-                                device_type=device_type)
-        saved += one_block - saved_bytes(replace(shape, layers=0), batch, length, act_bytes, training=training,
-                                         device_type=device_type)
-    logits = tokens * shape.vocab * (act_bytes + 8)  # held by the loop; the log-softmax's and its input's gradients
-    if chunk_tokens:  # the log-softmax (and its gradients) of one chunk at a time
-        chunk = min(tokens, chunk_tokens) * shape.vocab * 4
-        # held: the logits, their accumulating gradient and one chunk's full-size gradient of its slice
-        return saved - tokens * shape.vocab * 4 + 3 * tokens * shape.vocab * act_bytes + 3 * chunk
-    return saved + logits
+    held = tokens * vocab * act_bytes  # the logits, held by the loop until the step ends
+    gradients = tokens * vocab * 8  # the log-softmax's and its input's fp32 gradients, at the loss's backward
+    if chunk_tokens:  # the log-softmax (and its gradients) of one chunk at a time; the logits' gradient in full
+        chunk = min(tokens, chunk_tokens) * vocab * 4
+        return saved - tokens * vocab * 4 + held + 2 * tokens * vocab * act_bytes + 3 * chunk
+    if checkpointed:  # later, with the log-softmax gone: one block recomputed at a time
+        kwargs = {"training": training, "device_type": device_type}
+        block = (saved_bytes(replace(shape, layers=1), batch, length, act_bytes, **kwargs)
+                 - saved_bytes(replace(shape, layers=0), batch, length, act_bytes, **kwargs))
+        return saved + held + max(gradients, block - tokens * vocab * 4)
+    return saved + held + gradients
 
 
 def planned_world_size(cfg: Config) -> int:
