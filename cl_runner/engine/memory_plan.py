@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -168,7 +169,8 @@ def shape_of(model: torch.nn.Module, config) -> Shape:
                  str(getattr(config, "_attn_implementation", None) or "sdpa"))
 
 
-def _first(config, names: tuple[str, ...], default):
+def _first(config, names: tuple[str, ...], default: Any) -> Any:
+    """The first of ``names`` that ``config`` sets (not None), else ``default``."""
     return next((v for v in (getattr(config, n, None) for n in names) if v is not None), default)
 
 
