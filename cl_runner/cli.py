@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cl_runner.config.preflight import CONF_DIR, checked, job_key, one_line, output_dir, preflight, split_args
 from cl_runner.core import dist
-from cl_runner.engine.claim import RunHooks
+from cl_runner.engine.claim import RunHooks, record_failure
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 2, 1, 3, 4, 130
 CLAIMED: list[Path] = []  # run directories this process has locked and writes into
@@ -57,6 +57,8 @@ def _stopped(signum: int) -> None:
     name = signal.Signals(signum).name
     if not CLAIMED:
         _remove_new_dirs()  # Hydra creates the run directory before the run claims it
+        if LAST_ERROR[0]:  # a refused start, stopped by its launcher: its one line already said why
+            sys.exit(128 + signum)
     where = (f"; resume with: cl-run resume={CLAIMED[-1]}" if CLAIMED
              else " before any run started; nothing was written")
     print(f"cl-run: stopped by {name}{where}", file=sys.stderr)
@@ -78,9 +80,9 @@ class RunLogFile(logging.FileHandler):
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    """One line and exit: a bad input, found before anything runs. Under torchrun every rank finds the same
+    """One line and exit: a bad input, found before anything runs. Under torchrun or srun every rank finds the same
     error, and only the first rank of each node prints it."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if dist.printing_rank():
         print(f"cl-run: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(code)
 
@@ -133,7 +135,7 @@ class CliHooks(RunHooks):
         if self.code == EXIT_BAD_INPUT and self.single:
             _undo_start(run_dir, self.before)
         else:
-            _record_failure(run_dir, self.code, LAST_ERROR[0])
+            record_failure(run_dir, self.code, LAST_ERROR[0])
 
 
 def _start(config, run_dir: Path, config_yaml: str, resume: bool | None, job: CliHooks) -> int:
@@ -162,18 +164,21 @@ def _exit_code(exc: BaseException, config, run_dir: Path) -> int | None:
 
     if isinstance(exc, RunInterrupted):
         saved = "checkpoint written" if exc.checkpointed else "no checkpoint yet (a resume starts from the beginning)"
-        print(f"cl-run: {exc}; {saved}. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
+        if dist.world().main:  # every rank stopped at the same step: one line for the job
+            print(f"cl-run: {exc}; {saved}. Resume with: cl-run resume={exc.run_dir}", file=sys.stderr)
         return 128 + exc.signum
+    if isinstance(exc, UserError) and getattr(exc, "agreed", False):  # every rank refused (engine/claim.py)
+        CLAIMED.clear()  # the start is undone: a stop signal from the launcher now has nothing to resume
+        LAST_ERROR[0] = " ".join(str(exc).split())
+        return _report(str(exc), exc.exit_code) if dist.world().main else exc.exit_code  # rank 0 alone says why
     if isinstance(exc, UserError):
         return _report(str(exc), exc.exit_code)
     if isinstance(exc, FloatingPointError):
         return _report(f"{exc}; lower train.lr, or use bf16 instead of fp16", EXIT_DIVERGED)
     if isinstance(exc, torch_oom()):
-        t = config.train
-        return _report(f"CUDA out of memory training {config.model.name_or_path or 'the model'} with "
-                       f"batch_size={t.batch_size} (grad_accum={t.grad_accum}) and max_length={t.max_length}: "
-                       f"raise train.grad_accum (same batch, less memory) or lower train.eval_batch_size "
-                       f"({str(exc).splitlines()[0][:80]})", EXIT_OOM)
+        from cl_runner.engine.run import out_of_memory_line
+
+        return _report(out_of_memory_line(config, exc), EXIT_OOM)
     if isinstance(exc, KeyboardInterrupt):
         return _report("interrupted at once (second Ctrl-C); resume from the last checkpoint with: "
                        f"cl-run resume={run_dir}", EXIT_INTERRUPTED)
@@ -186,22 +191,6 @@ def torch_oom() -> type[BaseException]:
     import torch
 
     return getattr(torch, "OutOfMemoryError", RuntimeError)
-
-
-def _record_failure(run_dir: Path, code: int, message: str) -> None:
-    """A job that failed before its run wrote anything still leaves a metrics.json saying why (for cl-report)."""
-    import json
-
-    from cl_runner.core.errors import UserError
-    from cl_runner.core.files import write_atomic
-
-    metrics = run_dir / "metrics.json"
-    if code and code not in (EXIT_INTERRUPTED, 143) and run_dir.is_dir() and not metrics.exists():
-        try:
-            write_atomic(metrics, json.dumps({"status": "failed", "exit_code": code, "error": message}, indent=2)
-                         + "\n")
-        except (UserError, OSError):  # a full disk: the one-line error already said why
-            pass
 
 
 def _undo_start(run_dir: Path, before: set[str]) -> None:
@@ -274,15 +263,18 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     from cl_runner.config.schema import Config
     from cl_runner.config.validate import register_configs
     from cl_runner.core.errors import UserError
-    from cl_runner.engine.claim import run_is_finished
+    from cl_runner.engine.claim import neutral_overrides, run_is_finished
+    from cl_runner.engine.launch import resume_processes
+    from cl_runner.engine.launch import start as start_workers
 
     if path.strip() in ("", "null", "None", "~"):
         return _report(f"resume: expected the path of a run directory, got {path.strip() or 'nothing'!r}",
                        EXIT_BAD_INPUT)
     run_dir = Path(path).expanduser().absolute()
-    if other_overrides:
-        return _report(f"resume: cannot be combined with overrides ({' '.join(other_overrides)}); the run continues "
-                       f"with the config saved in {run_dir}", EXIT_BAD_INPUT)
+    try:  # only options that cannot change a result (engine/claim.py's NEUTRAL_ON_RESUME)
+        changes = neutral_overrides(other_overrides)
+    except ValueError as exc:
+        return _report(str(exc), EXIT_BAD_INPUT)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return _report(f"resume: {run_dir} is not a cl-run run directory (no config.yaml)", EXIT_BAD_INPUT)
@@ -295,14 +287,16 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     register_configs()
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved), changes)
+        workers = resume_processes(cfg, run_dir)  # a distributed run: resumed on cl-run's own workers
         config = checked(cfg)
+        ended = start_workers([config], [f"resume={run_dir}", *other_overrides]) if workers else None
     except UserError as exc:
-        return _report(f"resume: {run_dir / 'config.yaml'}: {exc}", EXIT_BAD_INPUT)
+        return _report(str(exc) if str(exc).startswith("resume:") else f"resume: {saved}: {exc}", EXIT_BAD_INPUT)
     except Exception as exc:
         return _report(f"resume: {saved} is not a valid cl-run config ({one_line(exc)})", EXIT_BAD_INPUT)
     _check_stop()
-    return _start(config, run_dir, saved.read_text(), True, CliHooks(config))
+    return ended if ended is not None else _start(config, run_dir, saved.read_text(), True, CliHooks(config))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     previous = {s: signal.signal(s, _stop_now) for s in (signal.SIGINT, signal.SIGTERM)}
     for found in (CLAIMED, NEW_DIRS, FAILURES, STOP_SIGNAL, PLANNED):  # main() may run more than once (tests)
         found.clear()
+    LAST_ERROR[0] = ""
     try:
         ended = _main_until_exit(list(sys.argv[1:] if argv is None else argv))
     finally:
@@ -373,9 +368,11 @@ def _help(overrides: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> None:
-    from cl_runner.config.preflight import search_path_args, with_overrides
+    from cl_runner.config.preflight import flag_error, search_path_args, with_overrides
     from cl_runner.core.errors import UserError
+    from cl_runner.engine.launch import start as start_workers
 
+    given = list(argv)  # the workers cl-run starts itself (distributed.nproc_per_node) get the same arguments
     try:  # --config-dir DIR, hydra.searchpath, ./cl-conf, $CL_RUNNER_CONFIG_PATH: one hydra.searchpath override
         argv, search = search_path_args(argv)
     except ValueError as exc:
@@ -389,6 +386,8 @@ def _main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         sys.exit(_help(overrides))
     if introspect:  # --cfg job, --info, --hydra-help, ...: Hydra's own
+        if flag_error(argv):
+            _fail(flag_error(argv))
         _hydra_main(argv)
         return
     try:
@@ -398,9 +397,13 @@ def _main(argv: list[str]) -> None:
 
             sys.exit(print_plans(plan.jobs))
         path = output_dir(plan.jobs[0].composed, multirun)
-        _world(plan.jobs[0].config)  # under torchrun: the process group, before the ranks agree on the directory
+        ended = start_workers([job.config for job in plan.jobs], given)  # distributed.nproc_per_node=N
+        if ended is None:
+            _world(plan.jobs[0].config)  # under torchrun: the process group, before the ranks agree on the directory
     except (ValueError, UserError) as exc:
         _fail(str(exc))
+    if ended is not None:  # the workers ran the job (and said why, if it failed)
+        sys.exit(ended)
     if multirun:
         _sweep(plan, [a for a in argv if a.startswith("-")], _same_on_every_rank(path))
     else:

@@ -28,6 +28,8 @@ def write_data_files(root: Path) -> None:
     (root / "number_line1.jsonl").write_text("3\n" + GOOD_LINES)
     (root / "long_line.jsonl").write_text(GOOD_LINES + json.dumps({"question": "x" * 30_000_000, "answer": "a"}) + "\n")
     (root / "rows.json").write_text(json.dumps(GOOD))  # a JSON document: fine
+    # a raw line break inside a value (JSON wants \\n): line 3 ends inside the string
+    (root / "unterminated.jsonl").write_text(GOOD_LINES + '{"question": "line one\nline two", "answer": "a3"}\n')
     # values that are no text: datasets would train on their Python repr (round three)
     (root / "list_value.jsonl").write_text(GOOD_LINES + json.dumps({"question": ["a", "b"], "answer": "x"}) + "\n")
     (root / "dict_value.jsonl").write_text(GOOD_LINES + json.dumps({"question": "q", "answer": {"text": "x"}}) + "\n")

@@ -55,9 +55,20 @@ def one(out: Path, kind: str, strategy: str, extra: list[str]) -> dict:
     if not dist.world().main:
         return {}
     lines = (out / strategy / "history.jsonl").read_text().splitlines()
-    return {"status": "ok", "matrix": [r.split(",")[1:] for r in
+    return {"status": "ok", "saved": saved_tensors(out / strategy / "model"), "matrix": [r.split(",")[1:] for r in
                                        (out / strategy / "accuracy_matrix.csv").read_text().splitlines()[1:]],
             "losses": [json.loads(line)["train_loss"] for line in lines]}
+
+
+def saved_tensors(model_dir: Path) -> list[str]:
+    """The saved model's tensors (save.final_model), each file's keys and shapes: under FSDP gathered whole."""
+    from safetensors import safe_open
+
+    out = []
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            out += [f"{path.relative_to(model_dir)}:{k}:{list(handle.get_slice(k).get_shape())}" for k in handle.keys()]
+    return out
 
 
 def main(argv: list[str]) -> None:

@@ -3,6 +3,7 @@ and the uninterrupted reference run to compare it with (tests/e2e/test_resume.py
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -37,7 +38,9 @@ def outcome(run_dir: Path) -> tuple[str, dict]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     keys = ("average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
             "average_learning_curve_area", "per_task", "status")
-    return (run_dir / "accuracy_matrix.csv").read_text(), {k: metrics[k] for k in keys}
+    saved = {str(f.relative_to(run_dir)): hashlib.sha256(f.read_bytes()).hexdigest()  # save.final_model's weights
+             for f in sorted(run_dir.glob("model/**/*.safetensors"))}
+    return (run_dir / "accuracy_matrix.csv").read_text(), {**{k: metrics[k] for k in keys}, "saved_model": saved}
 
 
 def reference(tmp_path: Path, *args: str) -> tuple[str, dict]:

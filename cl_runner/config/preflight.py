@@ -88,10 +88,12 @@ def one_line(exc: BaseException) -> str:
         if full and "not in struct" not in str(cause) and "Key '" not in str(cause):
             return f"{full.group(1)}: {detail}"
         if "not in struct" in str(cause) or "Key '" in str(cause):
+            from cl_runner.config.validate import unknown_key
+
             key = re.search(r"Key '([^']+)'", str(cause))
             full = re.search(r"full_key: (\S+)", str(cause))
             name = full.group(1) if full else key.group(1) if key else "?"
-            return f"{name}: unknown key (see docs/configuration.md)"
+            return unknown_key(option_key(name), getattr(cause, "object_type", None))
         return f"{first}: {detail}"
     if "Could not override" in text:
         key = re.search(r"Could not override '([^']+)'", text)
@@ -243,6 +245,24 @@ def split_args(argv: list[str]) -> tuple[list[str], bool, bool]:
     return overrides, multirun, introspect
 
 
+def flag_error(argv: list[str]) -> str | None:
+    """Why Hydra's command line would refuse these flags (its 8-line usage), as one line naming the flag, or None."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def refuse(message: str) -> None:
+        raise ValueError(message)
+
+    parser.error = refuse  # argparse prints its usage and exits; one line is enough
+    try:
+        _, unknown = parser.parse_known_args(argv)
+    except ValueError as exc:  # e.g. --cfg without a value or with a wrong one
+        return f"{exc}; see cl-run --help"
+    flags = [a for a in unknown if a.startswith("-")]
+    return f"{flags[0]}: unknown option; see cl-run --help (options are key=value, without dashes)" if flags else None
+
+
 def _parse(parser, overrides: list[str]) -> list:
     """Parse every override (hydra.* included); a value the grammar rejects gets a hint to quote it."""
     parsed = []
@@ -256,6 +276,9 @@ def _parse(parser, overrides: list[str]) -> list:
                 raise ValueError(f"{text}: not an override (expected key=value): {one_line(exc)}") from None
             raise ValueError(f"{key}: cannot parse the value {value!r} (spaces and characters such as # ! & ; ( ) "
                              f"need quotes); quote it: {key}={quote}{value}{quote}") from None
+        if not parsed[-1].key_or_group:  # "=5": Hydra would take it for a config group named ""
+            raise ValueError(f"{text}: not an override: the key before '=' is missing (expected key=value, "
+                             "e.g. strategy=ewc)")
     return parsed
 
 
@@ -344,11 +367,32 @@ def preflight(overrides: list[str], multirun: bool = True) -> Plan:
                 composed = GlobalHydra.instance().hydra.compose_config(
                     "config", [*combo, *hydra], run_mode=RunMode.RUN, from_shell=False)
             except Exception as exc:
-                raise ValueError(_catalogue_hint(one_line(exc), combo)) from None
+                raise ValueError(_group_value(exc, jobs) or _catalogue_hint(one_line(exc), combo)) from None
             own = job_config(composed)
             planned.append(PlannedJob(composed, checked(own), job_key(own)))
         written = [_written_out(o) if o in jobs else o.input_line for o in parsed]
         return Plan(written, planned, GlobalHydra.instance().config_loader())
+
+
+def _group_value(exc: BaseException, parsed: list) -> str | None:
+    """Hydra's "Config group override must be a string or a list. Got int" as one line naming the group."""
+    if "Config group override must be" not in str(exc):
+        return None
+    groups = _groups()
+    for override in parsed:
+        group, value = override.get_key_element().lstrip("+~"), override.value()
+        if group in groups and not isinstance(value, str | list):
+            return (f"{group}: expected the name of a {group} option (a file of conf/{group}/, e.g. "
+                    f"{group}={groups[group][0]}), got {value!r}")
+    return None
+
+
+def _groups() -> dict[str, list[str]]:
+    """The top-level config groups of the search path (hydra's own apart) and their options, for messages."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    return {name: loader.get_group_options(name) or ["..."] for name in loader.list_groups("") if name != "hydra"}
 
 
 def job_config(composed):

@@ -104,10 +104,17 @@ class DistributedConfig:
     #                                 null = the weights' own dtype (autocast still follows device.precision)
     reduce_dtype: str | None = None  # fsdp: dtype of the gradient reduce-scatter; null = the gradients' dtype
     cpu_offload: bool = False  # fsdp: keep sharded weights, gradients and optimizer state in host memory
+    nproc_per_node: int | None = None  # cl-run starts this many processes itself (one node); null: started by
+    #                                    torchrun or srun (engine/launch.py)
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         _choice(errs, f"{key}.kind", self.kind, ("none", "ddp", "fsdp"))
+        if self.nproc_per_node is not None:
+            _positive(errs, f"{key}.nproc_per_node", self.nproc_per_node)
+            if self.kind == "none" and self.nproc_per_node > 1:
+                errs.append(f"{key}.nproc_per_node: {self.nproc_per_node} processes need distributed=ddp or "
+                            "distributed=fsdp (distributed.kind is none)")
         _choice(errs, f"{key}.wrap", self.wrap, ("block", "model"))
         for name in ("param_dtype", "reduce_dtype"):
             value = getattr(self, name)
@@ -128,7 +135,7 @@ class TaskConfig:
     relation: str | None = None  # which fictional relation (see cl_runner/tasks/facts.py)
     num_subjects: int = 64
     # --- source: datasets
-    path: str | None = None  # hub id, or a builder name (json, csv, parquet, text) with data_files
+    path: str | None = None  # hub id, a builder (json, csv, parquet, text) + data_files, or trace (<data_dir>/<subset>)
     subset: str | None = None  # dataset configuration name
     data_files: Any = None  # a path, a list, or {split: path}; relative paths resolve from the launch dir
     data_dir: str | None = None
@@ -268,6 +275,8 @@ class TasksConfig:
 class TrainConfig:
     epochs: int = 40  # per task
     max_steps: int | None = None  # optimizer steps per task; overrides epochs when set
+    max_examples: int | None = None  # per task: train on a seeded sample of this many (a task's max_train_examples
+    #                                  wins where set); null = all
     batch_size: int = 8  # examples per optimizer step (= micro-batch x grad_accum)
     grad_accum: int = 1  # micro-batches per optimizer step
     log_every: int = 10  # read the loss from the device (progress bar, finiteness check) every N optimizer steps
@@ -282,18 +291,22 @@ class TrainConfig:
     eval_batch_size: int = 64
     max_length: int = 256  # prompt + target tokens; longer prompts are cut in the middle, never the target
     keep_best: bool = True  # validate during the task, restore the best validated epoch's weights at its end
-    validate_every: int = 5  # keep_best: validate every N epochs, and always after the task's last epoch
+    validate_every: int = 5  # keep_best: validate every N epochs and after the last (only a task > N epochs long)
     max_validation_examples: int | None = None  # keep_best: validate on this many examples per task (seeded)
     eval_batch_tokens: int | None = 8192  # padded tokens per evaluation batch (eval_batch_size caps the examples)
 
     def validates(self, epoch: int, last_epoch: int) -> bool:
-        """Whether the task is validated after ``epoch`` (1-based) of ``last_epoch``."""
-        return self.keep_best and (epoch % self.validate_every == 0 or epoch == last_epoch)
+        """Whether the task is validated after ``epoch`` (1-based) of ``last_epoch``: with keep_best, every
+        ``validate_every``-th epoch and the last, but only when that makes two or more to choose between (a task of
+        ``validate_every`` epochs or fewer, e.g. epochs=1, keeps its last weights, which one validation could only
+        confirm)."""
+        chooses = last_epoch > self.validate_every  # validated epochs: ceil(last_epoch / validate_every) >= 2
+        return self.keep_best and chooses and (epoch % self.validate_every == 0 or epoch == last_epoch)
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         for name in ("epochs", "batch_size", "grad_accum", "lr", "eval_batch_size", "max_length", "max_steps",
-                     "validate_every", "max_validation_examples", "eval_batch_tokens"):
+                     "max_examples", "validate_every", "max_validation_examples", "eval_batch_tokens"):
             _positive(errs, f"{key}.{name}", getattr(self, name))
         _fraction(errs, f"{key}.warmup_ratio", self.warmup_ratio, closed_right=False)
         _positive(errs, f"{key}.log_every", self.log_every)
@@ -332,14 +345,25 @@ class EvalConfig:
 class CheckpointConfig:
     enabled: bool = True  # checkpoint at the end of every task and within tasks (needed for resume)
     every_n_steps: int | None = None  # null = automatic: often enough to lose little, rarely enough to cost <2%
-    keep_last: int = 2  # newest checkpoints kept (the previous one is the fallback if the newest is damaged)
-    mid_task: bool = True  # false: checkpoints only at task ends (and on a stop signal); resume restarts the task
+    keep_last: int = 1  # newest checkpoints kept (2: the older is a fallback if the newest is damaged)
+    # auto: within a task only when it is long (every_n_steps set, or an estimated >= 30 min: checkpoint_policy.py);
+    # true: also within short tasks; false: only at task ends (and on a stop signal), a resume restarts the task
+    mid_task: Any = "auto"
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         _positive(errs, f"{key}.every_n_steps", self.every_n_steps)
         _positive(errs, f"{key}.keep_last", self.keep_last)
+        if self.mid_task not in (True, False, "auto"):
+            errs.append(f"{key}.mid_task: expected auto, true or false, got {self.mid_task!r}")
         return errs
+
+
+@dataclass
+class SaveConfig:
+    final_model: bool = True  # model/: the final model as a save_pretrained directory (tokenizer, chat template;
+    #                           adapter strategies: the base and a peft adapter directory per adapter)
+    every_task: bool = False  # also models/after_<task>/ after every task but the last (one model copy each)
 
 
 # ----------------------------------------------------------------------------------------------- root
@@ -353,6 +377,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)  # the model a user takes away (engine/takeaway.py)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers (conf/logger/)
     seed: int = 0
     experiment_name: str = "cl"  # free text, recorded in metrics.json
@@ -375,7 +400,7 @@ class Config:
         errs += self.logger.errors("logger")
         if not 0 <= self.seed <= SEED_MAX:
             errs.append(f"seed: expected a non-negative integer, at most {SEED_MAX}, got {self.seed}")
-        launch = launch_error(self.distributed.kind)
+        launch = launch_error(self.distributed.kind, self.distributed.nproc_per_node)
         if launch:
             errs.append(launch)
         if self.distributed.kind == "fsdp" and self.device.precision == "fp16":

@@ -4,11 +4,13 @@ errors in one ConfigError; and the schemas registered in Hydra's ConfigStore (``
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf, ValidationError
+from omegaconf import DictConfig, ListConfig, OmegaConf, ValidationError
 from omegaconf.errors import ConfigKeyError
 
 from cl_runner.config import schema as schema_module
@@ -30,8 +32,20 @@ def register_configs() -> None:
         cs.store(group="strategy", name=name, node=cls.Config)
 
 
+def unknown_key(full_key: str, schema: Any) -> str:
+    """The error of an unknown key: ``train.epoch: unknown key; did you mean train.epochs? (see ...)``, the
+    suggestion being the option of ``schema`` (the dataclass that lacks the key; None: no suggestion) nearest its
+    last part (difflib)."""
+    name = full_key.rsplit(".", 1)[-1]
+    known = [f.name for f in fields(schema)] if isinstance(schema, type) and is_dataclass(schema) else []
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {full_key[: len(full_key) - len(name)]}{near[0]}?" if near else ""
+    return f"{full_key}: unknown key{hint} (see docs/configuration.md)"
+
+
 def _unknown_keys(node: Any, schema: type, prefix: str) -> list[str]:
-    """Keys a ``+key=value`` override added that the schema does not define (Hydra lets ``+`` bypass it)."""
+    """Errors of the keys a ``+key=value`` override added that the schema does not define (Hydra lets ``+`` bypass
+    it)."""
     if not isinstance(node, DictConfig):
         return []
     known = {f.name: f for f in fields(schema)}
@@ -39,11 +53,16 @@ def _unknown_keys(node: Any, schema: type, prefix: str) -> list[str]:
     for key in node.keys():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
-            out.append(path)
+            out.append(unknown_key(path, schema))
             continue
         sub = known[key].type
-        sub = vars(schema_module).get(sub, None) if isinstance(sub, str) else sub
-        if isinstance(sub, type) and is_dataclass(sub) and key != "strategy":
+        items = isinstance(sub, str) and re.fullmatch(r"list\[(\w+)\]", sub)  # tasks.tasks: list[TaskConfig]
+        sub = vars(schema_module).get(items.group(1) if items else sub, None) if isinstance(sub, str) else sub
+        if not (isinstance(sub, type) and is_dataclass(sub)) or key == "strategy":
+            continue
+        if items and isinstance(node[key], ListConfig):
+            out += [e for i, item in enumerate(node[key]) for e in _unknown_keys(item, sub, f"{path}.{i}")]
+        elif not items:
             out += _unknown_keys(node[key], sub, path)
     return out
 
@@ -60,7 +79,7 @@ def _typed(schema: type, node: Any, key: str) -> Any:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node)))
     except ConfigKeyError as exc:
-        raise ConfigError(f"{key}.{exc.full_key or exc.key}: unknown key (see docs/configuration.md)") from None
+        raise ConfigError(unknown_key(f"{key}.{exc.full_key or exc.key}", exc.object_type)) from None
     except ValidationError as exc:
         detail = str(exc).strip().splitlines()[0]
         raise ConfigError(f"{key}.{exc.full_key or exc.key}: {detail}") from None
@@ -77,8 +96,7 @@ def validate(cfg: DictConfig) -> Config:
     schema = strategy_class(OmegaConf.select(cfg, "strategy.name"), OmegaConf.select(cfg, "strategy._target_")).Config
     unknown = _unknown_keys(cfg, Config, "") + _unknown_keys(cfg.strategy, schema, "strategy")
     if unknown:
-        hint = "unknown key (see docs/configuration.md)"
-        raise ConfigError("; ".join(f"{key}: {hint}" for key in unknown))
+        raise ConfigError("; ".join(unknown))
     config = OmegaConf.to_object(cfg)
     config.tasks.monitor = {name: _typed(MonitorConfig, node, f"tasks.monitor.{name}")
                             for name, node in (cfg.tasks.monitor or {}).items()}

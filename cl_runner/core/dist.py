@@ -62,17 +62,25 @@ def launch_env() -> dict[str, int] | None:
     return None
 
 
-def launch_error(kind: str) -> str | None:
-    """Why ``kind`` cannot run in this process's environment (one line), or None."""
+def launch_error(kind: str, nproc_per_node: int | None = None) -> str | None:
+    """Why ``kind`` cannot run in this process's environment (one line), or None. ``nproc_per_node``: cl-run
+    starts that many processes itself (engine/launch.py), so no launcher environment is needed before it does."""
     found = launch_env()
-    if kind != "none" and found is None:
-        return (f"distributed.kind: {kind} needs one process per device, started by torchrun: "
-                f"torchrun --nproc_per_node=<devices> -m cl_runner distributed={kind} ... "
-                "(several nodes: docs/distributed.md)")
+    if kind != "none" and found is None and nproc_per_node is None:
+        return (f"distributed.kind: {kind} needs one process per device: add distributed.nproc_per_node=<devices> "
+                f"(cl-run starts them), or start them with torchrun: torchrun --nproc_per_node=<devices> -m cl_runner "
+                f"distributed={kind} ... (several nodes: docs/distributed.md)")
     if kind == "none" and found is not None and found["size"] > 1:
         return (f"distributed.kind: none, but {found['size']} processes were started (torchrun/srun); "
                 "add distributed=ddp or distributed=fsdp, or start one process")
-    return None
+    return None  # under torchrun/srun, distributed.nproc_per_node is not used: theirs is the count
+
+
+def printing_rank() -> bool:
+    """Whether this process prints a bad input's one line: the first process of its node (torchrun's LOCAL_RANK,
+    Slurm's SLURM_LOCALID), or the only one. The others find the same error and stay silent."""
+    found = launch_env()
+    return found is None or found["local_rank"] == 0
 
 
 def _slurm_rendezvous() -> None:

@@ -1,11 +1,13 @@
-"""Atomic file writes and disk-full detection: the leaf every writer of a run's files uses. A file is replaced
-whole (temporary name, fsync, rename), so an interrupted run never leaves a half-written one."""
+"""Atomic file writes and disk-full detection: the leaf every writer of a run's files uses. A file (or a whole
+directory: a saved model) is replaced whole (temporary name, fsync, rename), so an interrupted run never leaves a
+half-written one."""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from cl_runner.core.errors import DiskFullError
@@ -61,3 +63,38 @@ def write_atomic(path: Path, text: str) -> None:
         if is_disk_full(exc):
             raise disk_full_error(path, len(text.encode())) from exc
         raise
+
+
+def tree_bytes(path: Path) -> int:
+    """The bytes of every file under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def write_dir_atomic(path: Path, fill: Callable[[Path], None]) -> int:
+    """Make directory ``path`` whole or not at all: ``fill(tmp)`` writes it under a hidden temporary name beside
+    it (``.<name>.tmp``), its files are fsynced, then it is renamed into place (an older ``path`` is moved aside
+    first and removed after), so a crash never leaves a half-written ``path``. Returns its size in bytes; out of
+    space: the temporary directory is removed and a ``DiskFullError`` names the path."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    for stale in (tmp, old):  # left by a crash: never complete, never read
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        size = tree_bytes(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        written = tree_bytes(tmp) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path, written) from exc
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return size

@@ -3,6 +3,7 @@ the run directory (claim), assembling model, tasks and strategy (assembly), wher
 checkpoint (resume), the task loop of the sequence (sequence), the train-one-task loop (loop), when to checkpoint
 (checkpoint_policy), checkpoints on disk (checkpoint; the distributed shards: checkpoint_dcp; how weights are
 stored: weights), the run's resumable state (run_state), process group, device, precision, seeding, lock and
-signals (runtime), CPU threads (threads), DDP/FSDP wrapping (parallel) and the FLOPs accounting (flops).
+signals (runtime), CPU threads (threads), DDP/FSDP wrapping (parallel), the FLOPs accounting (flops)
+and cl-run's own launcher of N worker processes (launch).
 
 May import: core, config, models, tasks, strategies, scoring, outputs and trackers (every layer below it)."""

@@ -57,7 +57,8 @@ class RunParts:
 
 
 def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
-    """Load the tasks (data errors surface before any model is loaded), tokenizer and model; build the strategy."""
+    """Load the tasks and the tokenizer and encode the tasks (data and template errors surface before any model is
+    loaded), then the model; build the strategy."""
     # HF tokenizers' own threads off (unless the user set them): tokenization here is a one-off, and a process that
     # forks after they ran (torch.compile's workers, a tracker's process) warns and may deadlock
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,9 +67,12 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)  # one device per rank (torchrun's LOCAL_RANK)
     seed_everything(cfg.seed)
-    tasks = load_sequence(cfg.tasks, cfg.seed, base_dir)
+    tasks = load_sequence(cfg.tasks, cfg.seed, base_dir, cfg.train.max_examples)  # train.max_examples: per task
     monitors = Monitors(cfg, base_dir)  # their data errors too before the model loads
     tokenizer = load_tokenizer(cfg.model, [text for t in tasks for text in t.texts()])
+    # encoding needs only the tokenizer: its errors (a chat template the tokenizer lacks) come before the model loads
+    encoded = [encode_task(t, i, tokenizer, cfg.train.max_length) for i, t in enumerate(tasks)]
+    monitors.encode(tokenizer, cfg.train.max_length)
     model = load_model(cfg.model, tokenizer, cfg.seed)
     if cfg.train.activation_checkpointing:  # before sharding: fully_shard wraps the checkpointed blocks
         checkpoint_activations(model)
@@ -81,8 +85,6 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
                           "tokens; lower it (longer prompts are then cut in the middle, targets never)")
     if device.type == "cuda" and cfg.device.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    encoded = [encode_task(t, i, tokenizer, cfg.train.max_length) for i, t in enumerate(tasks)]
-    monitors.encode(tokenizer, cfg.train.max_length)
     ctx = Context(
         model=model, device=device, autocast=autocast_factory(device, precision),
         collate=partial(collate, pad_id=tokenizer.pad_token_id, device=device),

@@ -20,6 +20,8 @@ Nothing is stored twice. Best weights equal to the current ones (a checkpoint at
 far) are not written: ``state.pt`` says ``"best": "model"`` and a resume copies them from the loaded weights.
 Best weights that the previous checkpoint already holds (no better epoch since) are hard-linked from it, not
 written again (distributed: ``best/``, a DCP directory of its own); each checkpoint directory stays complete.
+Strategy state equal to a stored weight (LwF's teacher, EWC's anchor where it is the current weights) is stored in
+``state.pt`` as a reference to it (``weights.by_reference``; single process) and put back when read.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from cl_runner.engine.checkpoint_dcp import (
     write_shards,
 )
 from cl_runner.engine.run_state import SAVED
-from cl_runner.engine.weights import copy_weights, retied, same_weights, untied, unwrap
+from cl_runner.engine.weights import by_reference, copy_weights, resolved, retied, same_weights, untied, unwrap
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -152,7 +154,9 @@ def _write_files(tmp: Path, model: torch.nn.Module, state: dict[str, Any],
     save_model(unwrap(model), str(tmp / "model.safetensors"))
     if best is not None and not link_best(best_from, tmp):
         save_file({k: v.contiguous() for k, v in untied(best, model).items()}, str(tmp / "best.safetensors"))
-    _write_state(tmp, state)
+    stored = _shapes(tmp / "model.safetensors").keys()  # the names save_model kept (one of each tied pair)
+    weights = {k: v for k, v in unwrap(model).state_dict().items() if k in stored}
+    _write_state(tmp, {**state, "strategy": by_reference(state["strategy"], weights)} if "strategy" in state else state)
 
 
 def link_best(source: Path | None, tmp: Path) -> bool:
@@ -292,6 +296,7 @@ def read_checkpoint(path: Path, verify: bool = True) -> Checkpoint:
         best_meta = path / BEST_SHARDS / ".metadata"
         best = _read(best_meta, lambda f: shard_shapes(f.parent)).get("best") if best_meta.exists() else None
         return Checkpoint(path, state, None, shapes.get("model", {}), best, sharded=True)
+    state["strategy"] = _read(path / "model.safetensors", lambda f: _with_weights(state["strategy"], f))
     best_file = path / "best.safetensors"
     best = _read(best_file, lambda f: load_file(str(f))) if best_file.exists() else None
     best_shapes = {k: tuple(v.shape) for k, v in best.items()} if best is not None else None
@@ -303,6 +308,12 @@ def _read(file: Path, load: Callable[[Path], Any]) -> Any:
         return load(file)
     except Exception as exc:  # torch, pickle and safetensors each raise their own kinds
         raise CheckpointDamaged(f"{file.name}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+
+
+def _with_weights(strategy: Any, file: Path) -> Any:
+    """The strategy state with the weights it references (``weights.by_reference``) read from ``file``."""
+    with safe_open(str(file), framework="pt") as handle:
+        return resolved(strategy, handle.get_tensor)
 
 
 def _shapes(file: Path) -> dict[str, tuple[int, ...]]:

@@ -1,6 +1,13 @@
 """When a run checkpoints, and what one holds: at the end of every task, and inside a task every
 ``checkpoint.every_n_steps`` steps or automatically (at most ~2% of the time; never with ``mid_task: false``).
-How a checkpoint is laid out on disk is checkpoint.py's."""
+How a checkpoint is laid out on disk is checkpoint.py's.
+
+Disk. A mid-task checkpoint holds the weights, AdamW's two moments and possibly the best weights (3-4 model
+copies); a task-end one the weights and the strategy's state. So by default (``mid_task: auto``) automatic
+checkpoints are written inside a task only when the task is long: its estimated length (the mean time of its
+steps so far times its steps) is at least ``LONG_TASK_S``, where a stop would lose more than a checkpoint costs
+to keep. ``every_n_steps`` (an explicit request) and ``mid_task: true`` checkpoint within every task. With
+``keep_last: 1`` (the default) a run's disk is one checkpoint, near one model copy between tasks."""
 
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from cl_runner.engine.run_state import RunState
 
 AUTO_CHECKPOINT_FACTOR = 50  # automatic checkpoints: interval >= 50 x the cost of one, i.e. < 2% overhead
 AUTO_CHECKPOINT_MIN_S = 30.0
+LONG_TASK_S = 1800.0  # mid_task auto: automatic checkpoints within tasks estimated to take at least 30 minutes
 
 
 class CheckpointPolicy:
@@ -31,12 +39,26 @@ class CheckpointPolicy:
         self.cfg, self.parts = cfg, parts
         self.last_time, self.last_cost = time.perf_counter(), None
         self.best_in: tuple[dict[str, torch.Tensor], Path] | None = None  # best weights and a checkpoint holding them
+        self.task: tuple[float, int, int] | None = None  # the task's (start time, first step, total steps)
+
+    def start_task(self, step: int, total_steps: int) -> None:
+        """A task's loop starts (or continues) at ``step`` of ``total_steps``: the clock of ``long_task``."""
+        self.task = (time.perf_counter(), step, total_steps)
+
+    def long_task(self, step: int) -> bool:
+        """Whether the running task is estimated to take at least ``LONG_TASK_S`` (from its steps so far)."""
+        if self.task is None or step <= self.task[1]:
+            return False
+        started, first, total = self.task
+        return (time.perf_counter() - started) / (step - first) * total >= LONG_TASK_S
 
     def due(self, step: int) -> bool:
-        if not (self.cfg.enabled and self.cfg.mid_task):
+        if not self.cfg.enabled or self.cfg.mid_task is False:
             return False
         if self.cfg.every_n_steps is not None:
             return step % self.cfg.every_n_steps == 0
+        if self.cfg.mid_task == "auto" and not self.long_task(step):
+            return False
         cost = self.last_cost if self.last_cost is not None else 0.0
         interval = max(AUTO_CHECKPOINT_FACTOR * cost, AUTO_CHECKPOINT_MIN_S)
         return time.perf_counter() - self.last_time >= interval

@@ -16,7 +16,8 @@ Host syncs. Nothing in a step reads the device: each step's loss stays a device 
 pending ones (one sync) every ``log_every`` steps, at the end of an epoch and when the caller checkpoints
 (``Boundary.state_dict``). The read checks every loss is finite (the error names the first bad step and the
 steps read), adds them to the epoch's sums in step order (so where reads fall never changes a sum), converts
-what strategies logged, and sends a ``step`` event (the progress bar) for the steps read at a ``log_every`` mark.
+what strategies logged, and sends a ``step`` event (loss and speed on the progress bar) for the steps read at a
+``log_every`` mark; the bar itself moves after every step (``on_progress``, no device read).
 
 History. ``seconds`` is the epoch's training time, without validation and without the time the callbacks take
 (checkpoints, progress bar). ``tokens_per_s`` counts the real (non-padding) tokens of the batches trained on,
@@ -116,6 +117,10 @@ class LoopCallbacks:
         optimizer updates), then every ``train.log_every``
         steps and at the end of each epoch ``{"event": "step", "step", "epoch", "loss", "tokens_per_s", "mfu",
         "extras"}`` (``loss``: the mean over the steps since the previous event)."""
+
+    def on_progress(self, step: int, epoch: int) -> None:
+        """After every optimizer step (``epoch`` 1-based), before any ``step`` event of it: a bar that moves per
+        step; nothing is read from the device for it."""
 
     def on_epoch(self, record: EpochRecord) -> None:
         """An epoch is finished (and validated when due); ``record`` is its line of history.jsonl."""
@@ -287,6 +292,7 @@ class _TaskTrainer:
             if logging:
                 self._read()
             self._tick()
+            self.job.callbacks.on_progress(ctx.step, epoch + 1)  # its time is not training time (_boundary)
             if logging:
                 self._report(epoch)
             self._boundary("step")
@@ -316,9 +322,10 @@ class _TaskTrainer:
         gradient is multiplied by the number of ranks, which DDP and FSDP average over: the sum over ranks of
         the weighted micro-batch gradients is the step's gradient, as in one process."""
         ctx, scaler = self.ctx, self.job.scaler
-        ctx.micro = MicroBatch(examples, step, weight)
+        pack_length = self.cfg.max_length if self.cfg.pack else None
+        ctx.micro = MicroBatch(examples, step, weight, pack_length)
         # the batch as the model's kind reads it: packed rows (lm.pack), or an encoder-decoder's two sides
-        batch, inputs = ctx.kind.training_batch(examples, ctx.collate, self.cfg.max_length if self.cfg.pack else None)
+        batch, inputs = ctx.kind.training_batch(examples, ctx.collate, pack_length)
         with ctx.autocast():
             outputs = self.module(**inputs)
             loss = causal_lm_loss(outputs.logits, batch["labels"], self.cfg.loss_chunk_tokens)

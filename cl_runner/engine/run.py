@@ -25,11 +25,12 @@ from cl_runner.core.files import write_atomic
 from cl_runner.engine import memory_plan
 from cl_runner.engine.assembly import RunParts, build_parts
 from cl_runner.engine.checkpoint_policy import CheckpointPolicy
-from cl_runner.engine.claim import RunHooks, claim, read_metrics
+from cl_runner.engine.claim import Refused, RunHooks, agreed, claim, read_metrics
 from cl_runner.engine.resume import start_state
 from cl_runner.engine.run_state import RunState
 from cl_runner.engine.runtime import RunInterrupted, StopRequest, join, resolve_device, run_lock, stop_signals
 from cl_runner.engine.sequence import SequenceRun
+from cl_runner.engine.takeaway import save_stage
 from cl_runner.models.load import parameter_counts
 from cl_runner.outputs import cost
 from cl_runner.outputs.plots import plot_run
@@ -37,6 +38,7 @@ from cl_runner.outputs.results import RankWriter, RunWriter, print_summary
 from cl_runner.scoring import cl_metrics
 from cl_runner.scoring.monitors import print_monitors
 from cl_runner.scoring.monitors import summarize as summarize_monitors
+from cl_runner.strategies.memory import MEMORY_OPTIONS
 from cl_runner.trackers.fanout import open_trackers
 
 log = logging.getLogger(__name__)
@@ -60,20 +62,24 @@ def run(cfg: Config, run_dir: Path, config_yaml: str = "", console: Console | No
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
     memory = memory_plan.check(cfg, device, precision)  # a run that cannot fit: refused before anything loads
-    with run_lock(run_dir) if world.main else nullcontext():  # rank 0 holds the lock and writes the files
-        resume = claim(run_dir, config_yaml, resume, hooks)
-        if resume is None:
-            return read_metrics(run_dir) if world.main else {}
-        console = console or Console(quiet=not world.main)
-        if memory is not None:
-            console.print(memory.text(), highlight=False)
-        try:
-            metrics = _start(cfg, run_dir, config_yaml, console, base_dir, resume)
-        except BaseException as exc:
-            hooks.ended(run_dir, exc)
-            raise
-        hooks.ended(run_dir, None)
-        return metrics
+    try:
+        with run_lock(run_dir) if world.main else nullcontext():  # rank 0 holds the lock and writes the files
+            resume = claim(run_dir, config_yaml, resume, hooks)
+            if resume is None:
+                return read_metrics(run_dir) if world.main else {}
+            console = console or Console(quiet=not world.main)
+            if memory is not None:
+                console.print(memory.text(), highlight=False)
+            try:
+                metrics = _start(cfg, run_dir, config_yaml, console, base_dir, resume)
+            except BaseException as exc:
+                hooks.ended(run_dir, exc)
+                raise
+            hooks.ended(run_dir, None)
+            return metrics
+    except Refused:  # every rank waits until rank 0 has undone the refused start and let go of the lock
+        dist.barrier()
+        raise
 
 
 def _start(cfg: Config, run_dir: Path, config_yaml: str, console: Console, base_dir: Path | None,
@@ -106,7 +112,7 @@ def _mark_interrupted(run_dir: Path) -> None:
 
 def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    parts = build_parts(cfg, run_dir, base_dir)
+    parts = agreed(lambda: build_parts(cfg, run_dir, base_dir))  # every rank accepted the inputs, or none goes on
     cost.start(parts.device)  # CUDA's peak memory counts from here (the cost block of metrics.json)
     writer = (RunWriter(run_dir, parts.names, parts.monitors.names) if parts.world.main
               else RankWriter(run_dir, parts.names))
@@ -119,7 +125,7 @@ def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, re
             log.warning("task %s: %s examples longer than train.max_length had their prompt cut", name, cut)
     console.print(f"[bold]cl-run[/bold] {cfg.strategy.name} on {cfg.tasks.name} ({len(parts.tasks)} tasks: "
                   f"{', '.join(parts.names)}) · {parts.device} {parts.precision} · "
-                  f"{state.info['parameters']['total']:,} parameters")
+                  f"{state.info['parameters']['total']:,} parameters", soft_wrap=True)  # a log file: one line
     trackers = open_trackers(parts, state, task_resume)  # logger=...: rank 0; a no-op without one
     try:
         SequenceRun(parts, state, writer, policy, trackers).train(console, task_resume)
@@ -133,19 +139,35 @@ def _run(cfg: Config, run_dir: Path, console: Console, base_dir: Path | None, re
         raise
     except BaseException as exc:
         state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):  # older torch: a RuntimeError, left as it is
+            state.error = out_of_memory_line(cfg, exc)
         writer.write_metrics(state.to_metrics())
         trackers.close(state)
         raise
 
 
+def out_of_memory_line(cfg: Config, exc: BaseException) -> str:
+    """One line for a CUDA out-of-memory: what ran, and the options that lower the memory (the training
+    batch's, evaluation's, and the strategy's own: ``strategies.memory.MEMORY_OPTIONS``)."""
+    t = cfg.train
+    own = [f"strategy.{k}" for k in MEMORY_OPTIONS if getattr(cfg.strategy, k, None) is not None]
+    lower = ", ".join(["train.eval_batch_size", "train.max_length", *own])
+    return (f"CUDA out of memory running {cfg.strategy.name} on {cfg.model.name_or_path or 'the model'} with "
+            f"batch_size={t.batch_size} (grad_accum={t.grad_accum}): raise train.grad_accum (same batch, less "
+            f"memory) or lower {lower} ({str(exc).splitlines()[0]})")  # whole: a cut reason reads as another
+
+
 def finish(parts: RunParts, state: RunState, writer: RunWriter, console: Console) -> dict[str, Any]:
-    """Summary metrics, final metrics.json, plots, the tokenizer of a model built from config, console table."""
+    """Summary metrics, the saved model (``save.final_model``), final metrics.json, plots, the tokenizer of a model
+    built from config, console table."""
     rows, metric_names = state.rows(), [t.metric for t in parts.tasks]
     state.results = cl_metrics.summarize(rows[1:], rows[0], [t.higher_is_better for t in parts.tasks], parts.names)
     state.results["strategy_accounting"] = parts.strategy.accounting()
     if parts.monitors.items:  # apart from ACC/forgetting/BWT/FWT, which are over the sequence only
         state.results["monitors"] = summarize_monitors(state.stages, parts.monitors.names)
     state.info["parameters"]["final"] = parameter_counts(parts.model)  # adapters and columns add parameters
+    if parts.cfg.save.final_model:  # every rank: FSDP gathers the shards; rank 0 writes model/
+        state.results["saved_model"] = save_stage(parts, state.stages[-1]["stage"], final=True)
     state.results["wall_time_s"] = round(state.elapsed(), 3)
     state.status = "completed"
     metrics = state.to_metrics()

@@ -69,14 +69,21 @@ def seed_everything(seed: int) -> None:
 
 def package_versions() -> dict[str, str]:
     """Versions for metrics.json, read from the installed packages' metadata (no import: importing datasets
-    only for its version cost 0.6 s)."""
-    from importlib.metadata import version
+    only for its version cost 0.6 s); None for one that is not installed (datasets: only tasks with
+    ``source=datasets`` need it, and a GPU machine's image may lack it)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from cl_runner import __version__
 
-    installed = {"torch": "torch", "transformers": "transformers", "datasets": "datasets", "hydra": "hydra-core"}
+    def installed(distribution: str) -> str | None:
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            return None
+
+    packages = {"torch": "torch", "transformers": "transformers", "datasets": "datasets", "hydra": "hydra-core"}
     return {"cl_runner": __version__, "python": platform.python_version(),
-            **{name: version(distribution) for name, distribution in installed.items()}}
+            **{name: installed(distribution) for name, distribution in packages.items()}}
 
 
 @contextmanager

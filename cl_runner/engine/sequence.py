@@ -1,6 +1,6 @@
 """The task loop of one process (``SequenceRun``): score the init row, then for each remaining task train it
-(loop.py), score the sequence, write the row and checkpoint; its progress bar, history lines and stop requests
-(``_TaskCallbacks``); and each task's own settings (``for_task``)."""
+(loop.py), score the sequence, write the row and checkpoint; its progress bar (bars.py), history lines and stop
+requests (``_TaskCallbacks``); and each task's own settings (``for_task``)."""
 
 from __future__ import annotations
 
@@ -9,36 +9,23 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cl_runner.config.schema import TrainConfig
 from cl_runner.config.task_overrides import task_options
 from cl_runner.core import dist
 from cl_runner.core.files import write_atomic
 from cl_runner.engine.assembly import RunParts, sequence_scorer
+from cl_runner.engine.bars import TaskBar, TrainingBars, format_extras
 from cl_runner.engine.checkpoint_policy import CheckpointPolicy
 from cl_runner.engine.loop import Boundary, EpochRecord, LoopCallbacks, TaskRun, train_task
 from cl_runner.engine.run_state import RunState
 from cl_runner.engine.runtime import StopRequest, stop_signals
+from cl_runner.engine.takeaway import save_stage
 from cl_runner.models.load import parameter_counts
 from cl_runner.outputs import cost
 from cl_runner.outputs.predictions import PredictionWriter
 from cl_runner.outputs.results import RunWriter
 from cl_runner.trackers.fanout import Trackers
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"), TimeElapsedColumn(),
-        TextColumn("{task.fields[extras]}"),
-        console=console, transient=False,
-    )
-
-
-def format_extras(extras: dict[str, float]) -> str:
-    """Logged values for the progress bar, compactly: ``ewc_penalty 0.12 · buffer_examples 64``."""
-    return " · ".join(f"{name} {value:.3g}" for name, value in extras.items())
 
 
 class SequenceRun:
@@ -56,27 +43,31 @@ class SequenceRun:
 
     def train(self, console: Console, task_resume: dict[str, Any] | None) -> None:
         self.scoring.progress.attach(console)  # evaluation's progress bars (rank 0's console; others are quiet)
-        with stop_signals(self.stop), _progress(console) as progress:
+        with stop_signals(self.stop), TrainingBars(console) as bars:
             if not self.state.stages:
                 self.add_stage("init", self.scoring.score())
             for i in range(self.state.next_task, len(self.parts.tasks)):
-                self.train_task(i, task_resume, progress)
+                self.train_task(i, task_resume, bars)
                 task_resume = None
 
-    def train_task(self, i: int, resume: dict[str, Any] | None, progress: Progress) -> None:
+    def train_task(self, i: int, resume: dict[str, Any] | None, bars: TrainingBars) -> None:
         """Train task ``i`` (continuing it from ``resume``), score the sequence, checkpoint."""
         parts, state, name = self.parts, self.state, self.parts.names[i]
         parts.ctx.task_index = i  # the task hooks and scoring see from here on
-        callbacks = _TaskCallbacks(self, progress, f"[{i + 1}/{len(parts.tasks)}] {name}")
+        callbacks = _TaskCallbacks(self, bars.add(f"[{i + 1}/{len(parts.tasks)}] {name}"))
         task_started = time.perf_counter()
         records = train_task(TaskRun(parts.ctx, parts.strategy, parts.encoded[i].train, for_task(parts, i),
                                      self.scoring.validate, parts.scaler, resume, callbacks, parts.cfg.distributed))
+        callbacks.bar.finish()  # a log file: the task's line, before the stage's evaluation line
         state.history.extend(asdict(r) for r in records)
         state.wall_time_per_task_s[name] = round(
             state.wall_time_per_task_s.get(name, 0.0) + time.perf_counter() - task_started, 3)
         for file_name, text in parts.ctx.artifacts.items() if parts.world.main else ():  # e.g. pseudo-examples
             write_atomic(parts.run_dir / file_name, text)
         self.add_stage(f"after_{name}", self.scoring.score_after(i))
+        if parts.cfg.save.every_task and i < len(parts.tasks) - 1:  # the last one is model/ (finish)
+            saved = save_stage(parts, f"after_{name}", final=False)  # before the checkpoint: a resume rewrites it
+            state.info.setdefault("saved_models", {})[f"after_{name}"] = saved
         state.next_task = i + 1
         if parts.cfg.checkpoint.enabled:
             self.policy.save(state, None, None)
@@ -125,22 +116,24 @@ def for_task(parts: RunParts, i: int) -> TrainConfig:
 class _TaskCallbacks(LoopCallbacks):
     """The run's side of one task's loop: progress bar, history lines, checkpoints and stop requests."""
 
-    def __init__(self, run: SequenceRun, progress: Progress, label: str) -> None:
-        self.run, self.progress, self.label, self.epochs = run, progress, label, 0
-        self.bar = progress.add_task(label, total=None, loss="-", speed="-", extras="")
+    def __init__(self, run: SequenceRun, bar: TaskBar) -> None:
+        self.run, self.bar = run, bar
 
     def on_step(self, event: dict[str, Any]) -> None:
         if event["event"] == "task_start":
-            self.epochs, parts = event["epochs"], self.run.parts
+            parts = self.run.parts
             trainable = self.run.state.info["parameters"].setdefault("trainable_per_task", {})
             trainable[parts.names[parts.ctx.task_index]] = event["trainable"]
-            self.progress.update(self.bar, total=event["total_steps"], completed=event["step"])
+            self.bar.start(event["total_steps"], event["epochs"], event["step"])
+            self.run.policy.start_task(event["step"], event["total_steps"])
         else:
             mfu = "" if event["mfu"] is None else f"MFU {event['mfu']:.1%} · "
-            self.progress.update(self.bar, completed=event["step"], loss=f"{event['loss']:.3f}",
-                                 speed=f"{event['tokens_per_s']:,.0f}", extras=mfu + format_extras(event["extras"]),
-                                 description=f"{self.label} · epoch {event['epoch']}/{self.epochs}")
+            self.bar.report(event["step"], event["epoch"], event["loss"], event["tokens_per_s"],
+                            mfu + format_extras(event["extras"]))
         self.run.trackers.on_step(event, self.run.parts.ctx)
+
+    def on_progress(self, step: int, epoch: int) -> None:
+        self.bar.step(step, epoch)
 
     def on_epoch(self, record: EpochRecord) -> None:
         self.run.writer.add_history(asdict(record))

@@ -1,7 +1,11 @@
 """A model's weights as checkpoints hold them: tied weights stored once, a CPU copy of the best weights, and
-whether stored names and shapes fit a model (DTensors: each rank compares its own shards)."""
+whether stored names and shapes fit a model (DTensors: each rank compares its own shards), and strategy state
+that equals stored weights kept as references to them."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -79,3 +83,39 @@ def _compare(file: str, shapes: dict[str, tuple[int, ...]], expected: dict[str, 
     wrong = [f"{file}: {k} is {list(shapes[k])}, the model's is {list(t.shape)}"
              for k, t in expected.items() if k in shapes and tuple(t.shape) != shapes[k]]
     return wrong[0] if wrong else None
+
+
+# A strategy's state often holds copies of the weights a checkpoint already stores (LwF's teacher and online EWC's
+# anchor at a task's end, EWC's anchor after the first task): state.pt stores such a tensor as a reference to the
+# weight of that name in model.safetensors, and reading the checkpoint puts the weight back.
+WEIGHT_REF = "__cl_weight__"
+MIN_REF_NUMEL = 1024  # smaller tensors are stored as they are (a reference would save next to nothing)
+
+
+def by_reference(obj: Any, weights: dict[str, torch.Tensor], key: str | None = None) -> Any:
+    """``obj`` (nested dicts, lists, tuples) with every tensor equal to one of ``weights`` (same dtype, shape,
+    device and values) replaced by ``{WEIGHT_REF: name}``; a dict key naming a weight is tried first."""
+    if isinstance(obj, dict):
+        return {k: by_reference(v, weights, k if isinstance(k, str) else None) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(by_reference(v, weights) for v in obj)
+    if not isinstance(obj, torch.Tensor) or obj.numel() < MIN_REF_NUMEL or type(obj) is not torch.Tensor:
+        return obj
+    candidates = ([key] if key in weights else []) + [n for n, w in weights.items() if n != key]
+    for name in candidates:
+        w = weights[name]
+        if (w.shape == obj.shape and w.dtype == obj.dtype and w.device == obj.device
+                and bool(w.reshape(-1)[0] == obj.reshape(-1)[0]) and torch.equal(w, obj)):  # cheap test first
+            return {WEIGHT_REF: name}
+    return obj
+
+
+def resolved(obj: Any, weight: Callable[[str], torch.Tensor]) -> Any:
+    """``by_reference`` undone: each reference replaced by ``weight(name)``."""
+    if isinstance(obj, dict):
+        if set(obj) == {WEIGHT_REF}:
+            return weight(obj[WEIGHT_REF])
+        return {k: resolved(v, weight) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(resolved(v, weight) for v in obj)
+    return obj

@@ -1,13 +1,14 @@
 """Greedy generation over a KV cache, shared by every model kind: the transformers ``Cache`` API under the keyword
-the installed version takes (no deprecated form), left padding, and the decoding loop that stops at EOS (under
-FSDP every rank steps until the last rank's rows are done, since each forward is a collective)."""
+the installed version takes (no deprecated form), left padding, and the decoding loop: each row stops at EOS or
+the end-of-turn token and leaves the batch (its KV cache rows dropped), so long answers cost only their own rows
+(under FSDP every rank steps until the last rank's rows are done, since each forward is a collective)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,23 +56,39 @@ def _all_done(done: bool) -> bool:
     return all_reduce_max([0.0 if done else 1.0])[0] == 0.0
 
 
-def greedy_loop(scorer: Any, n: int, max_new_tokens: int, dummy: bool,
-                forward: Callable[[torch.Tensor | None, Any], tuple[torch.Tensor, Any]]) -> list[list[int]]:
-    """The greedy decoding loop of every model kind: ``forward(the last tokens (n, 1), or None at the first
-    step; cache)`` returns the next-token logits (n, V) and the cache. Stops when every row has ended with EOS or
-    one of ``scorer.stop_ids`` (a chat template's end-of-turn; under FSDP: every rank's rows); the rows come back
-    without that last token."""
-    ends = torch.tensor([scorer.eos_id, *scorer.stop_ids], device=scorer.device)
-    finished = torch.full((n,), dummy, dtype=torch.bool, device=scorer.device)
-    generated, cache, token = [], None, None
+if TYPE_CHECKING:  # evaluated, the aliases would load torch when a config check imports kinds.py (start-up)
+    Forward = Callable[[torch.Tensor | None, Any], tuple[torch.Tensor, Any]]
+    Select = Callable[[torch.Tensor, Any], Any]
+
+
+def greedy_loop(scorer: Any, n: int, max_new_tokens: int, dummy: bool, forward: Forward,
+                select: Select) -> list[list[int]]:
+    """The greedy decoding loop of every model kind: ``forward(the last tokens (A, 1), or None at the first step;
+    cache)`` returns the next-token logits (A, V) of the A rows still in the batch and the cache. A row ends at
+    EOS or one of ``scorer.stop_ids`` (a chat template's end-of-turn) and leaves the batch: ``select(indices,
+    cache)`` keeps only those rows in the forward's state (its cache, mask, positions) and returns the cache, so a
+    long answer costs its own row's steps, not the whole batch's. Rows come back in prompt order, without their
+    last (stop) token. Each row's tokens are those of the row decoded alone: the rows never attend to each other.
+    Under FSDP every rank steps until every rank's rows are done (a forward is a collective), keeping one row
+    when all of its own are done; a ``dummy`` batch is done from the start."""
+    stops = {scorer.eos_id, *scorer.stop_ids}
+    rows: list[list[int]] = [[] for _ in range(n)]
+    batch = list(range(n))  # the prompt each row of the forward's batch belongs to
+    alive = [not dummy] * n
+    cache, token = None, None
     for _ in range(max_new_tokens):
         with scorer.autocast():
             logits, cache = forward(None if token is None else token[:, None], cache)
-        token = torch.where(finished, torch.full_like(finished, scorer.eos_id, dtype=torch.long), logits.argmax(-1))
-        generated.append(token)
-        finished |= torch.isin(token, ends)
-        if _all_done(bool(finished.all())):
+        token = logits.argmax(-1)
+        for row, t in zip(batch, token.tolist(), strict=True):  # one transfer per step
+            if alive[row]:
+                alive[row] = t not in stops
+                if alive[row]:
+                    rows[row].append(t)
+        if _all_done(not any(alive)):
             break
-    tokens = torch.stack(generated, dim=1).tolist()
-    stops = set(ends.tolist())
-    return [row[: next((i for i, t in enumerate(row) if t in stops), len(row))] for row in tokens]
+        keep = [k for k, row in enumerate(batch) if alive[row]] or [0]  # FSDP: a done rank steps on with one row
+        if len(keep) < len(batch):
+            index = torch.tensor(keep, device=token.device)
+            cache, token, batch = select(index, cache), token[index], [batch[k] for k in keep]
+    return rows

@@ -81,8 +81,9 @@ class ModelKind(ABC):
     @abstractmethod
     def greedy_generate(self, scorer: Any, prompts: list[list[int]], max_new_tokens: int,
                         dummy: bool = False) -> list[list[int]]:
-        """Greedy continuation of each prompt until EOS (without it). ``dummy``: a batch that only keeps this rank
-        in step with the others (FSDP), done from the start."""
+        """Greedy continuation of each prompt until EOS (without it), a finished row leaving the batch
+        (``generation.greedy_loop``). ``dummy``: a batch that only keeps this rank in step with the others (FSDP),
+        done from the start."""
 
     @abstractmethod
     def label_logprobs(self, scorer: Any, prompts: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
@@ -142,7 +143,13 @@ class CausalLM(ModelKind):
                                         attention_mask=mask, position_ids=positions)
             return out.logits[:, -1], cache
 
-        return greedy_loop(scorer, len(prompts), max_new_tokens, dummy, forward)
+        def select(rows: torch.Tensor, cache: Any) -> Any:  # finished rows leave the batch
+            nonlocal mask, positions
+            mask, positions = mask[rows], positions[rows]
+            cache.batch_select_indices(rows)
+            return cache
+
+        return greedy_loop(scorer, len(prompts), max_new_tokens, dummy, forward, select)
 
     @no_grad
     def label_logprobs(self, scorer: Any, prompts: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
@@ -243,7 +250,13 @@ class EncoderDecoder(ModelKind):
                                         decoder_input_ids=first if step is None else step)
             return out.logits[:, -1], cache
 
-        return greedy_loop(scorer, len(prompts), max_new_tokens, dummy, forward)
+        def select(rows: torch.Tensor, cache: Any) -> Any:  # finished rows leave the batch
+            nonlocal hidden, mask
+            hidden, mask = hidden[rows], mask[rows]
+            cache.batch_select_indices(rows)
+            return cache
+
+        return greedy_loop(scorer, len(prompts), max_new_tokens, dummy, forward, select)
 
     @no_grad
     def label_logprobs(self, scorer: Any, prompts: list[list[int]], labels: list[list[int]]) -> torch.Tensor:

@@ -146,6 +146,8 @@ def read_job(run_dir: Path, root: Path | None = None) -> Job:
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         status = metrics.get("status") or "running"
         error = metrics.get("error")
+        if status == "running" and owner_gone(run_dir):
+            status, error = "interrupted", "killed: metrics.json says running, but no cl-run holds the run's lock"
     except FileNotFoundError:
         status, error = "failed", NO_METRICS
     except (OSError, ValueError) as exc:
@@ -159,6 +161,24 @@ def read_job(run_dir: Path, root: Path | None = None) -> Job:
     name = run_dir.name if root is None or run_dir == root else run_dir.relative_to(root).as_posix()
     return Job(run_dir, name, status, error, strategy, seed, [str(o) for o in overrides], metrics, config,
                choices if isinstance(choices, dict) else {})
+
+
+def owner_gone(run_dir: Path) -> bool:
+    """Whether the run's ``.lock`` exists and no process holds it: its cl-run (rank 0 under torchrun) was killed
+    before it could record how it ended. The probe is a shared lock, let go at once; a cl-run starting in the very
+    same instant could be refused as "in use" and is simply started again."""
+    import fcntl
+
+    try:
+        with open(Path(run_dir) / ".lock") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
+    except OSError:
+        return False
 
 
 def check_paths(paths: list[Path]) -> None:

@@ -18,8 +18,8 @@ from rich.table import Table
 
 from cl_runner.core.console import print_whole
 from cl_runner.core.errors import DiskFullError
-from cl_runner.core.files import disk_full_error, is_disk_full, write_atomic
-from cl_runner.outputs.cost import cost_rows
+from cl_runner.core.files import disk_full_error, human_bytes, is_disk_full, write_atomic
+from cl_runner.outputs.cost import COST_FIELDS, compact, cost_rows
 
 log = logging.getLogger(__name__)
 RESULT_FILES = ("accuracy_matrix.csv", "metrics.json", "history.jsonl", "score_matrix.png", "learning_curves.png",
@@ -125,6 +125,24 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def accounting_rows(accounting: dict[str, Any], cost: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of a strategy's accounting for the summary table, in human units only: a count the cost
+    rows already show (trainable and extra parameters) is left out, bytes read in kB/MB/GB, counts compact (134.5M);
+    metrics.json keeps every raw number."""
+    rows = []
+    for key, value in accounting.items():
+        if key in COST_FIELDS and cost.get(key) == value:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            text = str(value)
+        elif "bytes" in key:
+            text = human_bytes(value)
+        else:
+            text = compact(value) if isinstance(value, int) else f"{value:.3g}"
+        rows.append((key.replace("_", " "), text))
+    return rows
+
+
 def print_summary(console: Console, task_names: list[str], rows: list[list[float]], metrics: dict[str, Any],
                   metric_names: list[str], run_dir: Path) -> None:
     """The score matrix (stages x tasks), the summary metrics and where the files are."""
@@ -150,7 +168,11 @@ def print_summary(console: Console, task_names: list[str], rows: list[list[float
     summary.add_row("wall time (s)", _fmt(metrics.get("wall_time_s"), 1))
     for label, value in cost_rows(metrics.get("cost") or {}):  # parameters, peak memory, seconds, tokens
         summary.add_row(label, value)
-    for key, value in (metrics.get("strategy_accounting") or {}).items():
-        summary.add_row(escape(key.replace("_", " ")), escape(str(value)))
+    for label, value in accounting_rows(metrics.get("strategy_accounting") or {}, metrics.get("cost") or {}):
+        summary.add_row(escape(label), escape(value))
+    saved = metrics.get("saved_model")
+    if saved:  # save.final_model: the directory and its size (one model copy), or why nothing was saved
+        summary.add_row("saved model", escape(f"{saved['path']}/ ({human_bytes(saved['bytes'])})" if saved["path"]
+                                              else f"none: {saved['refused']}"))
     print_whole(console, summary)
-    console.print(f"results: [bold]{run_dir}[/bold]")
+    console.print(f"results: [bold]{escape(str(run_dir))}[/bold]", soft_wrap=True)

@@ -141,4 +141,5 @@ register(_text_metric("bleu_1", "BLEU-1", partial(text_metrics.bleu, max_order=1
 register(_text_metric("bleu_4", "BLEU-4", partial(text_metrics.bleu, max_order=4)))
 register(_text_metric("token_f1", "token F1", text_metrics.token_f1))
 register(_text_metric("edit_similarity", "edit similarity", text_metrics.edit_similarity))
+register(_text_metric("py150_similarity", "edit similarity (Py150)", text_metrics.py150_similarity))
 register(Metric("sari", GENERATION, mean_of("sari"), "SARI", score_example=_sari))

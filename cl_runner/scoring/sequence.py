@@ -18,7 +18,9 @@ from dataclasses import dataclass, field, replace
 
 from rich.console import Console
 from rich.errors import LiveError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from cl_runner.scoring.evaluate import Scorer, score_task
 from cl_runner.strategies.base import Context, Strategy
@@ -43,11 +45,23 @@ def sample(items: list[EvalItem], cap: int | None, seed: int | str) -> list[Eval
     return [items[i] for i in keep]
 
 
+class TimeLeft(ProgressColumn):
+    """Time left at the pass's mean pace so far, from its first batch on (rich's own column needs two updates
+    within 30 s, which a slow model's batches never give it)."""
+
+    def render(self, task) -> Text:
+        if not task.completed or not task.total or task.elapsed is None:
+            return Text("-:--:--", style="progress.remaining")
+        left = int(task.elapsed * (task.total - task.completed) / task.completed)
+        return Text(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}", style="progress.remaining")
+
+
 class EvalProgress:
     """The bar of one evaluation pass on the run's console, below the training bars: examples scored out of
-    the pass's total (all tasks), the task being scored, elapsed and remaining time. Once a stage's pass is done
-    the bar gives way to one line (``eval after city · 3 tasks · 192 examples · 2.1 s``); a validation pass's bar
-    just disappears. A console that is not a terminal (a log file) gets the stage lines only. Nothing is shown
+    the pass's total (all tasks), moving after every batch, the task being scored, elapsed and remaining time
+    (``TimeLeft``). Once a stage's pass is done the bar gives way to one line (``eval after city · 3 tasks · 192
+    examples · 2.1 s``); a validation pass's bar just disappears. A console that is not a terminal (a log file) gets
+    the stage lines only, whole, in the order they happen (the training bars' lines are bars.py's). Nothing is shown
     until ``attach`` gives it a console (rank 0's; the other ranks' are quiet)."""
 
     def __init__(self) -> None:
@@ -64,7 +78,7 @@ class EvalProgress:
         if self.console is None or not self.console.is_terminal:  # a log file gets the summary line only
             return
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("examples"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                       TextColumn("examples"), TimeElapsedColumn(), TextColumn("left"), TimeLeft(),
                        console=self.console, transient=True)
         try:
             bar.start()
@@ -86,7 +100,7 @@ class EvalProgress:
             self._bar.stop()
             self._bar = None
         if self.console is not None and self._summary:
-            self.console.print(f"{self._summary} · {seconds:.1f} s")
+            self.console.print(escape(f"{self._summary} · {seconds:.1f} s"), soft_wrap=True)  # whole in a log file
 
 
 @dataclass

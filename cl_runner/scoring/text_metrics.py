@@ -20,6 +20,10 @@ tested equal to it (tests/scoring/test_text_metrics.py). Every score lies in [0,
   without python-Levenshtein (TRACE's requirements.txt lists none) is ``round(100 * difflib.SequenceMatcher(None,
   prediction, reference).ratio())`` with 100 for equal strings; divided by 100 here. rapidfuzz's ``fuzz.ratio``
   (a Levenshtein ratio) can differ from it by a few points.
+- ``py150_code``: TRACE's Py150 post-processing (evaluations/eval_Py150.py ``postprocess``), applied to prediction
+  and reference before the edit similarity (the ``py150_similarity`` metric): the literal placeholders of the
+  Py150 token format are written back, ``<NUM_LIT>`` as ``0``, ``<STR_LIT>`` and ``<CHAR_LIT>`` as nothing,
+  ``<STR_LIT:x>`` (and NUM, CHAR) as ``x``.
 
 TRACE skips a pair whose prediction or reference is the empty string and still divides by the number of examples,
 so an empty prediction scores 0 everywhere; so it does here (ROUGE-L: also a text with no sentence, where the
@@ -37,6 +41,7 @@ from collections import Counter
 from cl_runner.scoring.answers import squad_normalize
 
 _TRACE_TOKEN_SPLIT = re.compile(r"\s|\.")
+_PY150_LITERAL = re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S)  # eval_Py150.py:8
 
 
 # ------------------------------------------------------------------------------------------------------ ROUGE-L
@@ -137,3 +142,18 @@ def edit_similarity(prediction: str, reference: str) -> float:
     if prediction == reference:
         return 1.0
     return round(100 * difflib.SequenceMatcher(None, prediction, reference).ratio()) / 100
+
+
+def py150_code(code: str) -> str:
+    """TRACE's ``postprocess`` of Py150 code (evaluations/eval_Py150.py:6-12): placeholders back to literals."""
+    code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+    # as TRACE does it: the matches found first, then each replaced everywhere in turn (not re.sub, whose result
+    # differs where one literal's text holds another placeholder)
+    for kind, value in _PY150_LITERAL.findall(code):
+        code = code.replace(f"<{kind}_LIT:{value}>", value)
+    return code
+
+
+def py150_similarity(prediction: str, reference: str) -> float:
+    """TRACE's Py150 score of one example: ``edit_similarity`` of the post-processed texts."""
+    return edit_similarity(py150_code(prediction), py150_code(reference))

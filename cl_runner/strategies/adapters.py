@@ -3,14 +3,22 @@ O-LoRA's orthogonality penalty), or one adapter trained through the whole sequen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from cl_runner.core.checks import check_fraction, check_positive
 from cl_runner.core.dist import world
-from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig, not_made_before_sharding
+from cl_runner.strategies.base import (
+    Context,
+    ModelSize,
+    StateNeeds,
+    Strategy,
+    StrategyConfig,
+    Takeaway,
+    not_made_before_sharding,
+)
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.lora import (
     activate,
@@ -49,6 +57,9 @@ class SharedLoRAConfig(StrategyConfig):
 @dataclass
 class AdaptersConfig(SharedLoRAConfig):
     name: str = "adapters"
+    # O-LoRA's (and IncLoRA's) layers: the attention's query and value projections (lora.resolve_targets names
+    # them per model: T5 q, v; Llama-like q_proj, v_proj; GPT-2 the fused c_attn, which adapts k too)
+    target_modules: list[str] | None = field(default_factory=lambda: ["q", "v"])
     merge: bool = False  # evaluate the merged model (every adapter at once, no task identity)
     orthogonal_lambda: float = 0.0  # O-LoRA: weight of sum |A_old A_new^T| (0 = off)
 
@@ -182,6 +193,12 @@ class Adapters(Strategy):
 
     def accounting(self) -> dict[str, Any]:
         return dict(self.costs)
+
+    def takeaway(self, ctx: Context) -> Takeaway:
+        """The adapters ``before_eval`` makes active for each task (merge, shared_lora: all of them)."""
+        every = self.shared or self.cfg.merge or type(self).before_eval is not Adapters.before_eval
+        return Takeaway(adapters={name: self.names() if every else [adapter_name(j)] if j < self.created else []
+                                  for j, name in enumerate(ctx.task_names)})
 
     def state_dict(self) -> dict[str, Any]:
         return {"created": self.created, "base_parameters": self.base_parameters, "costs": dict(self.costs)}

@@ -30,6 +30,12 @@ from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
 from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig, trainable_parameters
 from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view
+from cl_runner.strategies.memory import (
+    anchor_state_bytes,
+    estimation_bytes,
+    numel_and_itemsize,
+    refuse_state_unless_fits,
+)
 
 LOG_EVERY = 10  # optimizer steps between penalty values logged (each is a pass over the penalised parameters)
 DTYPES = ("float32", "bfloat16")  # state_dtype: names of torch dtypes
@@ -102,6 +108,8 @@ class AnchorPenalty(Strategy):
     online = False
     gamma = 1.0
     copies = 2  # kept per penalised parameter: the anchor and its importance (L2: the anchor only)
+    batch_option: str | None = None  # the option of the importance pass's batch (EWC, MAS); None: no such pass
+    extra_copies = 0  # further fp32 copies of the penalised parameters held while training (SI)
 
     def __init__(self, cfg: Any, lam: float) -> None:
         super().__init__(cfg)
@@ -134,6 +142,17 @@ class AnchorPenalty(Strategy):
         if pattern is not None and not any(re.search(pattern, n) for n in names):
             example = f" (searched with re.search in names such as {names[0]!r})" if names else ""
             raise ConfigError(f"strategy.penalised_params: {pattern!r} matches no trainable parameter name{example}")
+        device = getattr(ctx, "device", None)  # None (a bare context in tests): nothing to compare with
+        refuse_state_unless_fits(ctx.model, device, self.memory_need(ctx), f"{self.name}'s state and passes",
+                                 "strategy.penalised_params", "penalise fewer parameters (strategy.penalised_params), "
+                                 "set strategy.state_dtype=bfloat16, or use a smaller model")
+
+    def memory_need(self, ctx: Context) -> int:
+        """Bytes this strategy needs beyond the model and the optimizer, at least (``memory.py``): its importance
+        and anchor, ``extra_copies`` fp32 copies, one example of its estimation pass (``batch_option``)."""
+        numel, itemsize = numel_and_itemsize(p for _, p in selected_parameters(ctx.model, self.cfg.penalised_params))
+        state = anchor_state_bytes(numel, getattr(torch, self.cfg.state_dtype).itemsize) + self.extra_copies * 4 * numel
+        return state + (estimation_bytes(numel, itemsize) if self.batch_option else 0)
 
     def after_task(self, ctx: Context) -> None:
         if self.names is None:

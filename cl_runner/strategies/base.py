@@ -47,6 +47,7 @@ class MicroBatch:
     examples: list[Encoded]  # this micro-batch's encoded examples
     step: list[Encoded]  # every example of its optimizer step (what ``train_batches`` yielded)
     weight: float  # the factor the loop multiplies the returned loss by: its share of the step's target tokens
+    pack_length: int | None = None  # train.pack: the row length the examples were packed to (lm.pack); else None
 
 
 @dataclass
@@ -108,6 +109,17 @@ class Context:
 def derived_seed(seed: int, task: int, salt: int) -> int:
     """The one formula every seeded stream of a run uses (data order, buffer draws, new modules' init)."""
     return seed * 1_000_003 + task * 7919 + salt
+
+
+@dataclass(frozen=True)
+class Takeaway:
+    """What the model a run leaves for users is (``Strategy.takeaway``; engine/takeaway.py writes it): the model
+    itself (the default); the frozen base plus the peft LoRA adapters each task is scored with (``adapters``: per
+    task name, the adapters active when it is scored, [] for the base alone); or nothing, with the reason
+    (``refused``: modules of cl-runner's own that no Hugging Face class loads)."""
+
+    adapters: dict[str, list[str]] | None = None
+    refused: str | None = None
 
 
 @dataclass
@@ -268,6 +280,11 @@ class Strategy:
     def on_resume(self, ctx: Context) -> None:
         """After ``load_state_dict`` on resume, before the checkpoint's weights are loaded into ``ctx.model``:
         re-create any modules the strategy had added to the model (adapters), so the weights fit."""
+
+    def takeaway(self, ctx: Context) -> Takeaway:
+        """What the saved model is (``save.final_model``): the model as it is, unless the strategy added modules
+        (LoRA adapters: which ones score which task; prompts or columns: refused, with the reason)."""
+        return Takeaway()
 
 
 def not_made_before_sharding(name: str) -> ConfigError:

@@ -185,6 +185,32 @@ class ReplayBuffer:
                 k = slots[j]
                 self.examples[k], self.tasks[k], self.scores[k] = _host_copy(example), task, math.nan
 
+    def reservoir_slots(self, task: int, n: int, generator: torch.Generator) -> list[int]:
+        """Algorithm R (global, ``per_task`` off) for ``n`` more examples of ``task``, decided before they are
+        stored: the slot each takes (``len(self)`` and on while the buffer fills, a slot ``j ~ U{0..k-1}`` for the
+        k-th example seen once it is full, -1 for none; a later example may take an earlier one's slot). The
+        counters advance; the caller then ``put``s the examples in order. The draws are ``_reservoir``'s."""
+        before = self.seen_total
+        self.seen[task] = self.seen.get(task, 0) + n
+        self.seen_total += n
+        counts = torch.arange(before + 1, before + n + 1, dtype=torch.float64)
+        draws = (torch.rand(n, generator=generator, dtype=torch.float64) * counts).long().tolist()
+        slots, filled = [], len(self)
+        for j in draws:
+            if filled < self.size:
+                slots.append(filled)
+                filled += 1
+            else:
+                slots.append(j if j < self.size else -1)
+        return slots
+
+    def put(self, slot: int, task: int, example: Encoded) -> None:
+        """Store ``example`` in ``slot`` (a slot from ``reservoir_slots``; ``len(self)`` appends)."""
+        if slot == len(self.examples):
+            self._append(task, example, math.nan)
+        else:
+            self.examples[slot], self.tasks[slot], self.scores[slot] = _host_copy(example), task, math.nan
+
     def _shrink(self, task: int, quota: int, generator: torch.Generator) -> None:
         mine = [i for i, t in enumerate(self.tasks) if t == task]
         if len(mine) <= quota:
@@ -235,8 +261,9 @@ def buffer_bytes(cfg: Any, size: ModelSize) -> int:
 
 
 class BufferGradients(Strategy):
-    """What A-GEM, GEM and DER share: a buffer filled in ``after_task``, seeded per-step draws from it, and the
-    chunk size of reference gradients (the step's largest micro-batch, seen in ``loss``)."""
+    """What A-GEM, GEM and DER share: a buffer filled in ``after_task`` (DER's default fills it at every step
+    instead), seeded per-step draws from it, and the chunk size of reference gradients (the step's largest
+    micro-batch, seen in ``loss``)."""
 
     supports = Supports()  # what a strategy built on it adds to its own facts (nothing refused)
 

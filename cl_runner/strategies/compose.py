@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cl_runner.models.lm import Encoded
-from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, Takeaway
 
 
 def _forward(hook: str) -> Callable[..., None]:
@@ -44,6 +44,10 @@ class Composite(Strategy):
 
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         return sum((part.memory_needs(size) for part in self.parts), StateNeeds())
+
+    def takeaway(self, ctx: Context) -> Takeaway:
+        """The first part's that is not the plain model's (at most one part adds modules)."""
+        return next((t for t in (part.takeaway(ctx) for part in self.parts) if t != Takeaway()), Takeaway())
 
     before_shard = _forward("before_shard")
     before_task = _forward("before_task")

@@ -14,7 +14,9 @@ import torch
 from cl_runner.core.checks import check_choice, check_fraction, check_positive
 from cl_runner.strategies.anchor import AnchorConfig, AnchorPenalty
 from cl_runner.strategies.base import Context, ModelSize, StateNeeds
+from cl_runner.strategies.common import selected_parameters
 from cl_runner.strategies.fisher import MODES, fisher_diagonal
+from cl_runner.strategies.memory import AUTO, check_batch, estimation_batch
 from cl_runner.strategies.support import Refused, Supports
 
 SUBSET_SALT = 21  # ctx.generator salts: which examples estimate the Fisher
@@ -39,7 +41,10 @@ class EWCConfig(AnchorConfig):
     ewc_lambda: float = 1.0e5  # penalty weight: ewc_lambda/2 * sum F (theta - theta*)^2
     fisher: str = "empirical"  # empirical (labels from the data) | sampled (labels sampled from the model)
     fisher_samples: int = 256  # examples of the finished task used to estimate the Fisher
-    fisher_batch_size: int = 16  # examples per batched per-example-gradient chunk (bounds memory)
+    # examples per batched per-example-gradient chunk: auto = the most (up to 16) whose gradients fit in half the
+    # free memory (strategies/memory.py), or a positive integer. The Fisher does not depend on it beyond float
+    # rounding (each example's gradient is its own; the sum's order changes)
+    fisher_batch_size: Any = AUTO
     online: bool = False  # one running Fisher (online EWC) instead of one per task
     gamma: float = 1.0  # online EWC decay of the old Fisher
 
@@ -48,7 +53,7 @@ class EWCConfig(AnchorConfig):
         check_positive(errs, f"{key}.ewc_lambda", self.ewc_lambda, allow_zero=True)
         check_choice(errs, f"{key}.fisher", self.fisher, MODES)
         check_positive(errs, f"{key}.fisher_samples", self.fisher_samples)
-        check_positive(errs, f"{key}.fisher_batch_size", self.fisher_batch_size)
+        check_batch(errs, f"{key}.fisher_batch_size", self.fisher_batch_size)
         check_fraction(errs, f"{key}.gamma", self.gamma)
         self.anchor_errors(errs, key)
         return errs
@@ -64,6 +69,7 @@ class EWC(AnchorPenalty):
 
     name = "ewc"
     Config = EWCConfig
+    batch_option = "fisher_batch_size"
     supports = Supports(encoder_decoder=Refused("it samples labels in the causal layout; use empirical",
                                                 option="fisher", when=lambda cfg: cfg.fisher == "sampled"))
 
@@ -80,9 +86,10 @@ class EWC(AnchorPenalty):
         """The diagonal Fisher of the model on the current task: deterministic given the run seed and task."""
         examples = ctx.train_sets[ctx.task_index]
         picks = torch.randperm(len(examples), generator=ctx.generator(SUBSET_SALT))[: self.cfg.fisher_samples]
+        params = [p for _, p in selected_parameters(ctx.model, self.cfg.penalised_params)]
         return fisher_diagonal(ctx, [examples[i] for i in sorted(picks.tolist())], mode=self.cfg.fisher,
                                generator=ctx.generator(SAMPLE_SALT), param_regex=self.cfg.penalised_params,
-                               batch_size=self.cfg.fisher_batch_size)
+                               batch_size=estimation_batch(self.cfg.fisher_batch_size, params, ctx.device))
 
     def importance(self, ctx: Context, names: list[str]) -> list[torch.Tensor]:
         fisher = self.estimate_fisher(ctx)

@@ -5,12 +5,16 @@ they compute reference gradients on buffer examples and change the step's gradie
 before clipping) so that, to first order, the step does not increase the loss on the buffer.
 
 - A-GEM: one reference gradient ``r`` per optimizer step, on ``ref_batch_size`` examples drawn uniformly from the
-  whole buffer; when ``g.r < 0``, ``g <- g - (g.r / r.r) r`` (``agem_project``). One extra forward and backward
-  per step.
-- GEM: one reference gradient ``g_k`` per earlier task k (``ref_batch_size`` of that task's buffer examples).
-  When some ``g.g_k < 0``, ``g <- g + G^T v`` with ``v`` the solution of GEM's dual quadratic program
-  ``min_{v >= margin} 1/2 v^T (G G^T) v + (G g)^T v`` (``gem_dual``). ``t - 1`` extra forwards and backwards per
-  step on task t, and ``t - 1`` gradient copies in memory: refused above ``max_tasks`` tasks.
+  whole buffer, every task's examples together (as the paper's reference batch, sampled at random from the whole
+  episodic memory, and mammoth's ``agem.py``); when ``g.r < 0``, ``g <- g - (g.r / r.r) r`` (``agem_project``).
+  One extra forward and backward per step.
+- GEM: one reference gradient ``g_k`` per earlier task k, over that task's whole episodic memory (its buffer
+  examples; ``reference: memory``, the paper's and mammoth's ``gem.py``), or over ``ref_batch_size`` of them drawn
+  anew every step (``reference: sampled``, our cheaper, stochastic constraint). When some ``g.g_k < 0``,
+  ``g <- g + G^T v`` with ``v`` the solution of GEM's dual quadratic program
+  ``min_{v >= margin} 1/2 v^T (G G^T) v + (G g)^T v`` (``gem_dual``). ``t - 1`` reference gradients per step on
+  task t (each a forward and backward over its examples, in chunks), and ``t - 1`` gradient copies in memory:
+  refused above ``max_tasks`` tasks.
 
 Reference gradients (``examples_gradient``) are gradients of the mean target-token NLL of the drawn examples, in
 the model's current mode, under ``ctx.autocast()``, in chunks of at most the step's largest micro-batch (the
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cl_runner.core.checks import check_positive
+from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.dist import all_reduce_sum, world
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
@@ -39,6 +43,7 @@ from cl_runner.models.lm import Encoded, target_count, token_nll
 from cl_runner.strategies.base import Context, ModelSize, StateNeeds, trainable_parameters
 from cl_runner.strategies.buffer import BufferConfig, BufferGradients
 from cl_runner.strategies.common import local
+from cl_runner.strategies.memory import gradient_memory_bytes, numel_and_itemsize, refuse_state_unless_fits
 
 RIDGE = 1e-3  # added to the diagonal of G G^T (as GEM's reference code does): a unique dual solution
 SolveInfo = dict[str, float]
@@ -53,21 +58,25 @@ def agem_project(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def gem_dual(gram: torch.Tensor, dots: torch.Tensor, margin: float = 0.0, tol: float = 1e-12,
-             max_sweeps: int = 10_000) -> torch.Tensor:
+             max_sweeps: int = 10_000, info: SolveInfo | None = None) -> torch.Tensor:
     """``v = argmin_{v >= margin} 1/2 v^T A v + b^T v`` with ``A = gram + RIDGE I`` (``gram = G G^T``, t x t) and
     ``b = dots = G g``, by Hildreth's method: cyclic exact minimisation over one coordinate at a time, clipped to
     the bound, ``v_k <- max(margin, v_k - (A v + b)_k / A_kk)``. A is positive definite, so the sweeps converge to
     the unique minimiser; they stop when no coordinate moves by more than ``tol`` times the largest ``|v|`` (or 1).
-    Float64 on the host: t is the number of earlier tasks."""
+    Float64 on the host: t is the number of earlier tasks. ``info``, when given, receives ``sweeps`` (how many ran)
+    and ``moved`` (the last sweep's largest coordinate change)."""
     a = gram.double().cpu() + RIDGE * torch.eye(len(dots), dtype=torch.float64)
     b, v = dots.double().cpu(), torch.full((len(dots),), float(margin), dtype=torch.float64)
-    for _ in range(max_sweeps):
-        moved = 0.0
+    sweeps, moved = 0, 0.0
+    while sweeps < max_sweeps:
+        sweeps, moved = sweeps + 1, 0.0
         for k in range(len(v)):
             new = max(float(margin), float(v[k] - (a[k] @ v + b[k]) / a[k, k]))
             moved, v[k] = max(moved, abs(new - float(v[k]))), new
         if moved <= tol * max(1.0, float(v.abs().max())):
             break
+    if info is not None:
+        info.update(sweeps=sweeps, moved=moved)
     return v
 
 
@@ -181,15 +190,20 @@ class AGEM(BufferGradients):
                 "agem_extra_backward_per_step": 1}
 
 
+REFERENCES = ("memory", "sampled")
+
+
 @dataclass
 class GEMConfig(AGEMConfig):
     name: str = "gem"
     per_task: bool = True  # GEM keeps an equal memory per task
+    reference: str = "memory"  # memory: each earlier task's whole memory | sampled: ref_batch_size of it per step
     margin: float = 0.5  # GEM's memory strength gamma: the dual variables are at least this once projecting
     max_tasks: int = 20  # refused above: (tasks - 1) gradient copies and backward passes per step
 
     def errors(self, key: str) -> list[str]:
         errs = super().errors(key)
+        check_choice(errs, f"{key}.reference", self.reference, REFERENCES)
         check_positive(errs, f"{key}.margin", self.margin, allow_zero=True)
         check_positive(errs, f"{key}.max_tasks", self.max_tasks)
         return errs
@@ -221,6 +235,10 @@ class GEM(BufferGradients):
                               f"{params:,} parameters) and runs as many extra backward passes per step; this "
                               f"sequence has {tasks} tasks, above max_tasks={self.cfg.max_tasks} (raise it or use "
                               "strategy=agem)")
+        numel, itemsize = numel_and_itemsize(p for _, p in trainable_parameters(ctx.model))
+        refuse_state_unless_fits(ctx.model, ctx.device, gradient_memory_bytes(numel, tasks, itemsize),
+                                 f"GEM's {tasks - 1} reference gradients", "strategy",
+                                 "use strategy=agem (one reference gradient) or a shorter sequence")
 
     def after_task(self, ctx: Context) -> None:
         super().after_task(ctx)
@@ -233,7 +251,9 @@ class GEM(BufferGradients):
             return
         refs = []
         for t in tasks:
-            examples = self.draw(ctx, [i for i, k in enumerate(self.buffer.tasks) if k == t], self.cfg.ref_batch_size)
+            pool = [i for i, k in enumerate(self.buffer.tasks) if k == t]
+            examples = (self.draw(ctx, pool, self.cfg.ref_batch_size) if self.cfg.reference == "sampled"
+                        else [self.buffer.examples[i] for i in pool])  # chunked by examples_gradient
             with torch.enable_grad():
                 refs.append(examples_gradient(ctx, examples, self.chunk))
         grads = step_gradients([p for _, p in trainable_parameters(ctx.model)])

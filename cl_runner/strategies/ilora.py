@@ -35,7 +35,7 @@ from cl_runner.core.dist import world
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
 from cl_runner.strategies.adapters import SharedLoRAConfig
-from cl_runner.strategies.base import Context, ModelSize, StateNeeds, not_made_before_sharding
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Takeaway, not_made_before_sharding
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.lora import activate, add_lora, check_targets, count, lora_parameters, lora_size, train_only
 from cl_runner.strategies.replay import Replay, ReplayConfig
@@ -197,6 +197,10 @@ class ILoRA(Replay):
 
     def accounting(self) -> dict[str, Any]:
         return {**super().accounting(), **self.costs}
+
+    def takeaway(self, ctx: Context) -> Takeaway:
+        """Every task is scored with ``eval_adapter`` (the slow, EMA one by default): that adapter is saved."""
+        return Takeaway(adapters={name: [self.cfg.eval_adapter] if self._made else [] for name in ctx.task_names})
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "base_parameters": self.base_parameters, "costs": dict(self.costs)}

@@ -30,7 +30,7 @@ from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import target_count
-from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig, Takeaway
 from cl_runner.strategies.common import evaluating, tensor_bytes
 from cl_runner.strategies.prompts import PromptHooks, init_ids
 from cl_runner.strategies.support import Refused, Supports
@@ -230,6 +230,11 @@ class L2P(Strategy):
 
     def after_task(self, ctx: Context) -> None:
         self.counts[ctx.task_name] = self.hooks.counts.tolist()
+
+    def takeaway(self, ctx: Context) -> Takeaway:
+        return Takeaway(refused="its prompt pool is a cl-runner module chosen per input, "
+                                "not a Hugging Face model or a peft "
+                                "adapter; the run's checkpoints hold it")
 
     def accounting(self) -> dict[str, Any]:
         if self.hooks is None:

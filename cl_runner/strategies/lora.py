@@ -19,6 +19,11 @@ from cl_runner.core.errors import ConfigError
 from cl_runner.strategies.seeding import seeded_rng
 
 LORA_PARAM = re.compile(r"\.lora_(?:A|B)\.([^.]+)\.")  # ``...c_attn.lora_A.<adapter>.weight``
+# target_modules ``q`` and ``v`` (O-LoRA's, T5's own layer names) on a model whose attention names them otherwise:
+# the first of these that the model has. GPT-2's c_attn (Phi's Wqkv, qkv_proj) is one fused q,k,v projection:
+# adapting it is the closest to q,v there is, and adapts k too (one LoRA over the fused output, not two).
+QV_NAMES = {"q": ("q_proj", "query", "c_attn", "qkv_proj", "Wqkv"),
+            "v": ("v_proj", "value", "c_attn", "qkv_proj", "Wqkv")}
 
 
 def add_lora(model: torch.nn.Module, name: str, cfg: Any, seed: int, device: torch.device) -> None:
@@ -26,7 +31,7 @@ def add_lora(model: torch.nn.Module, name: str, cfg: Any, seed: int, device: tor
     from peft import LoraConfig
     from peft.functional import inject_adapter_in_model
 
-    targets = list(cfg.target_modules) if cfg.target_modules else "all-linear"
+    targets = resolve_targets(model, cfg.target_modules) or "all-linear"
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                         bias="none")
     with warnings.catch_warnings(), seeded_rng(seed, device):
@@ -38,9 +43,26 @@ def add_lora(model: torch.nn.Module, name: str, cfg: Any, seed: int, device: tor
             raise ConfigError(f"strategy.target_modules: {exc}") from None
 
 
+def resolve_targets(model: torch.nn.Module, targets: list[str] | None) -> list[str] | None:
+    """``target_modules`` as this model names its layers: ``q``/``v`` that match no layer become the model's query
+    and value projections (``QV_NAMES``); the rest as given, each once. None stays None (every linear layer)."""
+    if not targets:
+        return None
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}  # also layers peft already wrapped
+    resolved: list[str] = []
+    for target in targets:
+        if target not in names and target in QV_NAMES:
+            target = next((alias for alias in QV_NAMES[target] if alias in names), target)
+        if target not in resolved:
+            resolved.append(target)
+    return resolved
+
+
 def check_targets(model: torch.nn.Module, targets: list[str] | None) -> None:
-    """Raise ``ConfigError`` unless every entry of ``target_modules`` names, or ends the name of, a layer LoRA
-    can adapt (peft's rule for a list: the full name or its last components)."""
+    """Raise ``ConfigError`` unless every entry of ``target_modules`` (``q``/``v`` as ``resolve_targets`` reads
+    them) names, or ends the name of, a layer LoRA can adapt (peft's rule for a list: the full name or its last
+    components)."""
+    targets = resolve_targets(model, targets)
     if not targets:
         return
     from transformers.pytorch_utils import Conv1D

@@ -12,6 +12,7 @@ from cl_runner.core.checks import check_positive
 from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.distill import distillation_kl
+from cl_runner.strategies.memory import refuse_state_unless_fits, teacher_bytes
 from cl_runner.strategies.support import Refused, Supports
 
 
@@ -94,6 +95,12 @@ class LwF(Strategy):
 
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         return StateNeeds(sharded_bytes=size.parameters * size.param_bytes)  # the teacher
+
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        model_bytes = tensor_bytes([*ctx.model.parameters(), *ctx.model.buffers()])
+        refuse_state_unless_fits(ctx.model, ctx.device, teacher_bytes(model_bytes), "LwF's teacher (a frozen copy "
+                                 "of the model)", "model.dtype", "load the model in bfloat16 or use a smaller model")
 
     def after_task(self, ctx: Context) -> None:
         self.teacher, self._pending = frozen_copy(ctx.model), None

@@ -32,6 +32,7 @@ from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, 
 from cl_runner.strategies.common import local, shard_like, sharded_view
 from cl_runner.strategies.compose import Composite
 from cl_runner.strategies.lora import activate
+from cl_runner.strategies.memory import merge_state_bytes, refuse_state_unless_fits
 from cl_runner.strategies.merge_methods import (
     COMBINE,
     LINEAR,
@@ -105,6 +106,13 @@ class FullMerge(Strategy):
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         """theta_0, the method's running state and the latest task vector, in ``state_dtype``."""
         return StateNeeds(sharded_bytes=3 * self.dtype.itemsize * size.parameters)
+
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        numel = sum(p.numel() for _, p in trainable_parameters(ctx.model))
+        refuse_state_unless_fits(ctx.model, ctx.device, merge_state_bytes(numel, self.dtype.itemsize),
+                                 "merge's base weights, running merge and latest task vector", "strategy.state_dtype",
+                                 "set strategy.state_dtype=bfloat16 or merge LoRA adapters (strategy.over=lora)")
 
     def params(self, model: torch.nn.Module) -> list[torch.Tensor]:
         named = dict(model.named_parameters())

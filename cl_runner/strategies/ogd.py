@@ -39,6 +39,7 @@ from cl_runner.strategies.anchor import DTYPES
 from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig, trainable_parameters
 from cl_runner.strategies.common import evaluating, local, shard_like, sharded_view
 from cl_runner.strategies.gem import dot_all, examples_gradient, nll_sum, step_gradients
+from cl_runner.strategies.memory import ogd_basis_bytes, refuse_state_unless_fits
 from cl_runner.strategies.support import Refused, Supports
 
 SAMPLE_SALT = 71  # ctx.generator salt: which examples of a finished task give its directions
@@ -150,6 +151,11 @@ class OGD(Strategy):
                               f"{self.cfg.state_dtype} copy of every trainable parameter), and {self.cfg.max_basis_mb}"
                               f" MiB holds fewer than one per earlier task ({len(ctx.task_names) - 1}); raise "
                               "max_basis_mb or set state_dtype=bfloat16")
+        numel = sum(p.numel() for _, p in trainable_parameters(ctx.model))
+        basis = ogd_basis_bytes(numel, len(ctx.task_names), self.cfg.directions_per_task, self.cfg.max_basis_mb,
+                                self.dtype.itemsize)
+        refuse_state_unless_fits(ctx.model, ctx.device, basis + 4 * numel, "OGD's basis and one gradient",
+                                 "strategy.max_basis_mb", "lower strategy.max_basis_mb or set state_dtype=bfloat16")
 
     def parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
         if self._params is None or self._params[0] != id(model):

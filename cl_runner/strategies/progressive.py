@@ -17,6 +17,7 @@ from cl_runner.strategies.base import (
     StateNeeds,
     Strategy,
     StrategyConfig,
+    Takeaway,
     not_made_before_sharding,
 )
 from cl_runner.strategies.columns import ColumnHooks, adapted_layers, lora_column
@@ -146,6 +147,11 @@ class Progressive(Strategy):
             self._add(ctx, task).requires_grad_(True)
         if tasks:
             self.before_eval(ctx, tasks[-1])  # the newest column is the one a resumed task trains
+
+    def takeaway(self, ctx: Context) -> Takeaway:
+        return Takeaway(refused="its columns are cl-runner modules hooked on the backbone, "
+                                "not a Hugging Face model or a peft "
+                                "adapter; the run's checkpoints hold them")
 
     def accounting(self) -> dict[str, Any]:
         return dict(self.costs)

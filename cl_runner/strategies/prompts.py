@@ -35,7 +35,15 @@ from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.dist import world
 from cl_runner.core.errors import ConfigError
 from cl_runner.models.lm import IGNORE_INDEX
-from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig, not_made_before_sharding
+from cl_runner.strategies.base import (
+    Context,
+    ModelSize,
+    StateNeeds,
+    Strategy,
+    StrategyConfig,
+    Takeaway,
+    not_made_before_sharding,
+)
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.support import Refused, Supports
 
@@ -286,6 +294,11 @@ class PromptTuning(Strategy):
                       "prompt_tokens_at_eval": self.cfg.length * len(self.eval_prompts(self.tasks[-1])),
                       "base_parameters_frozen": sum(p.numel() for p in ctx.model.parameters())
                       - sum(p.numel() for p in store.parameters())}
+
+    def takeaway(self, ctx: Context) -> Takeaway:
+        return Takeaway(refused="its soft prompts are cl-runner modules put before each input, "
+                                "not a Hugging Face model or a peft "
+                                "adapter; the run's checkpoints hold them")
 
     def accounting(self) -> dict[str, Any]:
         return dict(self.costs)

@@ -36,6 +36,7 @@ from cl_runner.strategies.anchor import AnchorConfig, AnchorPenalty
 from cl_runner.strategies.base import Context, ModelSize, StateNeeds
 from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view
 from cl_runner.strategies.fisher import gradient_mean
+from cl_runner.strategies.memory import AUTO, check_batch, estimation_batch
 
 SUBSET_SALT = 41  # ctx.generator salt: which examples of the finished task estimate MAS's importance
 
@@ -71,13 +72,13 @@ class MASConfig(ImportanceConfig):
     name: str = "mas"
     mas_lambda: float = 3.0e-3  # penalty weight: mas_lambda/2 * sum Omega (theta - theta*)^2 (paper's lambda = /2)
     mas_samples: int = 256  # examples of the finished task the importance is averaged over
-    mas_batch_size: int = 16  # examples per batched per-example-gradient chunk (bounds memory)
+    mas_batch_size: Any = AUTO  # examples per per-example-gradient chunk: auto (as ewc's fisher_batch_size) | N
 
     def errors(self, key: str) -> list[str]:
         errs: list[str] = []
         check_positive(errs, f"{key}.mas_lambda", self.mas_lambda, allow_zero=True)
         check_positive(errs, f"{key}.mas_samples", self.mas_samples)
-        check_positive(errs, f"{key}.mas_batch_size", self.mas_batch_size)
+        check_batch(errs, f"{key}.mas_batch_size", self.mas_batch_size)
         self.importance_errors(errs, key)
         return errs
 
@@ -98,6 +99,7 @@ class MAS(AnchorPenalty):
 
     name = "mas"
     Config = MASConfig
+    batch_option = "mas_batch_size"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, lam=cfg.mas_lambda)
@@ -111,9 +113,10 @@ class MAS(AnchorPenalty):
     def importance(self, ctx: Context, names: list[str]) -> list[torch.Tensor]:
         examples = ctx.train_sets[ctx.task_index]
         picks = torch.randperm(len(examples), generator=ctx.generator(SUBSET_SALT))[: self.cfg.mas_samples]
+        params = [p for _, p in selected_parameters(ctx.model, self.cfg.penalised_params)]
         omega = gradient_mean(ctx, [examples[i] for i in sorted(picks.tolist())], objective=output_sq_norm,
                               transform=absolute, param_regex=self.cfg.penalised_params,
-                              batch_size=self.cfg.mas_batch_size)
+                              batch_size=estimation_batch(self.cfg.mas_batch_size, params, ctx.device))
         return [omega[n] for n in names]
 
 
@@ -126,6 +129,7 @@ class SI(AnchorPenalty):
     name = "si"
     copies = 6  # anchor, importance, omega, the task's start; the step's gradient and weights (transient)
     Config = SIConfig
+    extra_copies = 4  # omega and the task's start weights, and the two transient copies of a step (fp32)
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, lam=cfg.si_lambda)

@@ -70,7 +70,7 @@ def check_json_lines(path: Path, key: str, columns: Collection[str] = ()) -> Non
         except json.JSONDecodeError as exc:
             if path.suffix == ".json" and rows == 0 and line.lstrip()[:1] == "{":  # an object over lines
                 return check_utf8(path, key, max_bytes=None)
-            raise DataError(f"{key}: {path} line {number} is not valid JSON ({exc.msg})") from None
+            raise DataError(f"{key}: {path} line {number} is not valid JSON ({_json_reason(exc, line)})") from None
         if not isinstance(value, dict):
             raise DataError(f"{key}: {path} line {number} is not a JSON object but {_json_kind(value)}; each "
                             "line must hold one {...} row")
@@ -82,6 +82,16 @@ def check_json_lines(path: Path, key: str, columns: Collection[str] = ()) -> Non
         rows += 1
     if not rows:
         raise DataError(f"{key}: {path} has no rows (only blank lines)")
+
+
+def _json_reason(exc: json.JSONDecodeError, line: str) -> str:
+    """The decoder's reason whole: its ``msg`` with the column it ends on ("Unterminated string starting at" is
+    no phrase alone), and what a string left open at the end of the line means in a JSON-lines file."""
+    reason = f"{exc.msg}{'' if exc.msg.endswith(' at') else ' at'} column {exc.colno}"
+    at_end = exc.pos >= len(line.rstrip("\r\n"))  # the line break itself is the bad character
+    if exc.msg.startswith("Unterminated string") or (exc.msg.startswith("Invalid control") and at_end):
+        reason += "; a value holds a line break, which JSON writes as \\n"
+    return reason
 
 
 def check_utf8(path: Path, key: str, columns: Collection[str] = (), max_bytes: int | None = MAX_LINE_BYTES) -> None:

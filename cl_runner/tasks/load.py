@@ -3,7 +3,8 @@
 A task whose ``path`` is a folder of O-LoRA's released ``CL_Benchmark`` (``train.json``, ``dev.json``, ``test.json``
 of ``{"sentence", "label"}`` rows and ``labels.json``), or whose ``data_dir`` is that benchmark's root (the catalogue
 sets it from ``CL_BENCHMARK_DIR``), reads those files through the same ``datasets`` path: each row's ``sentence``
-takes the place of the template's body (see ``_sentence_template``), its ``label`` is the answer.
+takes the place of the template's body (see ``_sentence_template``), its ``label`` is the answer. A task whose
+``path`` is ``trace`` reads TRACE's released folder the same way (cl_runner/tasks/trace.py).
 
 Errors name the config key (``tasks.tasks.<i>.<key>``), the file and the row, and are raised before any model
 is loaded.
@@ -27,16 +28,23 @@ from cl_runner.tasks.facts import RELATIONS, fact_rows
 from cl_runner.tasks.files import check_files, check_utf8, local_files, not_text
 from cl_runner.tasks.formats import chat_of, check_format_rows, format_examples, needed_columns, with_sequence_defaults
 from cl_runner.tasks.offline import ensure_offline_data
+from cl_runner.tasks.trace import is_trace, trace_task
 
+log = logging.getLogger(__name__)
 Rows = list[dict[str, Any]]
 Source = tuple[TaskConfig, dict[str, Rows], list[str] | None, dict]  # task as read, rows per split, labels, provenance
 
 
-def load_sequence(cfg: TasksConfig, seed: int, base_dir: Path | None = None) -> list[Task]:
-    """Every task of the sequence, in order. Relative data paths resolve against ``base_dir`` (the launch dir)."""
+def load_sequence(cfg: TasksConfig, seed: int, base_dir: Path | None = None,
+                  max_train_examples: int | None = None) -> list[Task]:
+    """Every task of the sequence, in order. Relative data paths resolve against ``base_dir`` (the launch dir).
+    ``max_train_examples`` (``train.max_examples``): the cap of every task that sets no ``max_train_examples`` of
+    its own (the same seeded sample as that task option would draw)."""
     base = Path(base_dir or Path.cwd())
-    return [load_task(with_sequence_defaults(task_cfg, cfg), seed, base, f"tasks.tasks.{i}")
-            for i, task_cfg in enumerate(cfg.tasks)]
+    tasks = [with_sequence_defaults(task_cfg, cfg) for task_cfg in cfg.tasks]
+    tasks = [t if t.max_train_examples is not None or max_train_examples is None
+             else dataclasses.replace(t, max_train_examples=max_train_examples) for t in tasks]
+    return [load_task(task_cfg, seed, base, f"tasks.tasks.{i}") for i, task_cfg in enumerate(tasks)]
 
 
 def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
@@ -49,6 +57,7 @@ def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
     train = _subsample(train, cfg.max_train_examples, rng)
     validation = _subsample(validation, cfg.max_eval_examples, rng)
     test = _subsample(test, cfg.max_eval_examples, rng)
+    _warn_doubled_cue(cfg, [*train, *validation, *test], key)
     task = Task(
         name=cfg.name,
         metric=cfg.metric,
@@ -70,7 +79,7 @@ def load_task(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Task:
 
 
 def _source_rows(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Source:
-    """The task as it reads its rows (a CL_Benchmark folder rewrites it), its rows per split, label set and
+    """The task as it reads its rows (a CL_Benchmark or TRACE folder rewrites it), its rows per split, label set and
     provenance."""
     if cfg.source == "facts":
         if cfg.relation not in RELATIONS:
@@ -79,6 +88,10 @@ def _source_rows(cfg: TaskConfig, seed: int, base_dir: Path, key: str) -> Source
         # Knowledge injection: the facts are the test, so every split holds the same facts.
         info = {"source": "facts", "relation": cfg.relation}
         return cfg, {"train": rows, "validation": rows, "test": rows}, labels, info
+    if is_trace(cfg):  # TRACE's released folder (cl_runner/tasks/trace.py)
+        cfg, folder = trace_task(cfg, base_dir, key)
+        info = {"source": "trace", "path": str(folder), "data_files": _plain(cfg.data_files)}
+        return cfg, _dataset_splits(cfg, seed, base_dir, key), None, info
     found = _cl_benchmark_folder(cfg, base_dir, key)
     if found is not None:
         cfg, labels = _cl_benchmark_task(cfg, found[0], f"{key}.{found[1]}")
@@ -332,6 +345,32 @@ def _text(value: Any) -> Any:
     """A row's value as the prompt uses it: null as nothing; a byte-order mark that ``datasets`` keeps at the start
     of a text file's first row dropped (docs/tasks.md: a BOM is accepted)."""
     return "" if value is None else value.removeprefix("\ufeff") if isinstance(value, str) else value
+
+
+def doubled_cue(template: str, rows: Rows, input_column: str | None = None) -> tuple[str, int]:
+    """(the cue, the rows that already end with it): the text a ``columns`` template appends after its last
+    placeholder (``"{input}\\nAnswer:"`` appends ``Answer:``), and how many rows' value for that placeholder already
+    ends with it, so that the prompt would read ``...Answer:\\nAnswer:``. ("", 0) when the template ends with a
+    placeholder."""
+    parts = [(literal, name) for literal, name, _, _ in string.Formatter().parse(template)]
+    if len(parts) < 2 or parts[-1][1] is not None or parts[-2][1] is None or not parts[-1][0].strip():
+        return "", 0
+    cue, field = parts[-1][0].strip(), parts[-2][1]
+    column = input_column if field == "input" and input_column is not None else field
+    ends = sum(isinstance(row.get(column), str) and row[column].rstrip().endswith(cue) for row in rows)
+    return cue, ends
+
+
+def _warn_doubled_cue(cfg: TaskConfig, rows: Rows, key: str) -> None:
+    """One warning per task whose template repeats a cue its inputs already end with (nothing is changed: a
+    template that wants it twice keeps it)."""
+    if cfg.format != "columns" or cfg.source != "datasets":
+        return
+    cue, ends = doubled_cue(cfg.template, rows, cfg.input_column)
+    if ends:
+        log.warning("task %s: %d of %d examples already end with %r, which %s.template appends again "
+                    "(the prompt reads ...%s\\n%s); drop it from the template or from the data",
+                    cfg.name, ends, len(rows), cue, key, cue, cue)
 
 
 def _format(cfg: TaskConfig, rows: Rows, key: str, split: str) -> list[Example]:

@@ -35,6 +35,10 @@ CASES = [
     ("unknown strategy", ["strategy=bogus"], "strategy=bogus: unknown option; expected one of"),
     ("unknown key", ["train.bogus=1"], "train.bogus: unknown key"),
     ("unknown key added with +", ["+strategy.foo=1"], "strategy.foo: unknown key"),
+    ("misspelt strategy option", ["strategy=replay", "strategy.buffer_sise=4"],
+     "strategy.buffer_sise: unknown key; did you mean strategy.buffer_size? (see docs/"),
+    ("misspelt task key added with +", ["+tasks.tasks.0.templat=x"],
+     "tasks.tasks.0.templat: unknown key; did you mean tasks.tasks.0.template? (see docs/"),
     ("wrong type", ["train.lr=abc"], "train.lr: expected a float, got 'abc'"),
     ("wrong bool", ["train.keep_best=maybe"], "train.keep_best"),
     ("negative lr", ["train.lr=-1"], "train.lr: expected a positive number"),
@@ -82,6 +86,9 @@ CASES = [
     ("missing data file", [task("nope.jsonl")], "tasks.tasks.0.data_files.train: file not found: {tmp}/nope.jsonl"),
     ("empty data file", [task("empty.jsonl")], "tasks.tasks.0.data_files.train: file is empty: {tmp}/empty.jsonl"),
     ("malformed jsonl line", [task("broken.jsonl")], "tasks.tasks.0.data_files: {tmp}/broken.jsonl line 3 is not"),
+    ("jsonl string never closed", [task("unterminated.jsonl")],  # the reason whole: never "...starting at)"
+     "tasks.tasks.0.data_files: {tmp}/unterminated.jsonl line 3 is not valid JSON (Invalid control character at "
+     "column 23; a value holds a line break, which JSON writes as \\n)"),
     ("missing column", [task("nocol.jsonl")], "tasks.tasks.0.target_column: column 'answer' not in"),
     ("label outside the label set", [task("good.jsonl", ",verbalizer:{yes:Y,no:N},metric:label_accuracy")],
      "tasks.tasks.0.verbalizer: train row 0 has label 'paris', not one of yes, no"),
@@ -144,7 +151,7 @@ CASES = [
      "strategy.target_modules: 'ln_f' is a LayerNorm, which LoRA cannot adapt"),
     # --- resume
     ("resume a directory that is no run", ["resume={tmp}"], "resume: {tmp} is not a cl-run run directory"),
-    ("resume with overrides", ["resume={tmp}/done", "train.lr=1"], "resume: cannot be combined with overrides"),
+    ("resume with overrides", ["resume={tmp}/done", "train.lr=1"], "resume: train.lr cannot change on resume"),
     ("resume=null", ["resume=null"], "resume: expected the path of a run directory, got 'null'"),
     ("resume= (empty)", ["resume="], "resume: expected the path of a run directory, got 'nothing'"),
     ("resume a directory that does not exist", ["resume={tmp}/nowhere"], "resume: {tmp}/nowhere is not a cl-run run"),
@@ -200,6 +207,27 @@ CASES = [
      "tasks/null_target.yaml: target_column: expected a string, got null"),
     ("csv quote never closed", [csv_task("open_quote.csv")],
      "tasks.tasks.0.data_files: {tmp}/open_quote.csv line 3 opens a quoted value (\") that is never closed"),
+    # --- round three: weak messages of the command line
+    ("unknown flag", ["--nonsense"], "cl-run: error: --nonsense: unknown option; see cl-run --help"),
+    ("flag with a value it does not take", ["--cfg", "bogus"],
+     "argument --cfg/-c: invalid choice: 'bogus' (choose from 'job', 'hydra', 'all'); see cl-run --help"),
+    ("override without a key", ["=5"], "=5: not an override: the key before '=' is missing (expected key=value"),
+    ("number for a config group", ["strategy=5"],
+     "strategy: expected the name of a strategy option (a file of conf/strategy/, e.g. strategy=adapters), got 5"),
+    # --- several processes started by cl-run itself (distributed.nproc_per_node): refused before any starts
+    ("bad key with cl-run's own workers", ["distributed=ddp", "distributed.nproc_per_node=2", "train.bogus=1"],
+     "train.bogus: unknown key"),
+    ("workers without a distributed kind", ["distributed.nproc_per_node=2"],
+     "distributed.nproc_per_node: 2 processes need distributed=ddp or distributed=fsdp"),
+    ("no workers", ["distributed=fsdp", "distributed.nproc_per_node=0"],
+     "distributed.nproc_per_node: expected a positive number, got 0"),
+    ("cuda workers without CUDA", ["distributed=ddp", "distributed.nproc_per_node=2", "device=cuda"],
+     "device.type: cuda was requested but no CUDA device is visible"),
+    ("distributed run in one plain process", ["distributed=ddp"],
+     "distributed.kind: ddp needs one process per device: add distributed.nproc_per_node=<devices>"),
+    ("resume a distributed run of unknown size", ["resume={tmp}/distrun"],
+     "resume: {tmp}/distrun is a distributed=ddp run whose number of processes was not recorded; resume it with: "
+     "torchrun --nproc_per_node=<devices> -m cl_runner resume={tmp}/distrun"),
     # --- cl-report: it writes only where asked, so a refusal writes nothing
     ("cl-report --paper on an empty directory", ["cl-report", "--paper", "{tmp}/empty"],
      "cl-report: error: {tmp}/empty: no runs found"),
@@ -268,6 +296,11 @@ def write_runs(root):
         (run / "checkpoints" / "ckpt-000001").mkdir(parents=True)
         (run / "checkpoints" / "ckpt-000001" / "manifest.json").write_text("{}\n")
         (run / "cli.log").write_text("the run's own log\n")
+    distrun = root / "distrun"  # a distributed run killed before its metrics.json said on how many processes
+    distrun.mkdir()
+    with initialize_config_dir(str(cli.CONF_DIR), version_base="1.3"):
+        (distrun / "config.yaml").write_text(OmegaConf.to_yaml(compose("config", overrides=["distributed=ddp"]),
+                                                               resolve=True))
     (root / "busy" / ".lock").write_text("")
     (root / "readonly").chmod(0o555)
     (root / "empty").mkdir()
@@ -314,4 +347,4 @@ def test_bad_input_exits_2_with_one_line(case, args, message, workspace, monkeyp
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) >= 119
+    assert len(CASES) >= 129

@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,16 @@ def test_run_writes_matrix_metrics_history_and_config(tmp_path):
     assert len(history) == 3 * 2 and {"train_loss", "validation_score", "tokens_per_s"} <= set(history[0])
     assert (run_dir / "config.yaml").exists()
     assert "Score matrix" in proc.stdout and str(run_dir.name) in proc.stdout
+    # stdout is a pipe (a log file, Slurm): one whole line per task and stage, in the order they happened
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("cl-run naive"))
+    assert header.endswith(" parameters") and "color, city, food" in header  # not wrapped at 80 columns
+    stages = [line for line in lines if re.match(r"eval |\[\d/3\] ", line)]
+    assert [s.split(" · ")[0] for s in stages] == [
+        "eval init", "[1/3] color", "eval after color", "[2/3] city", "eval after city", "[3/3] food",
+        "eval after food"]
+    assert all(s.split(" · ")[1] == "epoch 2/2" and "loss " in s and s.endswith(" s") for s in stages[1::2])
+    assert sum("tok/s" in line for line in lines) == 3 and "…" not in proc.stdout  # no bar printed late, none cut
     assert not list(run_dir.glob(".*.tmp"))
 
 
@@ -133,7 +144,7 @@ def test_every_refused_start_leaves_a_real_run_byte_identical(unfinished_run, ca
         (["device=cpu", "train.epochs=1", "train.lr=0.01", f"hydra.run.dir={run_dir}"], "different experiment"),
         (["device=cpu", "train.epochs=1", "train.lr=-1", f"hydra.run.dir={run_dir}"], "train.lr: expected a positive"),
         (["device=cpu", "model.name_or_path=/does/not/exist", f"hydra.run.dir={run_dir}"], "different experiment"),
-        ([f"resume={run_dir}", "train.lr=0.01"], "resume: cannot be combined with overrides"),
+        ([f"resume={run_dir}", "train.lr=0.01"], "resume: train.lr cannot change on resume"),
     ]
     for argv, message in refusals:
         code, lines = main_exit(argv, capsys)

@@ -232,3 +232,16 @@ def test_the_run_checks_the_strategy_as_soon_as_the_model_is_built(overrides, tm
     """Not after the initial evaluation, nor after the first task: ``build_parts`` raises."""
     with pytest.raises(ConfigError, match=f"^{overrides[1].split('=')[0]}: "):
         build_parts(make_config(*overrides), tmp_path, tmp_path)
+
+
+def test_an_unknown_key_suggests_the_nearest_option_of_its_own_schema_and_only_a_near_one():
+    from cl_runner.config.schema import Config, TrainConfig
+    from cl_runner.config.validate import unknown_key
+    from cl_runner.strategies.replay import ReplayConfig
+
+    assert unknown_key("train.epoch", TrainConfig) == ("train.epoch: unknown key; did you mean train.epochs? "
+                                                       "(see docs/configuration.md)")
+    assert "did you mean strategy.buffer_size?" in unknown_key("strategy.buffer_sise", ReplayConfig)
+    assert "did you mean train?" in unknown_key("trian", Config)
+    assert unknown_key("train.bogus", TrainConfig) == "train.bogus: unknown key (see docs/configuration.md)"
+    assert unknown_key("strategy.buffer_sise", None) == "strategy.buffer_sise: unknown key (see docs/configuration.md)"

@@ -163,3 +163,10 @@ def test_the_reference_lists_the_strategies_each_class_says_cannot_pack_or_run_o
     per_task = {f"{n}.{o}" for n, c in builtin_strategies().items() for o in c.supports.per_task_options}
     listed = set(re.findall(r"`(\w+)\.(\w+)`", row("strategy_overrides").split("Only the options", 1)[1]))
     assert {f"{n}.{o}" for n, o in listed if n in names} == per_task
+
+
+def test_readme_and_getting_started_give_the_suite_the_same_time():
+    pattern = r"test\s+suite on the CPU \(about (\d+) minutes on 2 cores"
+    times = [re.findall(pattern, (path).read_text(encoding="utf-8")) for path in (ROOT / "README.md",
+                                                                               DOCS / "getting-started.md")]
+    assert times[0] and times[0] == times[1], times

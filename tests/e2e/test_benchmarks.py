@@ -98,3 +98,15 @@ def test_bench_distributed_reports_memory_per_rank_of_every_kind(monkeypatch, tm
     assert json.loads((tmp_path / "dist.json").read_text()) == json.loads(json.dumps(report))
     out = capsys.readouterr().out
     assert all(f"\n{kind} " in out for kind in ("none", "ddp", "fsdp"))
+
+
+def test_bench_generation_compares_with_hf_generate_token_for_token(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import bench_generation
+
+    out = tmp_path / "generation.json"
+    assert bench_generation.main(["--sizes", "tiny", "--examples", "4", "--batch", "2", "--max-len", "12",
+                                  "--max-new-tokens", "4", "--rounds", "1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["rows_differing"] == 0 and row["ratio"] > 0 and 0 < row["mean_new_tokens"] <= 4
+    assert set(row["examples_per_s"]) == {"cl_runner", "hf_generate"} and "ratio" in capsys.readouterr().out

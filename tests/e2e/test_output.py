@@ -108,6 +108,24 @@ def test_long_task_names_are_whole_in_a_console_written_to_a_file():
     assert str(accounting["trainable_parameters_per_task"]) in text
 
 
+def test_the_summary_says_each_count_once_and_in_human_units_only():
+    accounting = {"base_parameters_frozen": 134_515_008, "adapters": 2, "trainable_parameters": 921_600,
+                  "extra_parameters": 1_843_200, "extra_bytes": 7_372_800, "agem_projected_steps": 12}
+    cost = {"trainable_parameters": 921_600, "extra_parameters": 1_843_200, "peak_cpu_rss_bytes": 2_500_000_000}
+    out = io.StringIO()
+    print_summary(Console(file=out, width=120), ["a"], [[0.1], [0.5]],
+                  {"strategy_accounting": accounting, "cost": cost}, ["exact_match"], Path("run"))
+    lines = out.getvalue().splitlines()
+    assert sum("trainable parameters" in line for line in lines) == 1  # the cost row's, not again from accounting
+    assert sum("extra parameters" in line for line in lines) == 1
+    assert any("921.6k" in line for line in lines) and any("1.8M" in line for line in lines)
+    assert any("extra bytes" in line and "7.4 MB" in line for line in lines)
+    assert any("base parameters frozen" in line and "134.5M" in line for line in lines)
+    assert any("peak memory" in line and "2.5 GB" in line for line in lines)
+    for raw in ("921600", "1843200", "7372800", "134515008", "2500000000"):  # no raw count beside a human one
+        assert raw not in out.getvalue()
+
+
 # ------------------------------------------------------------------------------ tokens and target tokens
 def test_token_counts_are_all_real_tokens_and_the_positions_the_loss_is_computed_on():
     examples = task_examples(0, n=3)  # 4 prompt tokens, then answer + EOS: 2 targets each

@@ -39,6 +39,28 @@ def shifted(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v + 1 for k, v in copy_weights(model).items()}
 
 
+def test_strategy_state_equal_to_the_weights_is_stored_as_a_reference(tmp_path):
+    """LwF's teacher (a state dict equal to the weights, tied names included) and an anchor list holding one
+    weight's copy and a changed one: state.pt references the equal ones and reading it puts them back."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    teacher = {k: v.clone() for k, v in model.state_dict().items()}
+    anchor = [model[1].weight.detach().clone(), model[0].weight.detach() + 1]
+    strategy = {"teacher": teacher, "anchor": anchor, "weight": 1.0}
+    plain, _ = ckpt.save_checkpoint(tmp_path / "plain", 1, model, {**payload(), "strategy": {"anchor": anchor[1:]}},
+                                    None, keep_last=1)
+    path, _ = ckpt.save_checkpoint(tmp_path / "refs", 1, model, {**payload(), "strategy": strategy}, None, keep_last=1)
+    stored = torch.load(path / "state.pt", weights_only=True)["strategy"]
+    assert stored["teacher"]["0.weight"] == {"__cl_weight__": "0.weight"} and stored["anchor"][0] == {
+        "__cl_weight__": "1.weight"} and isinstance(stored["anchor"][1], torch.Tensor)
+    # the references cost next to nothing: the same state.pt size as a state without the equal tensors
+    assert (path / "state.pt").stat().st_size < (plain / "state.pt").stat().st_size + 2048
+    back = ckpt.read_checkpoint(path).state["strategy"]
+    assert back["teacher"].keys() == teacher.keys()
+    assert all(torch.equal(back["teacher"][k], v) for k, v in teacher.items())
+    assert all(torch.equal(a, b) for a, b in zip(back["anchor"], anchor, strict=True)) and back["weight"] == 1.0
+
+
 def test_best_equal_to_the_weights_is_a_reference_and_comes_back_whole(tmp_path):
     model = Tied()
     path, _ = ckpt.save_checkpoint(tmp_path, 1, model, payload(), copy_weights(model), keep_last=2)

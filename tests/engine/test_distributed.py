@@ -15,7 +15,8 @@ Without clipping the same comparison gives 1.6e-4, and one process with grad_acc
 si gets 2e-3 (measured 2.9e-4 with ddp, 2.6e-4 with fsdp; one process with grad_accum=2 drifted as far, 1.0e-3 in
 one run): its importance is the sum over steps of -g x (the step's weight change), so a rounding difference in an
 early gradient changes every later task's penalty weights as well as the weights themselves. der and gem
-(measured up to 1.7e-4) add a gradient from a second backward pass, summed across ranks in another order.
+(measured up to 1.7e-4; der with per-step insertion 6.2e-4 ddp, 2.9e-4 fsdp: the logits it stores come from each
+rank's own forward, rounded to fp16) add a gradient from a second backward pass, summed across ranks in another order.
 The accuracy matrix is compared exactly: its cells are counts of correct answers out of 64, and a flip of one
 answer is 1.6e-2."""
 
@@ -24,11 +25,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bad_files import write_model_dirs
 from helpers import REPO, cl_run, hydra_config
 
 DRIVER = REPO / "tests" / "dist_driver.py"
@@ -44,20 +47,22 @@ LOSS_RTOL_OF = {("l2", "fsdp"): 5e-3, ("si", "ddp"): 2e-3, ("si", "fsdp"): 2e-3}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd: Path, timeout: float = 900, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([*TORCHRUN, *args], cwd=cwd,
+    return subprocess.run([*TORCHRUN[:-1], f"--nproc_per_node={nproc}", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def drive(out: Path, kind: str) -> dict:
-    """The driver's results for every strategy: in this process for ``none``, else a 2-process torchrun job."""
+def drive(out: Path, kind: str, strategies: list[str] = STRATEGIES, extra: tuple[str, ...] = (),
+          nproc: int = 2) -> dict:
+    """The driver's results for ``strategies``: in this process for ``none``, else an ``nproc``-process torchrun
+    job; ``extra``: more config overrides."""
+    job = [str(DRIVER), str(out), kind, ",".join(strategies), *extra]
     if kind == "none":
-        done = subprocess.run([sys.executable, str(DRIVER), str(out), kind, ",".join(STRATEGIES)], cwd=out.parent,
-                              capture_output=True, text=True, timeout=900)
+        done = subprocess.run([sys.executable, *job], cwd=out.parent, capture_output=True, text=True, timeout=900)
     else:
-        done = torchrun(str(DRIVER), str(out), kind, ",".join(STRATEGIES), cwd=out.parent)
+        done = torchrun(*job, cwd=out.parent, nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 
@@ -87,6 +92,7 @@ def test_two_processes_train_the_single_process_run_or_refuse_in_one_line(kind, 
             continue
         want = reference[strategy]
         assert got["matrix"] == want["matrix"], strategy
+        assert got["saved"] == want["saved"], strategy  # model/: the whole model gathered on rank 0, not a shard
         assert len(got["losses"]) == len(want["losses"])
         rtol = LOSS_RTOL_OF.get((strategy, kind), LOSS_RTOL)
         for a, b in zip(got["losses"], want["losses"], strict=True):
@@ -100,26 +106,122 @@ def test_two_processes_train_the_single_process_run_or_refuse_in_one_line(kind, 
     assert {"mer", "lamol"} & {s for s, v in observed.items() if v == "same run"}
 
 
+# fsdp's mixed-precision policy as on a GPU: bf16 autocast, weights gathered in bf16, gradients reduced in fp32
+BF16 = ("device.precision=bf16", "distributed.param_dtype=bfloat16", "distributed.reduce_dtype=float32")
+
+
 @pytest.mark.slow
-def test_cli_under_torchrun_one_run_directory_rank_logs_and_results_from_rank_0(tmp_path):
-    done = torchrun("-m", "cl_runner", "distributed=ddp", "train.epochs=1", "train.keep_best=false",
-                    "checkpoint.enabled=false", cwd=tmp_path)
+def test_bf16_fsdp_over_gloo_on_one_and_two_processes_trains_the_same_run_within_bf16_rounding(reference, tmp_path):
+    """The GPU's bf16 path on CPU: 1 and 2 processes with the same bf16 policy. Tolerance: bf16 keeps 8 bits of
+    mantissa (relative rounding 4e-3), so splitting a step's batch over ranks changes its gradients' roundings far
+    more than in fp32. The first epoch's mean loss stays within 5e-4 relative (measured 1.1e-4), where a wrong
+    gradient (a rank's half missing or counted twice) moves it by more than 1e-2; over the whole run the drift
+    grows (measured 2.4e-2 relative at the last epoch; fp32 against bf16 differ by 0.25 there), so every epoch gets
+    5e-2; accuracy cells may differ by 6 of 64 answers (measured 4). bf16 must be in effect: its first epoch
+    differs from the fp32 reference by more than 2e-4 (measured 6.2e-4)."""
+    one, two = (drive(tmp_path / f"n{n}", "fsdp", ["naive"], BF16, nproc=n)["results"]["naive"] for n in (1, 2))
+    assert one["status"] == two["status"] == "ok", (one, two)
+    assert json.loads((tmp_path / "n2" / "naive" / "metrics.json").read_text())["precision"] == "bf16"
+    (first_one, *rest_one), (first_two, *rest_two) = one["losses"], two["losses"]
+    assert abs(first_two - first_one) <= 5e-4 * first_one, (one["losses"], two["losses"])
+    for a, b in zip(rest_one, rest_two, strict=True):
+        assert abs(a - b) <= 5e-2 * b, (one["losses"], two["losses"])
+    cells = [(float(a), float(b)) for ra, rb in zip(one["matrix"], two["matrix"], strict=True)
+             for a, b in zip(ra, rb, strict=True)]
+    assert all(abs(a - b) <= 6 / 64 + 1e-9 for a, b in cells), (one["matrix"], two["matrix"])
+    fp32 = reference["naive"]["losses"][0]
+    assert abs(first_one - fp32) > 2e-4 * fp32, (first_one, fp32)
+
+
+CLI_RUN = ("distributed=ddp", "model=tiny", "train.epochs=1", "train.keep_best=false", "checkpoint.enabled=false")
+
+
+def one_run(cwd: Path, done: subprocess.CompletedProcess) -> Path:
+    """The one run directory a 2-process CLI job left, checked as rank 0 alone writes it."""
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    runs = [p for p in (cwd / "outputs").glob("*/*") if p.is_dir()]
     assert len(runs) == 1, runs  # both ranks took rank 0's time-stamped directory
-    run_dir = runs[0]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["distributed"] == {"kind": "ddp", "world_size": 2}
-    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank1.log"]  # rank 0 logs to cl-run's log
+    assert sorted(p.name for p in (runs[0] / "logs").iterdir()) == ["rank1.log"]  # rank 0 logs to cl-run's log
     assert done.stdout.count("Score matrix") == 1  # only rank 0 prints the table
+    return runs[0]
 
 
-def test_a_distributed_run_started_without_torchrun_says_how_to_start_it(tmp_path):
-    done = cl_run("distributed=ddp", "train.epochs=1", cwd=tmp_path, timeout=120)
-    assert done.returncode == 2
-    line = done.stderr.strip()
-    assert "\n" not in line and "torchrun --nproc_per_node=" in line and "distributed=ddp" in line, line
-    assert not (tmp_path / "outputs").exists()
+@pytest.fixture(scope="module")
+def torchrun_cli_run(tmp_path_factory) -> Path:
+    """cl-run under torchrun (2 processes, gloo): the run directory."""
+    cwd = tmp_path_factory.mktemp("torchrun_cli")
+    return one_run(cwd, torchrun("-m", "cl_runner", *CLI_RUN, cwd=cwd))
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_one_run_directory_rank_logs_and_results_from_rank_0(torchrun_cli_run):
+    assert (torchrun_cli_run / "accuracy_matrix.csv").is_file()
+
+
+@pytest.mark.slow
+def test_cl_runs_own_workers_train_the_torchrun_run(torchrun_cli_run, tmp_path):
+    """distributed.nproc_per_node=2: cl-run starts the 2 ranks itself (torch's elastic launcher) and they train
+    the run torchrun's ranks train, into one directory, rank 0 alone writing and printing."""
+    done = cl_run(*CLI_RUN, "distributed.nproc_per_node=2", cwd=tmp_path, timeout=600)
+    run_dir = one_run(tmp_path, done)
+    own = (run_dir / "accuracy_matrix.csv").read_text()
+    assert own == (torchrun_cli_run / "accuracy_matrix.csv").read_text()
+    assert "ChildFailedError" not in done.stderr and "torchelastic" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_model_one_worker_refuses_is_one_line_exit_2_and_leaves_nothing_behind(tmp_path):
+    """A bad input only a rank finds after the process group is joined, and only rank 1 (its model path names
+    its rank: a truncated safetensors file; rank 0's model is good): the ranks agree on the refusal before any
+    leaves, so rank 0 is not killed by the launcher halfway through its start but undoes it (no .hydra/,
+    config.yaml, logs/, .lock, metrics.json; the directories the run path needed are removed); rank 0 alone
+    prints, and the job's exit status is the rank's own 2."""
+    write_model_dirs(tmp_path)
+    shutil.copytree(tmp_path / "model-ok", tmp_path / "model-0")
+    shutil.copytree(tmp_path / "model-truncated", tmp_path / "model-1")
+    done = cl_run("distributed=ddp", "distributed.nproc_per_node=2", "model.name_or_path=model-${oc.env:RANK,ok}",
+                  "train.max_length=64", "hydra.run.dir=new/run", cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower() or "stopped" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("cl-run: error: rank 1: model.name_or_path: model-1/model.safetensors is damaged "
+                                "or truncated"), errors
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(("env", "prints"), [
+    ({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}, True),  # torchrun: the first rank of the second node
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, False),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}, False),  # srun without torchrun
+], ids=["torchrun-local-rank-0", "torchrun-local-rank-1", "srun-local-id-1"])
+def test_a_rank_refuses_a_missing_device_before_joining_and_only_the_nodes_first_rank_prints(env, prints, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """A torchrun/srun rank (its environment, in this process): device=cuda without CUDA is answered before the
+    process group is joined (it used to crash there, in torch.cuda.set_device, on every rank); the first process
+    of each node prints the one line, the others exit 2 silently. (A real torchrun launch of such a refusal:
+    tests/strategies/test_strategies_dist.py's lamol case.)"""
+    import torch
+    import torch.distributed as torch_dist
+
+    from cl_runner import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["distributed=ddp", "device=cuda", "hydra.run.dir=new/run"])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and not torch_dist.is_initialized()
+    want = ["cl-run: error: device.type: cuda was requested but no CUDA device is visible (use device=cpu or auto)"]
+    assert err.splitlines() == (want if prints else []), err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_single_process_config_started_by_torchrun_on_two_processes_is_refused(tmp_path, monkeypatch):
@@ -185,7 +287,8 @@ def test_slurm_tasks_without_torchrun_are_ranks(monkeypatch):
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint_then_resume_finishes(tmp_path):
     """Slurm pre-emption signals every rank, but not at the same instant: the ranks agree at each step boundary,
-    so a signal to rank 1 alone stops both after the same step, with one checkpoint, and a resume completes."""
+    so a signal to rank 1 alone stops both after the same step, with one checkpoint, and ``cl-run resume=DIR``
+    (cl-run's own workers) completes it."""
     import signal
     import time
 
@@ -207,9 +310,11 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     assert job.returncode != 0 and err.count("exitcode  : 143") + err.count("SIGTERM") >= 1, err[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["checkpoints"]["count"] >= 1
-    resumed = torchrun("-m", "cl_runner", f"resume={run_dir}", cwd=tmp_path)
+    # resumed by cl-run itself, in a plain process: on as many workers as metrics.json recorded (torchrun's 2)
+    resumed = cl_run(f"resume={run_dir}", cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["distributed"]["world_size"] == 2
 
 
 @pytest.mark.slow

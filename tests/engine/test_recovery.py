@@ -40,6 +40,7 @@ from cl_runner.outputs.results import RunWriter
 register_configs()
 # 3 tasks of 16 facts, batch 4: 4 steps per epoch, 2 epochs, validated every epoch (so checkpoints hold best weights)
 SMALL = ["device=cpu", "train.epochs=2", "train.batch_size=4", "train.validate_every=1", "train.eval_batch_size=64",
+         "checkpoint.keep_last=2",  # a fallback to fall back to when the newest is damaged
          *(f"tasks.tasks.{i}.num_subjects=16" for i in range(3))]
 STABLE = ("task", "task_index", "epoch", "step", "train_loss", "validation_score", "lr", "skipped_steps", "extras")
 

@@ -34,7 +34,7 @@ def row(rows, experiment, method):
 
 
 def test_the_experiment_files_state_table_1_with_its_source():
-    rows = experiment_rows()
+    rows = [r for r in experiment_rows() if r.experiment.startswith("olora_")]
     assert {r.experiment for r in rows} == {f"olora_standard_order{i}" for i in (1, 2, 3)} | {
         f"olora_long15_order{i}" for i in (4, 5, 6)}
     olora = [row(rows, e, "O-LoRA").value for e in ("olora_standard_order1", "olora_standard_order2",
@@ -43,6 +43,14 @@ def test_the_experiment_files_state_table_1_with_its_source():
     assert olora == [75.4, 75.7, 76.3, 72.3, 64.8, 71.6]
     assert row(rows, "olora_standard_order1", "SeqFT").strategy == "naive"
     assert all("Table 1" in r.source for r in rows)
+
+
+def test_the_trace_experiment_files_state_traces_llama_2_7b_chat_row():
+    trace = {r.experiment: r for r in experiment_rows() if r.experiment.startswith("trace_")}
+    assert {e: (r.method, r.strategy, r.value) for e, r in trace.items()} == {
+        "trace_seqft": ("SeqFT", "naive", 48.7), "trace_lora": ("LoRASeqFT", "shared_lora", 12.7),
+        "trace_replay": ("Replay", "replay", 55.5)}
+    assert all("arXiv:2310.06762" in r.source and "unchecked" in r.source for r in trace.values())
 
 
 def test_runs_sit_beside_their_rows_and_unrun_rows_say_so(tmp_path):

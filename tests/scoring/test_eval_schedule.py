@@ -1,4 +1,5 @@
-"""What evaluation costs: validation only every ``train.validate_every`` epochs (and after the last), on a
+"""What evaluation costs: validation only every ``train.validate_every`` epochs (and after the last), only when
+that gives two or more epochs to choose between, on a
 seeded fixed sample of ``train.max_validation_examples``; the stage schedule ``eval.full_every`` and the metrics
 of a matrix with unscored cells (hand-computed), written as empty CSV cells."""
 
@@ -31,8 +32,10 @@ class Records(LoopCallbacks):
 
 @pytest.mark.parametrize(("epochs", "every", "keep_best", "validated"),
                          [(7, 3, True, [3, 6, 7]), (6, 3, True, [3, 6]), (3, 1, True, [1, 2, 3]),
-                          (4, 10, True, [4]), (7, 3, False, [])])
-def test_validation_runs_every_n_epochs_and_after_the_last(epochs, every, keep_best, validated):
+                          (6, 5, True, [5, 6]), (7, 3, False, []),
+                          # one validated epoch (the last) has nothing to choose: no validation pass at all
+                          (4, 10, True, []), (5, 5, True, []), (1, 1, True, []), (1, 5, True, [])])
+def test_validation_runs_every_n_epochs_and_after_the_last_when_it_chooses(epochs, every, keep_best, validated):
     data, calls, events = examples(8), [], Records()
     cfg = TrainConfig(epochs=epochs, batch_size=4, validate_every=every, keep_best=keep_best)
     train_task(TaskRun(context(tiny_model(), data), Strategy(), data, cfg,

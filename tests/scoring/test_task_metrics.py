@@ -24,7 +24,7 @@ from cl_runner.tasks.base import Task
 from cl_runner.tasks.encode import EncodedTask, EvalItem
 
 BUILT_IN = ("exact_match", "label_accuracy", "perplexity", "rouge_l", "bleu_1", "bleu_4", "token_f1",
-            "edit_similarity", "sari")
+            "edit_similarity", "py150_similarity", "sari")
 
 
 def test_every_built_in_metric_is_registered_and_a_task_may_name_it():

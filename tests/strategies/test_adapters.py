@@ -22,7 +22,7 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("options", [{}, {"merge": True, "orthogonal_lambda": 0.5}])
 def test_a_new_adapter_leaves_the_base_and_earlier_adapters_bit_identical(options):
     model = tiny_model()
-    ctx, strategy = tiny_context(model), Adapters(AdaptersConfig(**options))
+    ctx, strategy = tiny_context(model), Adapters(AdaptersConfig(target_modules=None, **options))  # every linear
     train(ctx, strategy, 0)
     for task in (1, 2):
         before = snapshot(model)
@@ -176,3 +176,24 @@ def test_target_modules_that_match_nothing_fail_with_the_key():
 def test_runs_on_cuda_in_bf16(tmp_path, options):
     result = run_quietly(make_config(*options, "device=cuda", "train.epochs=1"), tmp_path)
     assert result["status"] == "completed" and result["precision"] == "bf16"
+
+
+def test_the_default_adapts_the_query_and_value_projections_as_each_model_names_them():
+    """O-LoRA's [q, v]: T5's own q and v; Llama's q_proj and v_proj; GPT-2's fused q,k,v c_attn (k too)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from cl_runner.strategies.lora import resolve_targets
+
+    assert AdaptersConfig().target_modules == ["q", "v"] and SharedLoRAConfig().target_modules is None
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    gpt2 = tiny_model()
+    assert resolve_targets(t5, ["q", "v"]) == ["q", "v"] and resolve_targets(llama, ["q", "v"]) == ["q_proj", "v_proj"]
+    assert resolve_targets(gpt2, ["q", "v"]) == ["c_attn"] and resolve_targets(gpt2, None) is None
+    add_lora(gpt2, "task0", AdaptersConfig(), 0, torch.device("cpu"))
+    add_lora(gpt2, "task1", AdaptersConfig(), 0, torch.device("cpu"))  # c_attn is peft's wrapper by now
+    adapted = {n.split(".lora_")[0] for n, _ in lora_parameters(gpt2)}
+    assert adapted == {f"transformer.h.{i}.attn.c_attn" for i in (0, 1)}
+    add_lora(llama, "task0", AdaptersConfig(), 0, torch.device("cpu"))
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in lora_parameters(llama)} == {"q_proj", "v_proj"}

@@ -130,8 +130,9 @@ def test_gem_refuses_a_sequence_above_max_tasks_in_one_line():
 
 
 def test_bad_options_are_reported_one_line_each():
-    assert GEMConfig(margin=-1.0, max_tasks=0, ref_batch_size=0).errors("strategy") == [
+    assert GEMConfig(margin=-1.0, max_tasks=0, ref_batch_size=0, reference="some").errors("strategy") == [
         "strategy.ref_batch_size: expected a positive number, got 0",
+        "strategy.reference: expected one of memory, sampled, got 'some'",
         "strategy.margin: expected a non-negative number, got -1.0",
         "strategy.max_tasks: expected a positive number, got 0"]
     assert AGEMConfig(sampling="newest").errors("strategy")[0].startswith("strategy.sampling: expected one of")
@@ -195,3 +196,83 @@ def test_on_an_encoder_decoder_gem_projects_against_every_earlier_tasks_referenc
     before = task_perplexity(ctx, 2)
     train(ctx, gem, 2, epochs=3)
     assert gem.steps > 1 and task_perplexity(ctx, 2) < before
+
+
+def test_agem_leaves_a_gradient_whose_dot_with_the_reference_is_small_but_positive():
+    """0 < g.r < 1: no projection (a rule ``g.r < 1`` would project here), in the function and in the hook."""
+    g, r = torch.tensor([0.5, 3.0]), torch.tensor([1.0, 0.0])  # g.r = 0.5
+    assert torch.equal(agem_project(g, r), g)
+    model, data = tiny_model(), examples(8)
+    ctx = context(model, data)
+    ctx.task_names, ctx.train_sets = ["a", "b"], [data[:4], data[4:]]
+    agem = AGEM(AGEMConfig(ref_batch_size=4, buffer_size=4))
+    agem.after_task(ctx)
+    ctx.task_index = 1
+    ref = flat(examples_gradient(ctx, data[:4], 4))
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(4))
+    g = g - (torch.dot(g, ref) - 0.5) / torch.dot(ref, ref) * ref  # g.r = 0.5
+    assert 0.4 < float(torch.dot(g, ref)) < 0.6
+    set_gradient(model, g)
+    agem.after_backward(ctx)
+    assert torch.equal(flat(p.grad for p in model.parameters()), g)
+    assert agem.changed == 0 and agem.steps == 1 and float(ctx.extras["agem_projected"]) == 0.0
+
+
+def test_gem_dual_runs_sweeps_until_no_coordinate_moves_and_stops_there():
+    """Strongly correlated constraints: one sweep is far from the minimiser, several reach it; the solve stops
+    at the first sweep that moves no coordinate by more than tol (the sweep before still moved more)."""
+    refs = torch.tensor([[1.0, 0.0, 0.0], [0.95, 0.3, 0.0], [0.9, 0.1, 0.4]], dtype=torch.float64)
+    g = torch.tensor([-1.0, -0.2, 0.3], dtype=torch.float64)
+    gram, dots = refs @ refs.T, refs @ g
+    want = brute_force_dual(gram, dots, 0.0)
+    info: dict = {}
+    v = gem_dual(gram, dots, 0.0, info=info)
+    torch.testing.assert_close(v, want, atol=1e-9, rtol=1e-9)
+    assert 3 <= info["sweeps"] < 10_000 and info["moved"] <= 1e-12 * max(1.0, float(v.abs().max()))
+    assert float((gem_dual(gram, dots, 0.0, max_sweeps=1) - want).abs().max()) > 1e-2  # one sweep is not enough
+    early: dict = {}
+    v_early = gem_dual(gram, dots, 0.0, max_sweeps=info["sweeps"] - 1, info=early)
+    assert early["sweeps"] == info["sweeps"] - 1 and early["moved"] > 1e-12 * max(1.0, float(v_early.abs().max()))
+
+
+@pytest.mark.parametrize("reference", ["memory", "sampled"])
+def test_gem_constrains_on_each_earlier_tasks_whole_memory_by_default(reference):
+    """Tasks of 6 buffered examples, ref_batch_size 2, chunks of 4: by default each reference gradient is its task's
+    whole memory (chunked), and the step gradient is GEM's projection on them; ``sampled`` uses 2 drawn examples."""
+    model, data = tiny_model(), examples(18)
+    ctx = context(model, data)
+    ctx.task_names, ctx.train_sets = ["a", "b", "c"], [data[:6], data[6:12], data[12:]]
+    gem = GEM(GEMConfig(buffer_size=12, ref_batch_size=2, margin=0.0, reference=reference))
+    for task in range(2):
+        ctx.task_index = task
+        gem.after_task(ctx)
+    ctx.task_index, gem.chunk = 2, 4
+    assert gem.buffer.counts() == {0: 6, 1: 6}
+    refs = torch.stack([flat(examples_gradient(ctx, ctx.train_sets[t], 6)) for t in range(2)])
+    g = torch.randn(refs.shape[1], generator=torch.Generator().manual_seed(5)) * 0.01 - refs[0] - 0.5 * refs[1]
+    set_gradient(model, g)
+    gem.after_backward(ctx)
+    got = flat(p.grad for p in model.parameters())
+    want = g + refs.T @ gem_dual(refs @ refs.T, refs @ g).float()
+    if reference == "memory":
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    else:
+        assert float((got - want).abs().max()) > 1e-3  # 2 of 6 examples: another constraint
+    assert gem.changed == 1
+
+
+def test_gem_leaves_a_gradient_that_agrees_with_every_task_even_slightly():
+    """0 < g.g_k < 1 for every earlier task: no projection (a rule ``g.g_k < 1`` would project here)."""
+    model, data = tiny_model(), examples(8)
+    ctx = context(model, data)
+    ctx.task_names, ctx.train_sets = ["a", "b"], [data[:4], data[4:]]
+    gem = GEM(GEMConfig(buffer_size=4))
+    gem.after_task(ctx)
+    ctx.task_index = 1
+    ref = flat(examples_gradient(ctx, data[:4], 4))
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6))
+    g = g - (torch.dot(g, ref) - 0.5) / torch.dot(ref, ref) * ref  # g.g_1 = 0.5
+    set_gradient(model, g)
+    gem.after_backward(ctx)
+    assert torch.equal(flat(p.grad for p in model.parameters()), g)
+    assert gem.changed == 0 and gem.steps == 1 and float(ctx.extras["gem_projected"]) == 0.0

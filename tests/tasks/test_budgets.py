@@ -44,3 +44,20 @@ def test_keys_a_budget_does_not_set_keep_the_root_defaults():
     cfg = make_config("tasks=offline_lm_domains", small=False)
     assert "batch_size" not in budget("offline_lm_domains")["train"]
     assert cfg.train.batch_size == ROOT.train.batch_size and cfg.eval.full_every == ROOT.eval.full_every
+
+
+def test_train_max_examples_caps_every_task_and_a_tasks_own_cap_wins():
+    from dataclasses import replace
+
+    from cl_runner.config.schema import TaskConfig, TasksConfig, TrainConfig
+    from cl_runner.tasks.load import load_sequence
+
+    facts = [TaskConfig(name=r, source="facts", relation=r, metric="exact_match") for r in ("color", "city", "food")]
+    sequence = TasksConfig(name="facts", tasks=[facts[0], replace(facts[1], max_train_examples=20), facts[2]])
+    tasks = load_sequence(sequence, 0, None, max_train_examples=10)  # train.max_examples=10
+    assert [len(t.train) for t in tasks] == [10, 20, 10]
+    assert [len(t.test) for t in tasks] == [64] * 3  # evaluation is eval.max_examples' business
+    own = TasksConfig(name="facts", tasks=[replace(facts[0], max_train_examples=10)])
+    assert load_sequence(own, 0)[0].train == tasks[0].train  # the same seeded sample as the task's own option
+    assert [len(t.train) for t in load_sequence(sequence, 0)] == [64, 20, 64]  # no cap: all of them
+    assert TrainConfig(max_examples=0).errors("train") == ["train.max_examples: expected a positive number, got 0"]

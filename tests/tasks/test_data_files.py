@@ -15,7 +15,8 @@ from bad_files import GOOD, GOOD_LINES, write_data_files
 from cl_runner.config.schema import MIN_TOKENIZER_VOCAB, ModelConfig, TaskConfig
 from cl_runner.core.errors import DataError, ModelError
 from cl_runner.models.load import train_tokenizer
-from cl_runner.tasks.load import load_task
+from cl_runner.tasks.files import check_json_lines
+from cl_runner.tasks.load import doubled_cue, load_task
 
 KEY = "tasks.tasks.0"
 
@@ -60,6 +61,22 @@ def test_numbers_and_booleans_read_as_their_text(tmp_path):
     (tmp_path / "numbers.jsonl").write_text('{"question": 2.5, "answer": 1}\n{"question": "q", "answer": 0}\n')
     assert [(e.prompt, e.target) for e in load(tmp_path, "numbers.jsonl").test] == [("2.5\nAnswer:", " 1"),
                                                                                    ("q\nAnswer:", " 0")]
+
+
+def test_a_cue_the_inputs_already_end_with_is_warned_about_once_per_task(tmp_path, caplog):
+    rows = [{"question": "Is it red?\nAnswer:", "answer": "yes"}, {"question": "Is it blue? Answer: ", "answer": "no"},
+            {"question": "Is it green?", "answer": "no"}]
+    (tmp_path / "cued.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="cl_runner.tasks.load"):
+        task = load(tmp_path, "cued.jsonl")
+    assert task.test[0].prompt == "Is it red?\nAnswer:\nAnswer:"  # nothing is changed, only said
+    (record,) = [r for r in caplog.records if "already end with" in r.getMessage()]  # once, for all splits
+    message = record.getMessage()
+    assert "\n" not in message and message.startswith("task t: 4 of 6 examples already end with 'Answer:', which "
+                                                      f"{KEY}.template appends again")
+    assert doubled_cue("Q: {input}", rows) == ("", 0)  # nothing after the input: nothing doubled
+    assert doubled_cue("{question}\nReply:", rows) == ("Reply:", 0)
+    assert doubled_cue("{input} Answer:", rows, input_column="question") == ("Answer:", 2)
 
 
 # ----------------------------------------------------------------------------------------- csv files
@@ -120,3 +137,10 @@ def test_a_tokenizer_smaller_than_its_byte_symbols_is_refused_not_raised():
         train_tokenizer(["some text"] * 5, 256)
     assert str(info.value) == message + "256"
     assert len(train_tokenizer(["some text"] * 5, 257)) == 257
+
+
+def test_a_json_lines_error_gives_its_reason_whole_with_its_column(tmp_path):
+    (tmp_path / "tab.jsonl").write_text('{"question": "a\tb", "answer": "x"}\n')
+    with pytest.raises(DataError) as info:
+        check_json_lines(tmp_path / "tab.jsonl", KEY)
+    assert str(info.value).endswith("tab.jsonl line 1 is not valid JSON (Invalid control character at column 16)")
