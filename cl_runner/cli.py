@@ -377,7 +377,8 @@ def _main(argv: list[str]) -> None:
         argv, search = search_path_args(argv)
     except ValueError as exc:
         _fail(str(exc))
-    overrides, multirun, introspect = split_args(argv)
+    plan_only = "--plan" in argv
+    overrides, multirun, introspect = split_args([a for a in argv if a != "--plan"])
     resume = [o for o in overrides if o.split("=", 1)[0] == "resume"]
     if resume:  # the saved config is complete: config directories do not matter
         sys.exit(resume_run(resume[0].split("=", 1)[1], [o for o in argv if o != resume[0]]))
@@ -391,6 +392,10 @@ def _main(argv: list[str]) -> None:
         return
     try:
         plan = preflight(overrides, multirun)  # glob() sweeps written out over the whole search path
+        if plan_only:  # each job's memory plan, nothing loaded; a job that cannot fit: its one line, exit 2
+            from cl_runner.engine.memory_plan import print_plans
+
+            sys.exit(print_plans(plan.jobs))
         path = output_dir(plan.jobs[0].composed, multirun)
         ended = start_workers([job.config for job in plan.jobs], given)  # distributed.nproc_per_node=N
         if ended is None:

@@ -283,6 +283,7 @@ class TrainConfig:
     loss_chunk_tokens: int | None = None  # training loss over about this many positions at a time (null: all)
     group_by_length: bool = False  # step batches of similar lengths (sorted within windows of 50 batches)
     pack: bool = False  # training micro-batches: short examples concatenated into rows of max_length, kept apart
+    activation_checkpointing: bool = False  # recompute each transformer block in backward: less activation memory
     lr: float = 3e-3
     warmup_ratio: float = 0.1  # fraction of each task's steps with linear warmup, then linear decay to 0
     weight_decay: float = 0.0

@@ -17,6 +17,7 @@ from cl_runner.config.schema import Config, as_dict
 from cl_runner.config.task_overrides import strategy_config
 from cl_runner.core import dist
 from cl_runner.core.errors import ConfigError
+from cl_runner.engine.activations import enable as checkpoint_activations
 from cl_runner.engine.parallel import shard
 from cl_runner.engine.runtime import autocast_factory, package_versions, resolve_device, seed_everything
 from cl_runner.engine.threads import apply_threads
@@ -73,6 +74,8 @@ def build_parts(cfg: Config, run_dir: Path, base_dir: Path | None) -> RunParts:
     encoded = [encode_task(t, i, tokenizer, cfg.train.max_length) for i, t in enumerate(tasks)]
     monitors.encode(tokenizer, cfg.train.max_length)
     model = load_model(cfg.model, tokenizer, cfg.seed)
+    if cfg.train.activation_checkpointing:  # before sharding: fully_shard wraps the checkpointed blocks
+        checkpoint_activations(model)
     if not world.sharded:  # sharded models move to the device once sharded (place_sharded)
         model = model.to(device)
     apply_threads(cfg.device.threads, model)  # before the first step; the count depends on the model's size

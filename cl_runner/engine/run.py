@@ -22,6 +22,7 @@ from rich.console import Console
 from cl_runner.config.schema import Config
 from cl_runner.core import dist
 from cl_runner.core.files import write_atomic
+from cl_runner.engine import memory_plan
 from cl_runner.engine.assembly import RunParts, build_parts
 from cl_runner.engine.checkpoint_policy import CheckpointPolicy
 from cl_runner.engine.claim import Refused, RunHooks, agreed, claim, read_metrics
@@ -56,16 +57,21 @@ def run(cfg: Config, run_dir: Path, config_yaml: str = "", console: Console | No
     anything is loaded, so that a run stopped at any moment can be resumed. Until the task loop starts,
     SIGINT/SIGTERM stop the run at once, with status ``interrupted``."""
     run_dir, hooks = Path(run_dir), hooks or RunHooks()
-    resolve_device(cfg.device)  # a device that is not there: refused before the directory is touched
-    world = dist.world() if dist.world().kind == cfg.distributed.kind else join(cfg)
+    device, precision = resolve_device(cfg.device)  # a device that is not there: refused before the directory
+    world = dist.world() if dist.world().kind == cfg.distributed.kind else join(cfg)  # is touched
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    memory = memory_plan.check(cfg, device, precision)  # a run that cannot fit: refused before anything loads
     try:
         with run_lock(run_dir) if world.main else nullcontext():  # rank 0 holds the lock and writes the files
             resume = claim(run_dir, config_yaml, resume, hooks)
             if resume is None:
                 return read_metrics(run_dir) if world.main else {}
+            console = console or Console(quiet=not world.main)
+            if memory is not None:
+                console.print(memory.text(), highlight=False)
             try:
-                metrics = _start(cfg, run_dir, config_yaml, console or Console(quiet=not world.main), base_dir,
-                                 resume)
+                metrics = _start(cfg, run_dir, config_yaml, console, base_dir, resume)
             except BaseException as exc:
                 hooks.ended(run_dir, exc)
                 raise

@@ -10,7 +10,15 @@ import torch
 
 from cl_runner.core.checks import check_fraction, check_positive
 from cl_runner.core.dist import world
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig, Takeaway, not_made_before_sharding
+from cl_runner.strategies.base import (
+    Context,
+    ModelSize,
+    StateNeeds,
+    Strategy,
+    StrategyConfig,
+    Takeaway,
+    not_made_before_sharding,
+)
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.lora import (
     activate,
@@ -19,6 +27,7 @@ from cl_runner.strategies.lora import (
     count,
     lora_a_pairs,
     lora_parameters,
+    lora_size,
     subspace_overlap,
     train_only,
 )
@@ -92,6 +101,12 @@ class Adapters(Strategy):
         self.base_parameters = 0
         self._pairs: list | None = None  # (old A stacked, new A) per layer, for the orthogonality loss
         self.costs: dict[str, Any] = {}  # accounting, updated after each task
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """Only the adapter trains; an adapter per task is kept (shared_lora: one)."""
+        one = lora_size(size.model, self.cfg)
+        kept = 1 if self.name == "shared_lora" else size.tasks
+        return StateNeeds(sharded_bytes=kept * one * size.param_bytes, trainable=one)
 
     def names(self) -> list[str]:
         return ["shared"] if self.shared else [adapter_name(t) for t in range(self.created)]

@@ -28,7 +28,7 @@ from cl_runner.core.checks import check_choice
 from cl_runner.core.dist import all_reduce_sum, world
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig, trainable_parameters
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig, trainable_parameters
 from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view
 from cl_runner.strategies.memory import (
     anchor_state_bytes,
@@ -107,6 +107,7 @@ class AnchorPenalty(Strategy):
 
     online = False
     gamma = 1.0
+    copies = 2  # kept per penalised parameter: the anchor and its importance (L2: the anchor only)
     batch_option: str | None = None  # the option of the importance pass's batch (EWC, MAS); None: no such pass
     extra_copies = 0  # further fp32 copies of the penalised parameters held while training (SI)
 
@@ -120,6 +121,9 @@ class AnchorPenalty(Strategy):
         self.const = 0.0  # C / weight (the constant of the merged quadratic)
         self.numel = 0  # elements of the penalised parameters (all ranks' shards together)
         self._params: tuple[int, list[torch.Tensor]] | None = None  # cached (id(model), parameters)
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        return StateNeeds(sharded_bytes=self.copies * self.dtype.itemsize * size.parameters)
 
     def importance(self, ctx: Context, names: list[str]) -> list[torch.Tensor] | None:
         raise NotImplementedError

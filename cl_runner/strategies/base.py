@@ -123,6 +123,42 @@ class Takeaway:
 
 
 @dataclass
+class ModelSize:
+    """The model a memory plan is made for, before anything loads (engine/memory_plan.py): ``model`` is built on
+    the meta device (shapes only, no memory); ``parameters`` counts shared ones once."""
+
+    model: torch.nn.Module
+    parameters: int
+    param_bytes: int  # bytes per weight element (model.dtype)
+    tasks: int
+    max_length: int
+    vocab: int
+
+
+@dataclass
+class StateNeeds:
+    """What a strategy adds to one rank's memory beyond the model, its gradients and its optimizer (``Strategy.
+    memory_needs``). ``sharded_bytes``: copies of parameters (anchors, teachers, stored gradients), divided
+    among the ranks under FSDP as the weights are; ``local_bytes``: what every rank holds whole (buffers);
+    ``trainable``: the parameters the optimizer updates (None: all of the model's); ``gradient_examples``: the
+    examples of one batched per-example-gradient pass at a task's end (EWC's Fisher, MAS: their activations
+    and one gradient per example at once; 0: none); ``extra_tokens``: tokens each training example gains
+    (soft prompts put in front of it)."""
+
+    sharded_bytes: int = 0
+    local_bytes: int = 0
+    trainable: int | None = None
+    gradient_examples: int = 0
+    extra_tokens: int = 0
+
+    def __add__(self, other: StateNeeds) -> StateNeeds:
+        both = [t for t in (self.trainable, other.trainable) if t is not None]
+        return StateNeeds(self.sharded_bytes + other.sharded_bytes, self.local_bytes + other.local_bytes,
+                          max(both) if both else None, max(self.gradient_examples, other.gradient_examples),
+                          self.extra_tokens + other.extra_tokens)
+
+
+@dataclass
 class StrategyConfig:
     """The options every strategy has; a strategy's own config subclasses it (beside the strategy's class)."""
 
@@ -172,6 +208,11 @@ class Strategy:
         first: it refuses a model the strategy does not support (``supports``) when the config check could not
         tell the model's kind."""
         refuse_model(type(self), self.cfg, ctx.kind)
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """What this strategy will hold during the run, estimated before the model loads (the memory plan):
+        nothing by default. Count the largest it gets over ``size.tasks`` tasks."""
+        return StateNeeds()
 
     def before_shard(self, ctx: Context) -> None:
         """Under FSDP only, once, before the model is sharded (``ctx.model`` whole, nothing evaluated or trained

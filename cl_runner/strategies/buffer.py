@@ -38,7 +38,7 @@ import torch
 from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import Encoded, target_mask, token_nll
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig
 from cl_runner.strategies.common import evaluating
 from cl_runner.strategies.support import Supports
 
@@ -252,6 +252,14 @@ class ReplayBuffer:
         self.seen_total = int(state["seen_total"])
 
 
+TOKEN_BYTES = 16  # a buffered example's token: its id and its label (the encoded lists, as int64 would hold them)
+
+
+def buffer_bytes(cfg: Any, size: ModelSize) -> int:
+    """A full buffer of ``cfg.buffer_size`` examples of at most ``size.max_length`` tokens (the memory plan)."""
+    return cfg.buffer_size * size.max_length * TOKEN_BYTES
+
+
 class BufferGradients(Strategy):
     """What A-GEM, GEM and DER share: a buffer filled in ``after_task`` (DER's default fills it at every step
     instead), seeded per-step draws from it, and the chunk size of reference gradients (the step's largest
@@ -267,6 +275,9 @@ class BufferGradients(Strategy):
         self.chunk = 1  # the largest micro-batch of the current step (reference gradients go no bigger)
         self.steps = 0  # optimizer steps with a non-empty buffer, over the run
         self.changed = 0  # ... whose gradient the strategy changed (projected)
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        return StateNeeds(local_bytes=buffer_bytes(self.cfg, size))
 
     def loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor) -> torch.Tensor:
         self.chunk = len(ctx.micro.examples) if ctx.micro is not None else len(batch["input_ids"])

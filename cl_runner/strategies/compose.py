@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cl_runner.models.lm import Encoded
-from cl_runner.strategies.base import Context, Strategy, Takeaway
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, Takeaway
 
 
 def _forward(hook: str) -> Callable[..., None]:
@@ -41,6 +41,9 @@ class Composite(Strategy):
         super().check(ctx)  # the composite's own facts, then each part's checks
         for part in self.parts:
             part.check(ctx)
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        return sum((part.memory_needs(size) for part in self.parts), StateNeeds())
 
     def takeaway(self, ctx: Context) -> Takeaway:
         """The first part's that is not the plain model's (at most one part adds modules)."""

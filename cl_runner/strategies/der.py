@@ -51,7 +51,7 @@ from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.dist import all_reduce_sum, shard_bounds, world
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import Encoded, pack_rows, target_count, target_mask, token_nll
-from cl_runner.strategies.base import Context, trainable_parameters
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, trainable_parameters
 from cl_runner.strategies.buffer import GRADIENT_FILL_SALT, BufferConfig, BufferGradients
 from cl_runner.strategies.common import evaluating
 from cl_runner.strategies.gem import examples_gradient, step_gradients
@@ -264,6 +264,16 @@ class DER(BufferGradients):
         refuse_state_unless_fits(ctx.model, ctx.device, need, f"DER's stored logits ({self.cfg.buffer_size} "
                                  f"examples x ~{positions} target tokens)", "strategy.top_k",
                                  "store the k largest logits (strategy.top_k) or lower strategy.buffer_size")
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """The buffer, and its logits at the examples' target positions (``top_k``: the k largest with their
+        int32 indices). An upper bound: the answers' lengths are not known before the tasks load, so every
+        position but the first of a ``max_length``-token example counts as a target (a prompt-answer task
+        stores only its answer tokens: far fewer)."""
+        itemsize = getattr(torch, self.cfg.logit_dtype).itemsize
+        per_position = self.cfg.top_k * (itemsize + 4) if self.cfg.top_k else size.vocab * itemsize
+        return super().memory_needs(size) + StateNeeds(
+            local_bytes=self.cfg.buffer_size * (size.max_length - 1) * per_position)
 
     def after_task(self, ctx: Context) -> None:
         if self.cfg.insertion == "step":

@@ -13,10 +13,10 @@ import torch
 
 from cl_runner.core.checks import check_choice, check_fraction, check_positive
 from cl_runner.strategies.anchor import AnchorConfig, AnchorPenalty
-from cl_runner.strategies.base import Context
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds
 from cl_runner.strategies.common import selected_parameters
 from cl_runner.strategies.fisher import MODES, fisher_diagonal
-from cl_runner.strategies.memory import AUTO, check_batch, estimation_batch
+from cl_runner.strategies.memory import AUTO, check_batch, estimation_batch, parse_batch
 from cl_runner.strategies.support import Refused, Supports
 
 SUBSET_SALT = 21  # ctx.generator salts: which examples estimate the Fisher
@@ -77,6 +77,12 @@ class EWC(AnchorPenalty):
         super().__init__(cfg, lam=cfg.ewc_lambda)
         self.online, self.gamma = cfg.online, cfg.gamma
 
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """The anchor and Fisher, and the Fisher's pass: ``fisher_batch_size`` examples' gradients at once."""
+        # auto sizes the pass to the memory left when it starts: at least one example
+        return super().memory_needs(size) + StateNeeds(
+            gradient_examples=min(parse_batch(self.cfg.fisher_batch_size) or 1, self.cfg.fisher_samples))
+
     def estimate_fisher(self, ctx: Context) -> dict[str, torch.Tensor]:
         """The diagonal Fisher of the model on the current task: deterministic given the run seed and task."""
         examples = ctx.train_sets[ctx.task_index]
@@ -96,6 +102,7 @@ class L2(AnchorPenalty):
 
     name = "l2"
     Config = L2Config
+    copies = 1  # the anchor
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, lam=cfg.l2_lambda)

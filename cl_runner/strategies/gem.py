@@ -40,7 +40,7 @@ from cl_runner.core.dist import all_reduce_sum, world
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import Encoded, target_count, token_nll
-from cl_runner.strategies.base import Context, trainable_parameters
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, trainable_parameters
 from cl_runner.strategies.buffer import BufferConfig, BufferGradients
 from cl_runner.strategies.common import local
 from cl_runner.strategies.memory import gradient_memory_bytes, numel_and_itemsize, refuse_state_unless_fits
@@ -167,6 +167,9 @@ class AGEM(BufferGradients):
     Config = AGEMConfig
     supports = BufferGradients.supports
 
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        return super().memory_needs(size) + StateNeeds(sharded_bytes=4 * size.parameters)  # the reference gradient
+
     @no_grad
     def after_backward(self, ctx: Context) -> None:
         if len(self.buffer) == 0:
@@ -217,6 +220,11 @@ class GEM(BufferGradients):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.gradient_bytes = 0  # one copy of the trainable parameters' gradient (all ranks' shards together)
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """The buffer, one fp32 gradient per earlier task and the step's own."""
+        copies = min(size.tasks, self.cfg.max_tasks)
+        return super().memory_needs(size) + StateNeeds(sharded_bytes=4 * size.parameters * copies)
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)

@@ -35,9 +35,9 @@ from cl_runner.core.dist import world
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
 from cl_runner.strategies.adapters import SharedLoRAConfig
-from cl_runner.strategies.base import Context, Takeaway, not_made_before_sharding
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Takeaway, not_made_before_sharding
 from cl_runner.strategies.common import local, tensor_bytes
-from cl_runner.strategies.lora import activate, add_lora, check_targets, count, lora_parameters, train_only
+from cl_runner.strategies.lora import activate, add_lora, check_targets, count, lora_parameters, lora_size, train_only
 from cl_runner.strategies.replay import Replay, ReplayConfig
 from cl_runner.strategies.support import Refused, Supports
 
@@ -97,6 +97,11 @@ class ILoRA(Replay):
         self._made = False  # both adapters are in the model
         self._hook: Any = None  # the forward pre-hook asking for hidden states (training with a buffer only)
         self._replayed: set[int] = set()  # ids of the buffer's examples: which rows of a micro-batch are replayed
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """The buffer and the fast and slow adapters; only the fast one trains."""
+        one = lora_size(size.model, self.cfg)
+        return super().memory_needs(size) + StateNeeds(sharded_bytes=2 * one * size.param_bytes, trainable=one)
 
     def _add(self, ctx: Context, sharding: bool = False) -> None:
         """Both adapters (once), the slow one a copy of the fast one; under FSDP only before sharding."""

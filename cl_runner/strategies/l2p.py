@@ -30,7 +30,7 @@ from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import target_count
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig, Takeaway
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig, Takeaway
 from cl_runner.strategies.common import evaluating, tensor_bytes
 from cl_runner.strategies.prompts import PromptHooks, init_ids
 from cl_runner.strategies.support import Refused, Supports
@@ -153,6 +153,13 @@ class L2P(Strategy):
         self.made = False  # whether the pool exists (from the first task on)
         self.counts: dict[str, list[int]] = {}  # task -> how often each prompt was chosen while it trained
         self.resumed_counts: list[int] = []  # the current task's choices so far, from a checkpoint
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """The pool (``pool_size`` prompts of ``length`` tokens and their keys) is all that trains; ``top_k``
+        prompts go in front of each example."""
+        pool = self.cfg.pool_size * (self.cfg.length + 1) * size.model.get_input_embeddings().embedding_dim
+        return StateNeeds(local_bytes=pool * size.param_bytes, trainable=pool,
+                          extra_tokens=self.cfg.top_k * self.cfg.length)
 
     def prompt_lengths(self, model: torch.nn.Module) -> list[int] | None:
         """Prompt tokens of each row of the running training forward (None outside one: scoring)."""

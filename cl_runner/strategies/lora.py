@@ -79,6 +79,22 @@ def check_targets(model: torch.nn.Module, targets: list[str] | None) -> None:
                               f"(adaptable layers: {', '.join(choices)})")
 
 
+def lora_size(model: torch.nn.Module, cfg: Any) -> int:
+    """Elements of one adapter (``cfg``: rank, target_modules) on ``model`` (also on the meta device): rank x
+    (in + out) per adapted layer, peft's ``all-linear`` (every linear layer but the output head) by default."""
+    from transformers.pytorch_utils import Conv1D
+
+    head, targets, n = model.get_output_embeddings(), cfg.target_modules, 0
+    for name, module in model.named_modules():
+        if module is head or (targets and not any(name == t or name.endswith(f".{t}") for t in targets)):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            n += cfg.rank * (module.in_features + module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2's: weight is (in, out)
+            n += cfg.rank * sum(module.weight.shape)
+    return n
+
+
 def lora_parameters(model: torch.nn.Module, name: str | None = None) -> list[tuple[str, torch.nn.Parameter]]:
     """The LoRA parameters of adapter ``name`` (every adapter's when None)."""
     out = []

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from cl_runner.core.checks import check_positive
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig
 from cl_runner.strategies.common import local, tensor_bytes
 from cl_runner.strategies.distill import distillation_kl
 from cl_runner.strategies.memory import refuse_state_unless_fits, teacher_bytes
@@ -92,6 +92,9 @@ class LwF(Strategy):
         super().__init__(cfg)
         self.teacher: torch.nn.Module | None = None
         self._pending: dict[str, torch.Tensor] | None = None  # teacher weights loaded before a model exists
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        return StateNeeds(sharded_bytes=size.parameters * size.param_bytes)  # the teacher
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)

@@ -28,7 +28,7 @@ from cl_runner.core.dist import all_reduce_sum, world
 from cl_runner.core.lazy import no_grad
 from cl_runner.strategies.adapters import Adapters, SharedLoRAConfig, adapter_name
 from cl_runner.strategies.anchor import DTYPES
-from cl_runner.strategies.base import Context, Strategy, trainable_parameters
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, trainable_parameters
 from cl_runner.strategies.common import local, shard_like, sharded_view
 from cl_runner.strategies.compose import Composite
 from cl_runner.strategies.lora import activate
@@ -102,6 +102,10 @@ class FullMerge(Strategy):
         self.coefficients: list[list[float]] = []  # row t: the coefficient of each tau_k in merge t
         self.numel = 0
         self._params: list[torch.Tensor] = []
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """theta_0, the method's running state and the latest task vector, in ``state_dtype``."""
+        return StateNeeds(sharded_bytes=3 * self.dtype.itemsize * size.parameters)
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)

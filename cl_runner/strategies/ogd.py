@@ -36,7 +36,7 @@ from cl_runner.core.errors import ConfigError
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import Encoded, target_mask
 from cl_runner.strategies.anchor import DTYPES
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig, trainable_parameters
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy, StrategyConfig, trainable_parameters
 from cl_runner.strategies.common import evaluating, local, shard_like, sharded_view
 from cl_runner.strategies.gem import dot_all, examples_gradient, nll_sum, step_gradients
 from cl_runner.strategies.memory import ogd_basis_bytes, refuse_state_unless_fits
@@ -131,6 +131,12 @@ class OGD(Strategy):
         self.projected = 0  # optimizer steps whose gradient was projected
         self.gradients = 0  # per-example gradients computed at task ends (one forward and backward each)
         self._params: tuple[int, list[torch.Tensor]] | None = None  # cached (id(model), parameters)
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """The basis: ``directions_per_task`` per earlier task, at most ``max_basis_mb``."""
+        directions = self.cfg.directions_per_task * max(size.tasks - 1, 0)
+        basis = min(directions * size.parameters * self.dtype.itemsize, int(self.cfg.max_basis_mb * 2**20))
+        return StateNeeds(sharded_bytes=basis)
 
     def share(self, ctx: Context) -> tuple[int, int]:
         """(bytes of one direction, directions each earlier task may store under ``max_basis_mb``)."""

@@ -11,7 +11,15 @@ import torch
 
 from cl_runner.core.checks import check_positive
 from cl_runner.core.dist import world
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig, Takeaway, not_made_before_sharding
+from cl_runner.strategies.base import (
+    Context,
+    ModelSize,
+    StateNeeds,
+    Strategy,
+    StrategyConfig,
+    Takeaway,
+    not_made_before_sharding,
+)
 from cl_runner.strategies.columns import ColumnHooks, adapted_layers, lora_column
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.seeding import seeded_rng
@@ -60,6 +68,17 @@ class Progressive(Strategy):
         self.trainable: dict[str, int] = {}  # task name -> parameters trained on it
         self.costs: dict[str, Any] = {}
         self._preparing = False  # in ``before_shard``: columns may be made though the run is sharded
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """Every task's column (built on the meta device, as ``_add`` builds it: no memory); only the newest, the
+        largest, trains (``backbone_first_task``: the whole LM on the first task)."""
+        layers, columns = adapted_layers(size.model), []
+        with torch.device("meta"):
+            for n in range(sum(self._has_column(t) for t in range(size.tasks))):
+                column = lora_column(layers, self.cfg.rank, n if self.cfg.lateral else 0)
+                columns.append(sum(p.numel() for p in column.parameters()))
+        trainable = None if self.cfg.backbone_first_task else max(columns, default=0)
+        return StateNeeds(sharded_bytes=sum(columns) * size.param_bytes, trainable=trainable)
 
     def _columns(self, model: torch.nn.Module) -> torch.nn.ModuleDict:
         if not hasattr(model, ATTRIBUTE):

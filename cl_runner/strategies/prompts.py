@@ -35,7 +35,15 @@ from cl_runner.core.checks import check_choice, check_positive
 from cl_runner.core.dist import world
 from cl_runner.core.errors import ConfigError
 from cl_runner.models.lm import IGNORE_INDEX
-from cl_runner.strategies.base import Context, Strategy, StrategyConfig, Takeaway, not_made_before_sharding
+from cl_runner.strategies.base import (
+    Context,
+    ModelSize,
+    StateNeeds,
+    Strategy,
+    StrategyConfig,
+    Takeaway,
+    not_made_before_sharding,
+)
 from cl_runner.strategies.common import tensor_bytes
 from cl_runner.strategies.support import Refused, Supports
 
@@ -185,6 +193,13 @@ class PromptTuning(Strategy):
         self.hooks: PromptHooks | None = None
         self.costs: dict[str, Any] = {}
         self._preparing = False  # in ``before_shard``: prompts may be made though the run is sharded
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """Only the new prompt trains (``length`` x the embedding width); one kept per task; the most prompts in
+        front of an example at once lengthen it."""
+        one = self.cfg.length * size.model.get_input_embeddings().embedding_dim
+        front = len(self.training_prompts(size.tasks - 1)) * self.cfg.length
+        return StateNeeds(sharded_bytes=size.tasks * one * 4, trainable=one, extra_tokens=front)
 
     def key(self, task: int) -> str:
         return "0" if getattr(self.cfg, "shared", False) else str(task)

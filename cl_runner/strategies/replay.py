@@ -11,8 +11,8 @@ import torch
 
 from cl_runner.core.checks import check_fraction, check_positive
 from cl_runner.models.lm import Encoded
-from cl_runner.strategies.base import Context, Strategy
-from cl_runner.strategies.buffer import BufferConfig, ReplayBuffer, example_losses
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds, Strategy
+from cl_runner.strategies.buffer import BufferConfig, ReplayBuffer, buffer_bytes, example_losses
 
 FILL_SALT = 11  # ctx.generator salts: which examples a task leaves in the buffer
 MIX_SALT = 12  # ... and which buffer examples join the batches of the next tasks
@@ -56,6 +56,9 @@ class Replay(Strategy):
         self.owed = 0.0  # running sum of x minus what was already added (error diffusion)
         self.rng: torch.Generator | None = None
         self.rng_task = -1  # task whose MIX_SALT generator ``rng`` is
+
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        return StateNeeds(local_bytes=buffer_bytes(self.cfg, size))
 
     def expected_replay(self, ctx: Context, new: int) -> float:
         """``x``: buffer examples owed to a step batch of ``new`` examples (see the class docstring)."""

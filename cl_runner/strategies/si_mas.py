@@ -33,10 +33,10 @@ from cl_runner.core.dist import world
 from cl_runner.core.lazy import no_grad
 from cl_runner.models.lm import target_mask
 from cl_runner.strategies.anchor import AnchorConfig, AnchorPenalty
-from cl_runner.strategies.base import Context
+from cl_runner.strategies.base import Context, ModelSize, StateNeeds
 from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view
 from cl_runner.strategies.fisher import gradient_mean
-from cl_runner.strategies.memory import AUTO, check_batch, estimation_batch
+from cl_runner.strategies.memory import AUTO, check_batch, estimation_batch, parse_batch
 
 SUBSET_SALT = 41  # ctx.generator salt: which examples of the finished task estimate MAS's importance
 
@@ -105,6 +105,12 @@ class MAS(AnchorPenalty):
         super().__init__(cfg, lam=cfg.mas_lambda)
         self.online, self.gamma = cfg.online, cfg.gamma
 
+    def memory_needs(self, size: ModelSize) -> StateNeeds:
+        """The anchor and Omega, and Omega's pass: ``mas_batch_size`` examples' gradients at once."""
+        # auto sizes the pass to the memory left when it starts: at least one example
+        return super().memory_needs(size) + StateNeeds(
+            gradient_examples=min(parse_batch(self.cfg.mas_batch_size) or 1, self.cfg.mas_samples))
+
     def importance(self, ctx: Context, names: list[str]) -> list[torch.Tensor]:
         examples = ctx.train_sets[ctx.task_index]
         picks = torch.randperm(len(examples), generator=ctx.generator(SUBSET_SALT))[: self.cfg.mas_samples]
@@ -122,6 +128,7 @@ class SI(AnchorPenalty):
     during a step two transient copies (the gradient, the weights before the step)."""
 
     name = "si"
+    copies = 6  # anchor, importance, omega, the task's start; the step's gradient and weights (transient)
     Config = SIConfig
     extra_copies = 4  # omega and the task's start weights, and the two transient copies of a step (fp32)
 
