@@ -27,7 +27,9 @@ from cl_runner.engine.run import run  # noqa: E402
 # No dropout: its masks are drawn per micro-batch in the micro-batch's shape, so they (not their distribution)
 # change with the number of processes, as with train.grad_accum.
 NO_DROPOUT = ["+model.arch.resid_pdrop=0", "+model.arch.embd_pdrop=0", "+model.arch.attn_pdrop=0"]
-COMMON = [*NO_DROPOUT, "checkpoint.enabled=false", "train.keep_best=false"]
+# one epoch a task and 32 facts scored: the ranks' agreement shows from the first steps on, and a suite's CI time
+# is bounded (23 strategies x 3 process kinds)
+COMMON = [*NO_DROPOUT, "checkpoint.enabled=false", "train.keep_best=false", "train.epochs=1", "eval.max_examples=32"]
 WRITES: list[str] = []  # files this rank opened for writing under OUT (ranks other than 0 must open none)
 
 

@@ -130,7 +130,7 @@ def save_model(parts: Any, directory: Path, stage: str, stop_ids: list[int]) -> 
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     size = write_dir_atomic(directory, fill)
-    log.info("saved the model after %s to %s (%s)", stage, directory, human_bytes(size))
+    log.info("saved the model of stage %s to %s (%s)", stage, directory, human_bytes(size))
     return {"path": path, "bytes": size, **({"adapters": takeaway.adapters} if adapters else {})}
 
 
