@@ -263,9 +263,8 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     from cl_runner.config.schema import Config
     from cl_runner.config.validate import register_configs
     from cl_runner.core.errors import UserError
+    from cl_runner.engine import launch
     from cl_runner.engine.claim import neutral_overrides, run_is_finished
-    from cl_runner.engine.launch import resume_processes
-    from cl_runner.engine.launch import start as start_workers
 
     if path.strip() in ("", "null", "None", "~"):
         return _report(f"resume: expected the path of a run directory, got {path.strip() or 'nothing'!r}",
@@ -288,9 +287,9 @@ def resume_run(path: str, other_overrides: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved), changes)
-        workers = resume_processes(cfg, run_dir)  # a distributed run: resumed on cl-run's own workers
+        workers = launch.resume_processes(cfg, run_dir)  # a distributed run: resumed on cl-run's own workers
         config = checked(cfg)
-        ended = start_workers([config], [f"resume={run_dir}", *other_overrides]) if workers else None
+        ended = launch.start([config], [f"resume={run_dir}", *other_overrides]) if workers else None
     except UserError as exc:
         return _report(str(exc) if str(exc).startswith("resume:") else f"resume: {saved}: {exc}", EXIT_BAD_INPUT)
     except Exception as exc:

@@ -16,7 +16,7 @@ from cl_runner.strategies.anchor import AnchorConfig, AnchorPenalty
 from cl_runner.strategies.base import Context, ModelSize, StateNeeds
 from cl_runner.strategies.common import selected_parameters
 from cl_runner.strategies.fisher import MODES, fisher_diagonal
-from cl_runner.strategies.memory import AUTO, check_batch, estimation_batch, parse_batch
+from cl_runner.strategies.memory import AUTO, AUTO_MAX_BATCH, check_batch, estimation_batch, parse_batch
 from cl_runner.strategies.support import Refused, Supports
 
 SUBSET_SALT = 21  # ctx.generator salts: which examples estimate the Fisher
@@ -79,9 +79,9 @@ class EWC(AnchorPenalty):
 
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         """The anchor and Fisher, and the Fisher's pass: ``fisher_batch_size`` examples' gradients at once."""
-        # auto sizes the pass to the memory left when it starts: at least one example
+        # auto: at most AUTO_MAX_BATCH, fewer where free memory is short when the pass starts
         return super().memory_needs(size) + StateNeeds(
-            gradient_examples=min(parse_batch(self.cfg.fisher_batch_size) or 1, self.cfg.fisher_samples))
+            gradient_examples=min(parse_batch(self.cfg.fisher_batch_size) or AUTO_MAX_BATCH, self.cfg.fisher_samples))
 
     def estimate_fisher(self, ctx: Context) -> dict[str, torch.Tensor]:
         """The diagonal Fisher of the model on the current task: deterministic given the run seed and task."""

@@ -84,7 +84,7 @@ def lora_size(model: torch.nn.Module, cfg: Any) -> int:
     (in + out) per adapted layer, peft's ``all-linear`` (every linear layer but the output head) by default."""
     from transformers.pytorch_utils import Conv1D
 
-    head, targets, n = model.get_output_embeddings(), cfg.target_modules, 0
+    head, targets, n = model.get_output_embeddings(), resolve_targets(model, cfg.target_modules), 0  # q, v too
     for name, module in model.named_modules():
         if module is head or (targets and not any(name == t or name.endswith(f".{t}") for t in targets)):
             continue

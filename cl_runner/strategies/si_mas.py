@@ -36,7 +36,7 @@ from cl_runner.strategies.anchor import AnchorConfig, AnchorPenalty
 from cl_runner.strategies.base import Context, ModelSize, StateNeeds
 from cl_runner.strategies.common import local, selected_parameters, shard_like, sharded_view
 from cl_runner.strategies.fisher import gradient_mean
-from cl_runner.strategies.memory import AUTO, check_batch, estimation_batch, parse_batch
+from cl_runner.strategies.memory import AUTO, AUTO_MAX_BATCH, check_batch, estimation_batch, parse_batch
 
 SUBSET_SALT = 41  # ctx.generator salt: which examples of the finished task estimate MAS's importance
 
@@ -107,9 +107,9 @@ class MAS(AnchorPenalty):
 
     def memory_needs(self, size: ModelSize) -> StateNeeds:
         """The anchor and Omega, and Omega's pass: ``mas_batch_size`` examples' gradients at once."""
-        # auto sizes the pass to the memory left when it starts: at least one example
+        # auto: at most AUTO_MAX_BATCH, fewer where free memory is short when the pass starts
         return super().memory_needs(size) + StateNeeds(
-            gradient_examples=min(parse_batch(self.cfg.mas_batch_size) or 1, self.cfg.mas_samples))
+            gradient_examples=min(parse_batch(self.cfg.mas_batch_size) or AUTO_MAX_BATCH, self.cfg.mas_samples))
 
     def importance(self, ctx: Context, names: list[str]) -> list[torch.Tensor]:
         examples = ctx.train_sets[ctx.task_index]

@@ -105,8 +105,9 @@ def test_each_strategy_adds_its_own_state():
     vmapped = 16 * 256 * (2 * ((6 * 128 + 2 * 128 + 2 * 128 + 5 * 512 + 8) * 4 + 4 * 255 * 4)
                           + (2 * 128 + 2) * 4 + 1024 * 4 + LOGITS)
     assert rows("strategy=ewc")["activations"] == int(1.25 * vmapped) + 16 * PARAMS * 4 - PARAMS * 4
-    adapters = rows("strategy=adapters", "strategy.rank=4")
+    adapters = rows("strategy=adapters", "strategy.rank=4", "strategy.target_modules=null")
     lora = 4 * 2 * ((128 + 384) + (128 + 128) + (128 + 512) + (512 + 128))  # every linear but the head
+    assert rows("strategy=adapters", "strategy.rank=4")["gradients"] == 4 * 2 * (128 + 384) * 4  # q,v: GPT-2's c_attn
     assert adapters["gradients"] == lora * 4 and adapters["optimizer"] == 2 * lora * 4
     assert adapters["strategy"] == 3 * lora * 4  # an adapter per task of the default sequence
 
