@@ -64,6 +64,7 @@ from cl_runner.core.errors import ConfigError
 from cl_runner.models.load import DTYPES, auto_class, parameter_count
 from cl_runner.strategies import build_strategy
 from cl_runner.strategies.base import ModelSize, StateNeeds
+from cl_runner.strategies.memory import free_bytes
 
 GIB = 2**30
 # dropout rates under the names configs give them (the first one present is used)
@@ -299,15 +300,9 @@ def device_memory(device: torch.device, world_size: int) -> tuple[int | None, in
 
 
 def host_available() -> int | None:
-    """The host's available RAM (Linux's MemAvailable: free plus what the kernel can reclaim), None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    """The host's available RAM (MemAvailable: free plus what the kernel can reclaim), as the strategies' own
+    memory checks read it; None where it cannot be told."""
+    return free_bytes("cpu")
 
 
 def refusal(memory: MemoryPlan, cfg: Config) -> str:
